@@ -1,0 +1,165 @@
+"""Artifact I/O: atomic writes, images, palette label PNGs and HDF5 dense maps.
+
+Every writer here goes through a temporary sibling that is renamed into place only once complete, so a
+killed process never leaves a file that looks finished. Label PNGs are read with PIL only: OpenCV and
+imageio silently return palette colours instead of indices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from data.labelspace import LabelSpace
+
+TMP_MARKER = ".tmp-"
+
+
+class BadInputError(ValueError):
+    """An input file is missing, unreadable or inconsistent. The message names the file."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self):  # picklable, so a Luigi worker process can report it
+        return (type(self), (self.path, self.problem))
+
+
+def temporary_sibling(path: str | os.PathLike) -> Path:
+    """A unique name next to ``path`` (same filesystem, so the final rename is atomic)."""
+    path = Path(path)
+    return path.with_name(f"{path.name}{TMP_MARKER}{uuid.uuid4().hex[:10]}")
+
+
+def is_temporary(path: str | os.PathLike) -> bool:
+    return TMP_MARKER in Path(path).name
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary path to write; rename it onto ``path`` on success, delete it on failure.
+
+    An existing ``path`` is replaced (files) or refused (directories: the caller decides what to discard).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(path)
+    if directory:
+        tmp.mkdir()
+    try:
+        yield tmp
+        if directory:
+            if path.exists():
+                raise FileExistsError(f"{path}: already exists; clean it before writing it again")
+            os.rename(tmp, path)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        remove_path(tmp)
+        raise
+
+
+def remove_path(path: str | os.PathLike) -> None:
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def write_json(path: str | os.PathLike, obj: object) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=_json_default))
+
+
+def _json_default(obj: object) -> object:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot serialise {type(obj).__name__}")
+
+
+def read_json(path: str | os.PathLike) -> object:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise BadInputError(path, "file is missing") from None
+    except json.JSONDecodeError as err:
+        raise BadInputError(path, f"not valid JSON ({err})") from None
+
+
+# --------------------------------------------------------------------------------------------------- images
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode an image to an RGB uint8 array (H, W, 3), with an error that names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(path, "image file is missing")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            rgb = img.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as err:
+        raise BadInputError(path, f"cannot decode image ({err})") from None
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def read_label_png(path: str | os.PathLike, label_space: LabelSpace | None = None,
+                   num_values: int | None = None) -> np.ndarray:
+    """Read a label map as class indices (uint8), checking mode and value range.
+
+    ``num_values`` bounds the valid non-ignore values (defaults to the label space's class count).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(path, "label file is missing")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            labels = np.asarray(img)
+    except (OSError, SyntaxError, ValueError) as err:
+        raise BadInputError(path, f"cannot decode label PNG ({err})") from None
+    if mode not in ("P", "L"):
+        raise BadInputError(path, f"label PNG must be palette (P) or grey (L) mode, found {mode}: "
+                                  "colour label images cannot be decoded into class indices")
+    if num_values is None and label_space is not None:
+        num_values = label_space.num_classes
+    if num_values is not None:
+        ignore = label_space.ignore_index if label_space is not None else 255
+        bad = (labels >= num_values) & (labels != ignore)
+        if bad.any():
+            values = sorted(int(v) for v in np.unique(labels[bad]))[:10]
+            raise BadInputError(path, f"label values {values} are outside the label space "
+                                      f"(0..{num_values - 1} and {ignore} = ignore)")
+    return labels.astype(np.uint8, copy=False)
+
+
+def write_label_png(path: str | os.PathLike, labels: np.ndarray, palette: np.ndarray) -> None:
+    """Write uint8 indices as a palette PNG, atomically."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"{path}: label map must be 2-D, got shape {labels.shape}")
+    img = Image.fromarray(labels.astype(np.uint8), mode="P")
+    img.putpalette(np.asarray(palette, dtype=np.uint8)[:256].reshape(-1).tolist())
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")  # the temporary name has no extension: name the format
+
+
+def write_jpeg(path: str | os.PathLike, rgb: np.ndarray, quality: int = 92) -> None:
+    with atomic_path(path) as tmp:
+        Image.fromarray(rgb).save(tmp, format="JPEG", quality=quality)

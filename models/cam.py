@@ -1,0 +1,62 @@
+"""The CAM classification network (IRN's recipe): backbone, global average pooling, bias-free 1x1 head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.resnet import ResNet
+
+
+class CAMNet(nn.Module):
+    """Multi-label classifier whose 1x1 head, slid over the feature map, gives class activation maps.
+
+    ``freeze_bn`` keeps every BatchNorm on its running statistics (IRN's FixedBatchNorm);
+    ``frozen_stages`` = k stops gradients after the stem and the first k ResNet stages (IRN: 2).
+    """
+
+    def __init__(self, backbone: ResNet, num_classes: int, freeze_bn: bool = True, frozen_stages: int = 2):
+        super().__init__()
+        if not 0 <= frozen_stages <= 4:
+            raise ValueError(f"frozen_stages must be in 0..4, got {frozen_stages}")
+        self.backbone = backbone
+        self.classifier = nn.Conv2d(backbone.channels[-1], num_classes, 1, bias=False)
+        self.freeze_bn = freeze_bn
+        self.frozen_stages = frozen_stages
+        frozen = [backbone.conv1, backbone.bn1] if frozen_stages > 0 else []
+        frozen += [getattr(backbone, f"layer{i}") for i in range(1, frozen_stages + 1)]
+        for module in frozen:
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.backbone
+        x = b.stem(x)
+        for i, layer in enumerate((b.layer1, b.layer2, b.layer3, b.layer4), start=1):
+            x = layer(x)
+            if i == self.frozen_stages:
+                x = x.detach()
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits (B, C): GAP then the linear head (equal to the head then GAP)."""
+        pooled = F.adaptive_avg_pool2d(self.features(x), 1)
+        return self.classifier(pooled).flatten(1)
+
+    def cam(self, x: torch.Tensor) -> torch.Tensor:
+        """ReLU'd class activation maps (B, C, h, w) at the backbone's output stride."""
+        return F.relu(self.classifier(self.features(x)))
+
+    def train(self, mode: bool = True) -> CAMNet:
+        super().train(mode)
+        if self.freeze_bn:
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+        return self
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(trainable backbone parameters, head parameters): the head takes the 10x learning rate."""
+        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
+        return backbone, list(self.classifier.parameters())

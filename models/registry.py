@@ -1,0 +1,40 @@
+"""A small registry: one per swappable choice (backbones here; CAM methods, seed rules... in stages).
+
+Each registry maps a name to a factory and can list its names, like timm's ``register_model`` /
+``create_model`` / ``list_models`` trio.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+F = TypeVar("F", bound=Callable)
+
+
+class Registry(Generic[F]):
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, F] = {}
+
+    def register(self, name: str | None = None) -> Callable[[F], F]:
+        def add(fn: F) -> F:
+            key = name or fn.__name__
+            if key in self._entries:
+                raise KeyError(f"{self.kind} {key!r} is registered twice")
+            self._entries[key] = fn
+            return fn
+        return add
+
+    def get(self, name: str) -> F:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise KeyError(f"unknown {self.kind} {name!r}; available: {', '.join(sorted(self._entries))}") from None
+
+    def names(self, pattern: str = "*") -> list[str]:
+        return sorted(n for n in self._entries if fnmatch.fnmatch(n, pattern))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries

