@@ -26,9 +26,13 @@ def tiny_dataset(tmp_path_factory) -> Path:
 def luigi_config(tmp_path, monkeypatch):
     """Load luigi.cfg + configs/tiny.cfg with work_dir in a temporary directory; returns a setter."""
     parser = luigi.configuration.get_config()
-    saved = list(parser._config_paths)
-    parser._config_paths = [str(REPO / "luigi.cfg"), str(TINY_CFG)]
-    parser.reload()
+
+    def reset(paths: list[str]) -> None:
+        for section in parser.sections():
+            parser.remove_section(section)
+        parser.read(paths)
+
+    reset([str(REPO / "luigi.cfg"), str(TINY_CFG)])
     parser.set("wsss", "work_dir", str(tmp_path / "work"))
     luigi.task_register.Register.clear_instance_cache()
 
@@ -37,7 +41,7 @@ def luigi_config(tmp_path, monkeypatch):
         luigi.task_register.Register.clear_instance_cache()
 
     yield set_option
-    parser._config_paths = saved
+    reset([])
     parser.reload()
     luigi.task_register.Register.clear_instance_cache()
 

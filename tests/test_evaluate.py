@@ -16,8 +16,8 @@ def test_confusion_ignores_gt_255_and_handles_pred_255():
     excluded = confusion(gt, pred, 3, pred_ignore="exclude")
     assert excluded.sum() == 4 and excluded[2, 0] == 0
     s = scores(as_bg)
-    # class 1: tp 1, gt 2, pred 1 -> 1/2; class 2: tp 1, gt 2, pred 1 -> 1/2; bg: tp 1, gt 1, pred 2 -> 1/2
-    assert s["miou"] == pytest.approx(0.5)
+    # bg: tp 1, gt 1, pred 3 -> 1/3; class 1: tp 1, gt 2, pred 1 -> 1/2; class 2: likewise 1/2
+    assert s["miou"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 2) / 3)
 
 
 def test_absent_class_is_nan_not_zero():

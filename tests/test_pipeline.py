@@ -51,11 +51,8 @@ def test_full_chain_runs_and_is_cached(luigi_config, tmp_path):
     luigi.task_register.Register.clear_instance_cache()
     again = run_luigi(FullWSSS())
     assert again.status == luigi.LuigiStatusCode.SUCCESS
-    assert not again.worker._add_task_history or all(
-        status != "DONE" or task.task_family == "FullWSSS" for task, status, _ in again.worker._add_task_history
-        if status == "DONE" and False)
-    ran = {t.task_family for t, status, ext in again.worker._add_task_history if status == "PENDING"}
-    assert ran <= {"FullWSSS"}, f"a cached run scheduled {ran}"
+    scheduled = {t.task_family for t, status, _ in again.worker._add_task_history if status != "DONE"}
+    assert not scheduled, f"a cached run scheduled {scheduled}"
 
 
 def test_config_change_reruns_only_affected_stages(luigi_config, tmp_path):
@@ -93,9 +90,7 @@ def test_rerun_nothing_comment_edit_nothing_code_edit_reruns_downstream(tmp_path
 
     # A second run does nothing.
     proc = run_cli(luigi_cmd(), cwd, repo=repo)
-    assert "already_done" not in proc.stderr or True
-    assert "ran successfully" not in proc.stderr.split("Execution Summary")[-1].replace(
-        "1 ran successfully:\n    - 1 FullWSSS()", "")
+    assert "running   " not in proc.stderr, "a cached run executed a task"  # luigi logs each task it runs
 
     # A comment and a docstring edit in the code MakeCAM runs: same keys.
     src = repo / "stages" / "make_cam.py"
@@ -120,7 +115,7 @@ def test_rerun_nothing_comment_edit_nothing_code_edit_reruns_downstream(tmp_path
 
 
 KILLER = """
-import os, signal, sys
+import os, signal
 import stages.make_cam as mc
 original = mc.make_cams
 def dying(model, manifest, ids, writer, *a, **k):
@@ -130,8 +125,7 @@ def dying(model, manifest, ids, writer, *a, **k):
     return original(model, manifest, ids, writer, *a, **k)
 mc.make_cams = dying
 import luigi.cmdline
-sys.argv = ["luigi", "--module", "pipeline", "FullWSSS", "--no-lock"]
-luigi.cmdline.luigi_run()
+luigi.cmdline.luigi_run(["--module", "pipeline", "FullWSSS", "--no-lock"])
 """
 
 
