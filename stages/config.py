@@ -117,6 +117,9 @@ def validate(cfg: object) -> None:
             raise ValueError(f"TrainCAM: lr, batch_size, num_epochs and crop_size must be positive: {cfg}")
         if len(cfg.resize_long) != 2 or cfg.resize_long[0] > cfg.resize_long[1]:
             raise ValueError(f"TrainCAM.resize_long must be (low, high), got {cfg.resize_long}")
+        if (cfg.frozen_stages > 0 or cfg.freeze_bn) and not cfg.pretrained:
+            raise ValueError("TrainCAM.frozen_stages/freeze_bn keep random weights fixed unless "
+                             "TrainCAM.pretrained names ImageNet weights (.pth); set it, or unfreeze")
         if len(cfg.strides) != 4:
             raise ValueError(f"TrainCAM.strides needs one stride per ResNet stage (4), got {cfg.strides}")
     if isinstance(cfg, MakeCAMConfig):

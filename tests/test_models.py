@@ -74,3 +74,9 @@ def test_multiscale_cam_shapes_and_normalisation():
     _, swapped = multiscale_cam(net, rgb, [7, 2], (1.0, 0.5, 1.5), True, net.backbone.output_stride,
                                 torch.device("cpu"))
     np.testing.assert_allclose(swapped[::-1], high, atol=1e-6)
+
+
+def test_frozen_recipe_without_weights_is_refused():
+    from stages.config import TrainCAMConfig, validate
+    with pytest.raises(ValueError, match="TrainCAM.pretrained"):
+        validate(TrainCAMConfig(backbone="resnet50", freeze_bn=True, frozen_stages=2, pretrained=""))

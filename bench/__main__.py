@@ -1,0 +1,174 @@
+"""``make bench``: speed and size figures as ratios against a baseline measured in the same run.
+
+1. CAM inference (MakeCAM's multiscale_cam): images/s, against a single forward pass of the same net.
+2. Dense-map storage: our HDF5 (float16, per-plane chunks, gzip-1 + shuffle) against one ``.npy`` per image
+   (float32, IRN's habit): bytes on disk and read time.
+3. No-op rerun of ``luigi --module pipeline FullWSSS`` over a 1,000-image dataset, against the bare cost
+   of starting Python and importing the pipeline.
+
+Results go to ``bench/results/latest.json`` and are printed as a table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from data.dense import DenseMapReader, DenseMapWriter  # noqa: E402
+from data.synthetic import PROFILES, Profile, render_sample, write_dataset  # noqa: E402
+from models.cam import CAMNet  # noqa: E402
+from models.resnet import create_backbone  # noqa: E402
+from stages.make_cam import multiscale_cam  # noqa: E402
+
+
+def timed(fn, repeat: int = 1) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def bench_cam_inference(n_images: int = 24) -> dict:
+    torch.manual_seed(0)
+    net = CAMNet(create_backbone("resnet_mini", strides=(1, 2, 1, 1)), 10, freeze_bn=False, frozen_stages=0).eval()
+    prof = PROFILES["demo"]
+    images = [render_sample(0, "train", i, prof).image for i in range(n_images)]
+    cpu = torch.device("cpu")
+    scales = (1.0, 0.5, 1.5, 2.0)
+
+    def single():
+        with torch.no_grad():
+            for rgb in images:
+                net.cam(torch.from_numpy(rgb.transpose(2, 0, 1).astype(np.float32))[None])
+
+    def full():
+        for rgb in images:
+            multiscale_cam(net, rgb, [1, 2], scales, True, net.backbone.output_stride, cpu)
+
+    single()  # warm-up
+    t_single, t_full = timed(single, 2), timed(full, 2)
+    return {"images": n_images, "size": f"{prof.height}x{prof.width}", "scales": list(scales), "flip": True,
+            "images_per_s": n_images / t_full, "single_pass_images_per_s": n_images / t_single,
+            "ratio_vs_single_pass": t_full / t_single}
+
+
+def smooth_cam_stack(rng: np.random.Generator, k: int, h: int, w: int) -> np.ndarray:
+    """CAM-like maps: a few smooth bumps, max-normalised, small values near zero (like ReLU'd CAMs)."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    out = np.zeros((k, h, w), np.float32)
+    for c in range(k):
+        for _ in range(rng.integers(1, 4)):
+            cy, cx, s = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0.08, 0.3) * min(h, w)
+            out[c] += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
+        out[c] = np.clip(out[c] / out[c].max() - 0.05, 0, None) / 0.95
+    return out
+
+
+def bench_storage(n_images: int = 200, h: int = 375, w: int = 500) -> dict:
+    rng = np.random.default_rng(0)
+    stacks = [smooth_cam_stack(rng, int(rng.integers(1, 4)), h, w) for _ in range(n_images)]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        npy_dir = tmp / "npy"
+        npy_dir.mkdir()
+
+        def write_npy():
+            for i, s in enumerate(stacks):
+                np.save(npy_dir / f"{i}.npy", s)
+
+        def write_h5():
+            with DenseMapWriter(tmp / "cams.h5") as writer:
+                for i, s in enumerate(stacks):
+                    writer.write(str(i), {"high_res": s})
+
+        t_write_npy, t_write_h5 = timed(write_npy), timed(write_h5)
+        size_npy = sum(p.stat().st_size for p in npy_dir.iterdir())
+        size_h5 = (tmp / "cams.h5").stat().st_size
+
+        def read_npy():
+            for i in range(n_images):
+                np.load(npy_dir / f"{i}.npy")
+
+        def read_h5():
+            with DenseMapReader([tmp / "cams.h5"]) as reader:
+                for i in range(n_images):
+                    reader.read(str(i))
+
+        read_npy()
+        read_h5()  # warm page cache for both
+        t_read_npy, t_read_h5 = timed(read_npy, 3), timed(read_h5, 3)
+        with DenseMapReader([tmp / "cams.h5"]) as reader:
+            err = max(float(np.abs(reader.read(str(i))[0]["high_res"] - stacks[i]).max()) for i in range(10))
+    return {"images": n_images, "size": f"{h}x{w}", "npy_mib": size_npy / 2**20, "h5_mib": size_h5 / 2**20,
+            "size_ratio_h5_vs_npy": size_h5 / size_npy,
+            "read_ms_per_image_npy": 1000 * t_read_npy / n_images, "read_ms_per_image_h5": 1000 * t_read_h5 / n_images,
+            "read_ratio_h5_vs_npy": t_read_h5 / t_read_npy,
+            "write_ratio_h5_vs_npy": t_write_h5 / t_write_npy, "max_abs_error_float16": err}
+
+
+def bench_noop_rerun(n_images: int = 1000) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        root = write_dataset(tmp / "voc", Profile(n_train=n_images, n_val=20, height=48, width=64), seed=0,
+                             processes=max(1, os.cpu_count() or 1))
+        cfg = tmp / "bench.cfg"
+        cfg.write_text(f"""
+[wsss]
+work_dir = {tmp / 'work'}
+loader_workers = 0
+[PrepareDataset]
+kind = voc
+root = {root}
+label_space = {root / 'labelspace.json'}
+[TrainCAM]
+num_epochs = 1
+batch_size = 32
+resize_long = [48, 64]
+crop_size = 64
+[MakeCAM]
+scales = [1.0]
+flip = false
+""")
+        env = dict(os.environ, PYTHONPATH=str(REPO), LUIGI_CONFIG_PATH=str(cfg))
+        cmd = [sys.executable, "-m", "luigi", "--module", "pipeline", "FullWSSS", "--no-lock"]
+        start = time.perf_counter()
+        first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        t_first = time.perf_counter() - start
+        if first.returncode != 0:
+            raise RuntimeError(first.stderr[-3000:])
+        t_noop = timed(lambda: subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, check=True), 3)
+        t_import = timed(lambda: subprocess.run([sys.executable, "-c", "import pipeline, luigi.cmdline"],
+                                                cwd=REPO, env=env, check=True), 3)
+    return {"images": n_images, "first_run_s": t_first, "noop_rerun_s": t_noop, "python_import_s": t_import,
+            "ratio_noop_vs_import": t_noop / t_import}
+
+
+def main() -> None:
+    torch.set_num_threads(os.cpu_count() or 1)
+    results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+               "cam_inference": bench_cam_inference(), "storage": bench_storage(), "noop_rerun": bench_noop_rerun()}
+    out = REPO / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(results, indent=1))
+    for section, values in results.items():
+        print(f"\n[{section}]")
+        for key, value in values.items():
+            print(f"  {key:<30} {value:.4g}" if isinstance(value, float) else f"  {key:<30} {value}")
+
+
+if __name__ == "__main__":
+    main()
