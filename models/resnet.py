@@ -7,6 +7,7 @@ ResNet-50 with strides (1, 2, 2, 1) after the stem (output stride 16, last stage
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
@@ -77,7 +78,7 @@ class ResNet(nn.Module):
         for i, (n, width, stride, dilation) in enumerate(zip(layers, widths, strides, dilations), start=1):
             setattr(self, f"layer{i}", self._make_layer(block, width, n, stride, dilation))
         self.channels = [w * block.expansion for w in widths]
-        self.output_stride = 4 * int(torch.tensor(list(strides)).prod())
+        self.output_stride = 4 * math.prod(strides)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -43,9 +43,8 @@ def _parsed(path: Path) -> tuple[str, tuple[str, ...]]:
     """(normalised-source digest, project modules imported) of one file."""
     tree = ast.parse(path.read_text(), filename=str(path))
     name = ".".join(path.relative_to(PROJECT_ROOT).with_suffix("").parts)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    if path.name == "__init__.py":
-        package = name.removesuffix(".__init__")
+    # The package relative imports resolve against: the module's parent, or the package itself.
+    package = name.removesuffix(".__init__") if path.name == "__init__.py" else name.rpartition(".")[0]
     imports: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

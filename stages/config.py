@@ -30,7 +30,7 @@ class RuntimeConfig:
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    """``[Dataset]``: which images, labels and splits."""
+    """``[PrepareDataset]``: which images, labels and splits."""
 
     kind: str = "synthetic"       # synthetic | voc (any dataset in VOC layout)
     profile: str = "demo"         # synthetic only: tiny | demo | large
@@ -135,8 +135,7 @@ def validate(cfg: object) -> None:
 
 def all_knobs() -> dict[str, dict[str, object]]:
     """Section name -> {knob: default}, for ``python -m pipeline config``."""
-    sections = {"wsss": RuntimeConfig}
-    sections.update({"Dataset" if k == "PrepareDataset" else k: v for k, v in STAGE_CONFIGS.items()})
+    sections = {"wsss": RuntimeConfig, **STAGE_CONFIGS}
     return {sec: {f.name: f.default for f in dataclasses.fields(cls)} for sec, cls in sections.items()}
 
 
