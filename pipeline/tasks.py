@@ -143,9 +143,7 @@ class StageTask(luigi.Task):
         return self.upstream()[name].stage_dir
 
     def progress(self, percent: float, message: str) -> None:
-        self.set_progress_percentage(int(percent))
-        self.set_status_message(message)
-        logger.info("%s: %s", self.get_task_family(), message)
+        report_progress(self, percent, message)
 
     def compute(self, out_dir: Path) -> dict:
         raise NotImplementedError
@@ -169,6 +167,13 @@ class StageTask(luigi.Task):
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
             "seconds": round(time.time() - started, 3), "metrics": metrics,
         }
+
+
+def report_progress(task: luigi.Task, percent: float, message: str) -> None:
+    """Forward progress to the scheduler (shown by luigid) and to the log."""
+    task.set_progress_percentage(int(percent))
+    task.set_status_message(message)
+    logger.info("%s: %s", task.get_task_family(), message)
 
 
 def _plain(value: object) -> object:
@@ -237,23 +242,24 @@ class MakeCAM(StageTask):
     def upstream(self) -> dict[str, StageTask]:
         return {"dataset": PrepareDataset(), "cam_net": TrainCAM()}
 
-    def image_ids(self) -> list[str]:
-        splits = manifest_of(self).splits
-        return list(dict.fromkeys(splits["train"] + splits["eval"]))
+    def shards(self, manifest: Manifest | None = None) -> list[list[str]]:
+        """Image ids of train + eval, split into shards (membership fixed by the manifest's order)."""
+        splits = (manifest or manifest_of(self)).splits
+        return shard_ids(list(dict.fromkeys(splits["train"] + splits["eval"])), self.shard_size)
 
     @property
     def parts_dir(self) -> Path:
         return self.stage_dir.with_name(self.key + PARTS_SUFFIX)
 
     def run(self):
-        shards = shard_ids(self.image_ids(), self.shard_size)
+        shards = self.shards()
         # Dynamic dependencies: the shard count is known only once the dataset manifest exists.
         yield [MakeCAMShard(shard=i, n_shards=len(shards)) for i in range(len(shards))]
         super().run()
         remove_path(self.parts_dir)  # only now: the published directory holds every shard
 
     def compute(self, out_dir: Path) -> dict:
-        shards = shard_ids(self.image_ids(), self.shard_size)
+        shards = self.shards()
         index = {}
         for i, members in enumerate(shards):
             name = shard_name(i, len(shards))
@@ -290,18 +296,17 @@ class MakeCAMShard(luigi.Task):
         rt = runtime()
         configure_threads(rt.torch_threads)
         parent = self.parent
-        shards = shard_ids(parent.image_ids(), parent.shard_size)
+        manifest = manifest_of(parent)
+        shards = parent.shards(manifest)
         if len(shards) != self.n_shards:
             raise RuntimeError(f"MakeCAM: expected {self.n_shards} shards, the manifest gives {len(shards)}")
-        manifest = manifest_of(parent)
         train = parent.upstream()["cam_net"]
         device = resolve_device(rt.device)
         model = load_cam_model(train.config, manifest.label_space.num_classes - 1, train.stage_dir, device)
         attrs = {"stage": "MakeCAM", "key": parent.key, "shard": self.shard, "n_shards": self.n_shards}
         with DenseMapWriter(self.output().part, attrs) as writer:
             make_cams(model, manifest, shards[self.shard], writer, parent.config.scales, parent.config.flip,
-                      device, progress=lambda p, m: (self.set_progress_percentage(int(p)),
-                                                     self.set_status_message(m)))
+                      device, progress=lambda p, m: report_progress(self, p, m))
 
 
 def cam_store(make_cam_dir: Path):

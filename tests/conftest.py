@@ -23,7 +23,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def luigi_config(tmp_path, monkeypatch):
+def luigi_config(tmp_path):
     """Load luigi.cfg + configs/tiny.cfg with work_dir in a temporary directory; returns a setter."""
     parser = luigi.configuration.get_config()
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import luigi
 import numpy as np
 import pytest
-from conftest import copy_repo, luigi_cmd, run_cli, run_luigi
+from conftest import REPO, copy_repo, luigi_cmd, run_cli, run_luigi
 
 from pipeline.tasks import EvalCAM, FullWSSS, MakeCAM, PrepareDataset, TrainCAM, cam_store
 
@@ -131,7 +131,6 @@ luigi.cmdline.luigi_run(["--module", "pipeline", "FullWSSS", "--no-lock"])
 
 @pytest.mark.slow
 def test_killed_make_cam_resumes_with_identical_outputs(tmp_path):
-    from conftest import REPO
     clean_cwd, killed_cwd = tmp_path / "clean", tmp_path / "killed"
     for cwd in (clean_cwd, killed_cwd):
         cwd.mkdir()
@@ -164,7 +163,6 @@ def test_killed_make_cam_resumes_with_identical_outputs(tmp_path):
 
 @pytest.mark.slow
 def test_failed_pipeline_exits_nonzero_and_cli_verbs(tmp_path):
-    from conftest import REPO
     cwd = tmp_path / "run"
     cwd.mkdir()
     (cwd / "luigi.cfg").write_text((REPO / "luigi.cfg").read_text())
