@@ -56,7 +56,12 @@ class CAMNet(nn.Module):
                     m.eval()
         return self
 
-    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(trainable backbone parameters, head parameters): the head takes the 10x learning rate."""
-        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
-        return backbone, list(self.classifier.parameters())
+    def param_groups(self, head_lr_mult: float = 10.0) -> list[dict]:
+        """IRN's two groups: the backbone at the base LR, the new head at ``head_lr_mult`` x."""
+        return [{"params": list(self.backbone.parameters()), "lr_mult": 1.0},
+                {"params": list(self.classifier.parameters()), "lr_mult": head_lr_mult}]
+
+    def training_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Multilabel soft-margin loss on the GAP logits; returns (loss, parts for the log)."""
+        loss = F.multilabel_soft_margin_loss(self(images), labels)
+        return loss, {"cls": loss.detach()}

@@ -101,8 +101,20 @@ class ResNet(nn.Module):
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    @property
+    def tap_channels(self) -> list[int]:
+        """Channels of :meth:`taps`: the stem, then each stage."""
+        return [self.conv1.out_channels, *self.channels]
+
+    def taps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """IRNet's five feature taps x1..x5: the stem (after max-pool, stride 4), then layer1..layer4."""
         x = self.stem(x)
+        return [x, *self._stages(x)]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self._stages(self.stem(x))
+
+    def _stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = []
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             x = layer(x)

@@ -67,6 +67,11 @@ class TrainCAMConfig:
     poly_power: float = 0.9
     resize_long: tuple[int, int] = (80, 160)  # IRN: (320, 640), drawn uniformly per image
     crop_size: int = 112                      # IRN: 512, zero-padded when the image is smaller
+    color_jitter: float = 0.0                 # PSA/SEAM: 0.3 (brightness/contrast/saturation; hue = jitter/3)
+    # SEAM only (cam_method = seam), values of YudeWang/SEAM train_SEAM.py:
+    seam_rescale: float = 0.3                 # scale of the Siamese branch's input
+    seam_ecr_top: float = 0.2                 # ECR keeps the hardest 20% of entries
+    seam_min_pool: float = 0.25               # min-pool loss on the weakest 25% of pixels
     seed: int = 0
 
 
@@ -88,11 +93,86 @@ class EvalCAMConfig:
     pred_ignore: str = "background"           # predicted 255: background (IRN) | exclude (WSGCN)
 
 
+@dataclass(frozen=True)
+class ExtractSeedsConfig:
+    """``[ExtractSeeds]``: confident seeds (fg / bg / 255 = ignore) from full-resolution CAMs."""
+
+    seed_method: str = "irn"                  # registry: stages.seeds.SEED_METHODS (irn | psa | a2gnn)
+    # irn: constant background planes, each followed by the label CRF
+    fg_threshold: float = 0.30                # IRN conf_fg_thres
+    bg_threshold: float = 0.05                # IRN conf_bg_thres
+    label_crf_gt_prob: float = 0.7
+    label_crf_bilateral: tuple[float, float, float] = (50.0, 5.0, 10.0)   # sxy, srgb, compat
+    # psa / a2gnn: background (1 - max CAM)^alpha, CRF on the unnormalised scores
+    alpha_low: float = 4.0                    # "la": confident foreground
+    alpha_high: float = 32.0                  # "ha": confident background; SEAM and A2GNN: 24
+    score_crf_bilateral: tuple[float, float, float] = (80.0, 13.0, 10.0)
+    # a2gnn: top 40% of each class inside its argmax region, confident background and CRF
+    top_fraction: float = 0.4
+    bg_confidence: float = 0.8
+    crf_confidence: float = 0.8
+    crf_gaussian: tuple[float, float] = (3.0, 3.0)                       # sxy, compat
+    crf_iterations: int = 10
+    shard_size: int = 256
+
+
+@dataclass(frozen=True)
+class TrainAffinityConfig:
+    """``[TrainAffinity]``: the inter-pixel relation network trained on the seeds."""
+
+    affinity_method: str = "irnet"            # registry: stages.affinity.AFFINITY_METHODS (irnet | affinitynet)
+    backbone: str = "resnet_mini"             # IRN: resnet50; PSA/SEAM: resnet38
+    pretrained: str = ""                      # ImageNet weights (.pth); IRN/PSA start from these
+    init_from_cam: bool = True                # no ImageNet weights: start from the CAM net's backbone
+    freeze_backbone: bool = True              # IRN: the backbone never trains; PSA: it does (frozen BN)
+    strides: tuple[int, ...] = (1, 2, 1, 1)   # ResNet backbones; IRN: (1, 2, 2, 1)
+    radius: int = 10                          # training pair radius: IRN 10, PSA/SEAM 5
+    num_epochs: int = 3                       # IRN 3, PSA/SEAM 8
+    batch_size: int = 16                      # IRN 32, PSA/SEAM 8
+    lr: float = 0.1                           # IRN 0.1 (heads; displacement 10x); PSA 0.1, SEAM 0.01
+    weight_decay: float = 1e-4                # IRN 1e-4, PSA/SEAM 5e-4
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    momentum_quirk: bool = False
+    poly_power: float = 0.9
+    scale_range: tuple[float, float] = (0.5, 1.5)   # IRN random rescale; PSA/SEAM: (1, 1)
+    crop_size: int = 112                      # IRN 512, PSA/SEAM 448
+    color_jitter: float = 0.0                 # PSA/SEAM 0.3
+    displacement: bool = False                # IRNet's displacement branch (instances only)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PropagateConfig:
+    """``[Propagate]``: random walk from the CAMs over the learned affinities, then pseudo labels."""
+
+    propagation: str = "rw_irn"               # registry: stages.propagate.PROPAGATION_METHODS (rw_irn | rw_psa)
+    beta: float = 10.0                        # affinity power: IRN 10, PSA/SEAM 8
+    steps: int = 256                          # t: IRN/PSA 256, SEAM 64
+    radius: int = 5                           # inference pair radius (both)
+    bg_threshold: float = 0.25                # rw_irn: constant background after global-max normalisation
+    alpha: float = 16.0                       # rw_psa: propagated background (1 - max)^alpha; SEAM 6
+    empty_seeds: str = "cam"                  # image whose seeds are all ignore: cam (CAM label) | propagate
+    cam_bg_threshold: float = 0.15            # background threshold of that CAM label
+    shard_size: int = 256
+
+
+@dataclass(frozen=True)
+class EvalPseudoLabelsConfig:
+    """``[EvalPseudoLabels]``: pseudo labels (and seeds) scored against GT on the eval list."""
+
+    pred_ignore: str = "background"           # predicted 255: background (IRN) | exclude (WSGCN)
+
+
 STAGE_CONFIGS = {
     "PrepareDataset": DatasetConfig,
     "TrainCAM": TrainCAMConfig,
     "MakeCAM": MakeCAMConfig,
     "EvalCAM": EvalCAMConfig,
+    "ExtractSeeds": ExtractSeedsConfig,
+    "TrainAffinity": TrainAffinityConfig,
+    "Propagate": PropagateConfig,
+    "EvalPseudoLabels": EvalPseudoLabelsConfig,
 }
 
 CHOICES = {
@@ -101,6 +181,9 @@ CHOICES = {
     ("DatasetConfig", "on_bad_input"): ("error", "quarantine"),
     ("EvalCAMConfig", "pred_ignore"): ("background", "exclude"),
     ("TrainCAMConfig", "optimizer"): ("sgd", "adamw"),
+    ("TrainAffinityConfig", "optimizer"): ("sgd", "adamw"),
+    ("PropagateConfig", "empty_seeds"): ("cam", "propagate"),
+    ("EvalPseudoLabelsConfig", "pred_ignore"): ("background", "exclude"),
 }
 
 

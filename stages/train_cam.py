@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from data.manifest import Manifest
 from data.transforms import train_transform
 from stages.cam_methods import CHECKPOINT, build_cam_model
 from stages.config import TrainCAMConfig, validate
+from stages.optim import make_optimizer, poly_lr
 from stages.runtime import seed_everything
 
 
@@ -45,23 +45,6 @@ class ClassificationSet(Dataset):
         return torch.from_numpy(x), torch.from_numpy(self.labels[index])
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainCAMConfig) -> torch.optim.Optimizer:
-    backbone, head = model.param_groups()
-    groups = [{"params": backbone, "lr": cfg.lr, "initial_lr": cfg.lr},
-              {"params": head, "lr": cfg.lr * cfg.head_lr_mult, "initial_lr": cfg.lr * cfg.head_lr_mult}]
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    # The reference passes weight decay positionally into SGD's momentum slot; reproduce on request.
-    momentum = cfg.weight_decay if cfg.momentum_quirk else cfg.momentum
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=momentum, weight_decay=cfg.weight_decay)
-
-
-def poly_lr(optimizer: torch.optim.Optimizer, step: int, total: int, power: float) -> None:
-    factor = (1 - step / total) ** power
-    for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] * factor
-
-
 def train_cam(cfg: TrainCAMConfig, manifest: Manifest, out_dir: str | os.PathLike,
               device: torch.device, loader_workers: int = 1,
               progress: Callable[[float, str], None] | None = None) -> dict:
@@ -77,7 +60,9 @@ def train_cam(cfg: TrainCAMConfig, manifest: Manifest, out_dir: str | os.PathLik
                         num_workers=loader_workers, generator=generator,
                         persistent_workers=False)
     model = build_cam_model(cfg, manifest.label_space.num_classes - 1).to(device)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model.param_groups(cfg.head_lr_mult), lr=cfg.lr, optimizer=cfg.optimizer,
+                               momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               momentum_quirk=cfg.momentum_quirk)
     steps_per_epoch = len(loader)
     total = steps_per_epoch * cfg.num_epochs
     step = 0
@@ -89,8 +74,7 @@ def train_cam(cfg: TrainCAMConfig, manifest: Manifest, out_dir: str | os.PathLik
         losses = []
         for images, labels in loader:
             poly_lr(optimizer, step, total, cfg.poly_power)
-            logits = model(images.to(device, non_blocking=True))
-            loss = F.multilabel_soft_margin_loss(logits, labels.to(device))
+            loss, _ = model.training_loss(images.to(device, non_blocking=True), labels.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -57,8 +57,12 @@ def test_irn_cam_recipe_freezing_and_output_stride():
     net(x).sum().backward()
     assert net.backbone.layer2[0].conv1.weight.grad is None and net.backbone.conv1.weight.grad is None
     assert net.backbone.layer3[0].conv1.weight.grad is not None
-    backbone, head = net.param_groups()
-    assert all(p.requires_grad for p in backbone) and len(head) == 1
+    _, head = net.param_groups()
+    assert head["lr_mult"] == 10 and len(head["params"]) == 1
+    from stages.optim import make_optimizer
+    opt = make_optimizer(net.param_groups(), lr=0.1)
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 1.0]
+    assert all(p.requires_grad for g in opt.param_groups for p in g["params"]), "frozen stages stay out"
     assert net.cam(x).shape == (1, 20, 4, 4)
 
 
