@@ -45,10 +45,46 @@ def random_crop(x: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarra
     return out
 
 
+def _grey(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R 601 luma of float RGB (H, W, 3), as (H, W, 1)."""
+    return (rgb @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
+
+
+def color_jitter(rgb: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """torchvision-style ColorJitter(strength, strength, strength, strength / 3) on uint8 RGB.
+
+    Brightness, contrast and saturation factors are drawn from [max(0, 1 - s), 1 + s] and the hue shift
+    from [-s/3, s/3] of a full turn; the four are applied in a random order, clipping to [0, 255] after each.
+    """
+    x = rgb.astype(np.float32)
+    factors = {op: rng.uniform(max(0.0, 1 - strength), 1 + strength) for op in ("brightness", "contrast", "saturation")}
+    hue_shift = rng.uniform(-strength / 3, strength / 3)
+    for op in rng.permutation(["brightness", "contrast", "saturation", "hue"]):
+        if op == "brightness":
+            x = x * factors[op]
+        elif op == "contrast":
+            x = (x - _grey(x).mean()) * factors[op] + _grey(x).mean()
+        elif op == "saturation":
+            grey = _grey(x)
+            x = (x - grey) * factors[op] + grey
+        else:
+            # OpenCV's float HSV has hue in degrees [0, 360).
+            hsv = cv2.cvtColor(x / 255.0, cv2.COLOR_RGB2HSV)
+            hsv[..., 0] = (hsv[..., 0] + 360.0 * hue_shift) % 360.0
+            x = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB) * 255.0
+        x = np.clip(x, 0.0, 255.0)
+    return np.rint(x).astype(np.uint8)
+
+
 def train_transform(rgb: np.ndarray, resize_long: tuple[int, int], crop_size: int,
-                    rng: np.random.Generator) -> np.ndarray:
-    """IRN's classification augmentation: resize-long, normalise, flip, crop."""
+                    rng: np.random.Generator, jitter: float = 0.0) -> np.ndarray:
+    """IRN's classification augmentation: resize-long, (PSA/SEAM colour jitter), normalise, flip, crop.
+
+    ``jitter`` = 0 draws nothing from ``rng``, so the other draws are unchanged.
+    """
     rgb = random_resize_long(rgb, resize_long[0], resize_long[1], rng)
+    if jitter > 0:
+        rgb = color_jitter(rgb, jitter, rng)
     x = normalize(rgb)
     if rng.random() < 0.5:
         x = np.ascontiguousarray(x[:, :, ::-1])

@@ -14,7 +14,10 @@ class CAMNet(nn.Module):
 
     ``freeze_bn`` keeps every BatchNorm on its running statistics (IRN's FixedBatchNorm);
     ``frozen_stages`` = k stops gradients after the stem and the first k ResNet stages (IRN: 2).
+    ``cam`` is ReLU'd per pass; make_cam divides the multi-scale sum by its max (``cam_normalization``).
     """
+
+    cam_normalization = "max"
 
     def __init__(self, backbone: ResNet, num_classes: int, freeze_bn: bool = True, frozen_stages: int = 2):
         super().__init__()

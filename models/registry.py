@@ -27,11 +27,14 @@ class Registry(Generic[F]):
             return fn
         return add
 
-    def get(self, name: str) -> F:
+    def get(self, name: str, key: str | None = None) -> F:
+        """The factory called ``name``; ``key`` names the config knob in the error if there is none."""
         try:
             return self._entries[name]
         except KeyError:
-            raise KeyError(f"unknown {self.kind} {name!r}; available: {', '.join(sorted(self._entries))}") from None
+            where = f"{key} = {name!r}: " if key else ""
+            raise KeyError(f"{where}unknown {self.kind} {name!r}; available: "
+                           f"{', '.join(sorted(self._entries))}") from None
 
     def names(self, pattern: str = "*") -> list[str]:
         return sorted(n for n in self._entries if fnmatch.fnmatch(n, pattern))

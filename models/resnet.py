@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from models.registry import Registry
+from models.resnet38 import ResNet38
 
 BACKBONES: Registry = Registry("backbone")
 
@@ -139,8 +140,9 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> list[str]:
     own = model.state_dict()
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     if missing:
-        raise KeyError(f"{path}: {len(missing)} backbone weights missing, e.g. {missing[:4]}; "
-                       "expected torchvision ResNet key layout (conv1.weight, layer1.0.conv1.weight, ...)")
+        layout = getattr(model, "key_layout",
+                         "torchvision ResNet key layout (conv1.weight, layer1.0.conv1.weight, ...)")
+        raise KeyError(f"{path}: {len(missing)} backbone weights missing, e.g. {missing[:4]}; expected {layout}")
     wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
     if wrong:
         raise ValueError(f"{path}: shape mismatch for {wrong[:4]} (e.g. {tuple(state[wrong[0]].shape)} vs "
@@ -150,7 +152,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> list[str]:
 
 
 def create_backbone(name: str, strides: Sequence[int] | None = None, dilations: Sequence[int] | None = None,
-                    pretrained: str | os.PathLike | None = None) -> ResNet:
+                    pretrained: str | os.PathLike | None = None) -> ResNet | ResNet38:
     """Build a registered backbone, optionally loading ImageNet weights from a user-given path."""
     kwargs = {}
     if strides is not None:
@@ -189,3 +191,23 @@ def resnet_mini(**kw) -> ResNet:
     kw.setdefault("strides", (1, 2, 1, 1))
     kw.setdefault("dilations", (1, 1, 2, 2))
     return ResNet(BasicBlock, (1, 1, 1, 1), widths=(16, 32, 64, 128), stem_width=16, **kw)
+
+
+def _fixed_layout(name: str, strides: Sequence[int] | None, dilations: Sequence[int] | None) -> None:
+    if strides is not None or dilations is not None:
+        raise ValueError(f"backbone {name!r} has a fixed layout (output stride 8): strides/dilations do not apply; "
+                         "ResNet-38 backbones are used by cam_method = seam, which does not pass them")
+
+
+@BACKBONES.register()
+def resnet38(strides: Sequence[int] | None = None, dilations: Sequence[int] | None = None) -> ResNet38:
+    """PSA/SEAM's wide ResNet-38d (output stride 8); loads ``ilsvrc-cls_rna-a1_cls1000_ep-0001.pth``."""
+    _fixed_layout("resnet38", strides, dilations)
+    return ResNet38()
+
+
+@BACKBONES.register()
+def resnet38_mini(strides: Sequence[int] | None = None, dilations: Sequence[int] | None = None) -> ResNet38:
+    """ResNet-38d topology with every width divided by 8, trainable from scratch on the CPU."""
+    _fixed_layout("resnet38_mini", strides, dilations)
+    return ResNet38(widths=(8, 16, 32, 64, 128, 256, 512))

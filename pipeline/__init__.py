@@ -3,10 +3,16 @@
 from pipeline.tasks import (  # noqa: F401 - re-exported for ``luigi --module pipeline``
     STAGES,
     EvalCAM,
+    EvalPseudoLabels,
+    ExtractSeeds,
+    ExtractSeedsShard,
     FullWSSS,
     MakeCAM,
     MakeCAMShard,
     PrepareDataset,
+    Propagate,
+    PropagateShard,
+    TrainAffinity,
     TrainCAM,
 )
 

@@ -87,18 +87,26 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     print(f"{'stage':<16} {'key':<18} {'seconds':>8}  metrics")
+    footer = []
     for family, task in stage_graph().items():
         if not task.complete():
             print(f"{family:<16} {task.key:<18} {'-':>8}  (not computed)")
             continue
         prov = read_json(task.stage_dir / PROVENANCE)
         metrics = prov.get("metrics", {})
-        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items() if not isinstance(v, (dict, list)))
+        shown = ", ".join(f"{k}={len(v) if isinstance(v, list) else _fmt(v)}" for k, v in metrics.items()
+                          if not isinstance(v, dict))
         print(f"{family:<16} {task.key:<18} {prov.get('seconds', 0):>8.1f}  {shown}")
         if family == "EvalCAM":
-            print(f"\nCAM mIoU: {100 * metrics['miou']:.2f} at background threshold {metrics['threshold']:.2f} "
-                  f"(GT-tuned best {100 * metrics['best_miou']:.2f} at {metrics['best_threshold']:.2f})")
-            print(f"curve: {task.stage_dir / 'curve.png'}")
+            footer.append(f"CAM mIoU: {100 * metrics['miou']:.2f} at background threshold "
+                          f"{metrics['threshold']:.2f} (GT-tuned best {100 * metrics['best_miou']:.2f} at "
+                          f"{metrics['best_threshold']:.2f}); curve: {task.stage_dir / 'curve.png'}")
+        if family == "EvalPseudoLabels":
+            chain = metrics["chain"]
+            footer.append(f"Chain mIoU: CAM {100 * chain['cam_miou']:.2f} -> seeds {100 * chain['seed_miou']:.2f} "
+                          f"(on the {100 * chain['seed_labelled_fraction']:.1f}% labelled pixels) -> pseudo labels "
+                          f"{100 * chain['pseudo_label_miou']:.2f}; report: {task.stage_dir / 'report.md'}")
+    print("\n" + "\n".join(footer) if footer else "")
     return 0
 
 

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 
@@ -80,13 +81,13 @@ class StageTarget(luigi.Target):
 
 
 class ShardTarget(luigi.Target):
-    """A shard file, either waiting in ``<key>.parts/`` or already published into ``<key>/``."""
+    """A finished shard: its directory waiting in ``<key>.parts/``, or its marker published in ``<key>/``."""
 
     def __init__(self, final: Path, part: Path):
         self.final, self.part = final, part
 
     def exists(self) -> bool:
-        return self.final.is_file() or self.part.is_file()
+        return self.final.is_file() or self.part.is_dir()
 
 
 class StageTask(luigi.Task):
@@ -95,6 +96,12 @@ class StageTask(luigi.Task):
     config_class: type | None = None
     code: tuple[str, ...] = ()     # library modules this stage runs (their imports are followed)
     accepts_messages = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.config_class is not None:
+            # Fail while scheduling, naming the key, rather than hours later inside the stage.
+            C.validate(self.config)
 
     # -- identity
     @property
@@ -230,22 +237,27 @@ def shard_ids(ids: list[str], shard_size: int) -> list[list[str]]:
 
 
 def shard_name(index: int, count: int) -> str:
-    return f"shard-{index:05d}-of-{count:05d}.h5"
+    return f"shard-{index:05d}-of-{count:05d}"
 
 
-@with_config(C.MakeCAMConfig)
-class MakeCAM(StageTask):
-    """Multi-scale CAMs for every training and evaluation image, computed in shards."""
+class ShardedStage(StageTask):
+    """A per-image stage computed as independent shard tasks, then joined into one directory.
 
-    code = ("stages.make_cam", "stages.cam_methods")
+    Each shard writes ``<key>.parts/<shard>/`` atomically: a ``<shard>.h5`` of dense maps, per-image
+    files (e.g. ``labels/<id>.png``) and ``<shard>.json`` with its metrics. Shards run in parallel on as
+    many workers as Luigi has; a killed shard leaves only finished shards behind. The join hard-links
+    every shard's files into ``<key>/`` (same relative paths), so nothing is copied, and writes
+    ``index.json`` mapping each image to its shard file.
+    """
 
-    def upstream(self) -> dict[str, StageTask]:
-        return {"dataset": PrepareDataset(), "cam_net": TrainCAM()}
+    shard_task: type[ShardTask]
+
+    def shard_members(self, manifest: Manifest) -> list[str]:
+        """Images this stage processes: train and eval (seeds, pseudo labels and CAMs are needed for both)."""
+        return list(dict.fromkeys(manifest.splits["train"] + manifest.splits["eval"]))
 
     def shards(self, manifest: Manifest | None = None) -> list[list[str]]:
-        """Image ids of train + eval, split into shards (membership fixed by the manifest's order)."""
-        splits = (manifest or manifest_of(self)).splits
-        return shard_ids(list(dict.fromkeys(splits["train"] + splits["eval"])), self.shard_size)
+        return shard_ids(self.shard_members(manifest or manifest_of(self)), self.shard_size)
 
     @property
     def parts_dir(self) -> Path:
@@ -254,66 +266,121 @@ class MakeCAM(StageTask):
     def run(self):
         shards = self.shards()
         # Dynamic dependencies: the shard count is known only once the dataset manifest exists.
-        yield [MakeCAMShard(shard=i, n_shards=len(shards)) for i in range(len(shards))]
+        yield [self.shard_task(shard=i, n_shards=len(shards)) for i in range(len(shards))]
         super().run()
         remove_path(self.parts_dir)  # only now: the published directory holds every shard
 
     def compute(self, out_dir: Path) -> dict:
         shards = self.shards()
-        index = {}
+        index, shard_metrics = {}, []
         for i, members in enumerate(shards):
             name = shard_name(i, len(shards))
-            # Link, not move: if publishing fails, the computed shards stay where they were.
-            os.link(self.parts_dir / name, out_dir / name)
-            index.update({image_id: name for image_id in members})
-        write_json(out_dir / "index.json", {"shards": [shard_name(i, len(shards)) for i in range(len(shards))],
-                                            "images": index})
-        return {"images": len(index), "shards": len(shards)}
+            source = self.parts_dir / name
+            for path in sorted(source.rglob("*")):
+                target = out_dir / path.relative_to(source)
+                if path.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                else:
+                    # Link, not move: if publishing fails, the computed shards stay where they were.
+                    os.link(path, target)
+            shard_metrics.append(read_json(source / f"{name}.json")["metrics"])
+            index.update({image_id: f"{name}.h5" for image_id in members})
+        names = [shard_name(i, len(shards)) + ".h5" for i in range(len(shards))]
+        write_json(out_dir / "index.json", {"shards": names, "images": index})
+        return {"images": len(index), "shards": len(shards), **self.summarise(shard_metrics)}
+
+    def summarise(self, shard_metrics: list[dict]) -> dict:
+        """Stage metrics from the shards' metrics (default: sum the numbers, concatenate the lists)."""
+        total: dict = {}
+        for metrics in shard_metrics:
+            for k, v in metrics.items():
+                if isinstance(v, list):
+                    total[k] = total.get(k, []) + v
+                elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                    total[k] = total.get(k, 0) + v
+        return total
+
+    def compute_shard(self, name: str, ids: list[str], out_dir: Path, manifest: Manifest,
+                      progress: Callable[[float, str], None]) -> dict:
+        """Process ``ids`` into ``out_dir``; dense maps go to ``out_dir / f"{name}.h5"``. Returns metrics."""
+        raise NotImplementedError
 
 
-class MakeCAMShard(luigi.Task):
-    """One shard of MakeCAM: loads the CAM net once, writes one HDF5 file atomically."""
+class ShardTask(luigi.Task):
+    """One shard of a :class:`ShardedStage`; its identity is the parent's key plus the shard index."""
 
     shard = luigi.IntParameter()
     n_shards = luigi.IntParameter()
+    parent_class: type[ShardedStage]
 
     @cached_property
-    def parent(self) -> MakeCAM:
-        return MakeCAM()
+    def parent(self) -> ShardedStage:
+        return self.parent_class()
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.shard, self.n_shards)
 
     def requires(self):
         return self.parent.upstream()
 
     def output(self) -> ShardTarget:
-        name = shard_name(self.shard, self.n_shards)
-        return ShardTarget(self.parent.stage_dir / name, self.parent.parts_dir / name)
+        return ShardTarget(self.parent.stage_dir / f"{self.name}.json", self.parent.parts_dir / self.name)
 
     def run(self) -> None:
-        from data.dense import DenseMapWriter
-        from stages.cam_methods import load_cam_model
-        from stages.make_cam import make_cams
-
         rt = runtime()
         configure_threads(rt.torch_threads)
         parent = self.parent
         manifest = manifest_of(parent)
         shards = parent.shards(manifest)
         if len(shards) != self.n_shards:
-            raise RuntimeError(f"MakeCAM: expected {self.n_shards} shards, the manifest gives {len(shards)}")
-        train = parent.upstream()["cam_net"]
-        device = resolve_device(rt.device)
-        model = load_cam_model(train.config, manifest.label_space.num_classes - 1, train.stage_dir, device)
-        attrs = {"stage": "MakeCAM", "key": parent.key, "shard": self.shard, "n_shards": self.n_shards}
-        with DenseMapWriter(self.output().part, attrs) as writer:
-            make_cams(model, manifest, shards[self.shard], writer, parent.config.scales, parent.config.flip,
-                      device, progress=lambda p, m: report_progress(self, p, m))
+            raise RuntimeError(f"{parent.get_task_family()}: expected {self.n_shards} shards, "
+                               f"the manifest gives {len(shards)}")
+        started = time.time()
+        with atomic_path(self.output().part, directory=True) as tmp:
+            metrics = parent.compute_shard(self.name, shards[self.shard], tmp, manifest,
+                                           lambda p, m: report_progress(self, p, m)) or {}
+            write_json(tmp / f"{self.name}.json", {"stage": parent.get_task_family(), "key": parent.key,
+                                                   "shard": self.shard, "images": shards[self.shard],
+                                                   "seconds": round(time.time() - started, 3),
+                                                   "metrics": metrics})
 
 
-def cam_store(make_cam_dir: Path):
-    """Reader over a published MakeCAM directory."""
+def shard_store(stage_dir: Path):
+    """Reader over the dense maps of a published sharded stage."""
     from data.dense import DenseMapReader
-    index = read_json(make_cam_dir / "index.json")
-    return DenseMapReader(make_cam_dir / name for name in index["shards"])
+    index = read_json(stage_dir / "index.json")
+    return DenseMapReader(stage_dir / name for name in index["shards"])
+
+
+@with_config(C.MakeCAMConfig)
+class MakeCAM(ShardedStage):
+    """Multi-scale CAMs for every training and evaluation image, computed in shards."""
+
+    code = ("stages.make_cam", "stages.cam_methods")
+
+    def upstream(self) -> dict[str, StageTask]:
+        return {"dataset": PrepareDataset(), "cam_net": TrainCAM()}
+
+    def compute_shard(self, name, ids, out_dir, manifest, progress) -> dict:
+        from data.dense import DenseMapWriter
+        from stages.cam_methods import load_cam_model
+        from stages.make_cam import make_cams
+
+        train = self.upstream()["cam_net"]
+        device = resolve_device(runtime().device)
+        model = load_cam_model(train.config, manifest.label_space.num_classes - 1, train.stage_dir, device)
+        with DenseMapWriter(out_dir / f"{name}.h5", {"stage": "MakeCAM", "key": self.key}) as writer:
+            make_cams(model, manifest, ids, writer, self.scales, self.flip, device, progress=progress)
+        return {}
+
+
+class MakeCAMShard(ShardTask):
+    parent_class = MakeCAM
+
+
+MakeCAM.shard_task = MakeCAMShard
+
 
 
 @with_config(C.EvalCAMConfig)
@@ -327,22 +394,143 @@ class EvalCAM(StageTask):
 
     def compute(self, out_dir: Path) -> dict:
         from stages.eval_cam import evaluate_cams
-        result = evaluate_cams(self.config, manifest_of(self), cam_store(self.input_dir("cams")), out_dir,
+        result = evaluate_cams(self.config, manifest_of(self), shard_store(self.input_dir("cams")), out_dir,
                                progress=self.progress)
         logger.info("EvalCAM: mIoU %.2f at threshold %.2f (best %.2f at %.2f)", 100 * result["miou"],
                     self.bg_threshold, 100 * result["best_miou"], result["best_threshold"])
         return result
 
 
+@with_config(C.ExtractSeedsConfig)
+class ExtractSeeds(ShardedStage):
+    """Confident seeds (palette PNGs, 255 = ignore) from the full-resolution CAMs."""
+
+    code = ("stages.extract_seeds",)
+
+    def upstream(self) -> dict[str, StageTask]:
+        return {"dataset": PrepareDataset(), "cams": MakeCAM()}
+
+    def compute_shard(self, name, ids, out_dir, manifest, progress) -> dict:
+        from data.dense import DenseMapWriter
+        from stages.extract_seeds import extract_seeds
+        with DenseMapWriter(out_dir / f"{name}.h5", {"stage": "ExtractSeeds", "key": self.key}) as writer:
+            return extract_seeds(self.config, manifest, ids, shard_store(self.input_dir("cams")), out_dir, writer,
+                                 progress=progress)
+
+
+class ExtractSeedsShard(ShardTask):
+    parent_class = ExtractSeeds
+
+
+ExtractSeeds.shard_task = ExtractSeedsShard
+
+
+@with_config(C.TrainAffinityConfig)
+class TrainAffinity(StageTask):
+    """Train the inter-pixel relation net (AffinityNet or IRNet) on the seeds of the training images."""
+
+    code = ("stages.affinity",)
+
+    def upstream(self) -> dict[str, StageTask]:
+        return {"dataset": PrepareDataset(), "seeds": ExtractSeeds(), "cam_net": TrainCAM()}
+
+    def compute(self, out_dir: Path) -> dict:
+        import torch
+
+        from data.io import read_label_png
+        from stages.affinity import train_affinity
+        from stages.cam_methods import CHECKPOINT
+        from stages.extract_seeds import label_file
+
+        rt = runtime()
+        manifest = manifest_of(self)
+        seeds_dir = self.input_dir("seeds")
+        scores = shard_store(seeds_dir)
+
+        def seed_label(image_id: str):
+            return read_label_png(label_file(seeds_dir, image_id), manifest.label_space)
+
+        def seed_scores(image_id: str):
+            if image_id not in scores:
+                return None
+            arrays, _ = scores.read(image_id, ["la", "ha"])
+            return arrays["la"], arrays["ha"]
+
+        cam_state = None
+        if self.init_from_cam and not self.pretrained:
+            cam_state = torch.load(self.input_dir("cam_net") / CHECKPOINT, map_location="cpu", weights_only=True)
+        return train_affinity(self.config, manifest, manifest.splits["train"], seed_label, seed_scores, out_dir,
+                              resolve_device(rt.device), cam_backbone_state=cam_state,
+                              loader_workers=rt.loader_workers, progress=self.progress)
+
+
+@with_config(C.PropagateConfig)
+class Propagate(ShardedStage):
+    """Random walk from the CAMs over the learned affinities: pseudo-label PNGs and class scores."""
+
+    code = ("stages.propagate",)
+
+    def upstream(self) -> dict[str, StageTask]:
+        return {"dataset": PrepareDataset(), "cams": MakeCAM(), "seeds": ExtractSeeds(),
+                "affinity": TrainAffinity()}
+
+    def compute_shard(self, name, ids, out_dir, manifest, progress) -> dict:
+        from data.dense import DenseMapWriter
+        from stages.affinity import load_affinity_model
+        from stages.propagate import propagate_images, validate_propagation
+
+        affinity = self.upstream()["affinity"]
+        validate_propagation(self.config, affinity.affinity_method)
+        device = resolve_device(runtime().device)
+        model = load_affinity_model(affinity.config, affinity.stage_dir, device)
+        with DenseMapWriter(out_dir / f"{name}.h5", {"stage": "Propagate", "key": self.key}) as writer:
+            return propagate_images(self.config, manifest, ids, shard_store(self.input_dir("cams")),
+                                    self.input_dir("seeds"), model, out_dir, writer, device, progress=progress)
+
+
+class PropagateShard(ShardTask):
+    parent_class = Propagate
+
+
+Propagate.shard_task = PropagateShard
+
+
+@with_config(C.EvalPseudoLabelsConfig)
+class EvalPseudoLabels(StageTask):
+    """Score pseudo labels and seeds on the eval list; report CAM -> seeds -> pseudo-label mIoU."""
+
+    code = ("stages.eval_pseudo",)
+
+    def upstream(self) -> dict[str, StageTask]:
+        return {"dataset": PrepareDataset(), "cam_eval": EvalCAM(), "seeds": ExtractSeeds(),
+                "labels": Propagate()}
+
+    def compute(self, out_dir: Path) -> dict:
+        from stages.eval_pseudo import evaluate_pseudo_labels
+
+        def stage_metrics(name: str) -> dict:
+            return read_json(self.input_dir(name) / PROVENANCE)["metrics"]
+
+        upstream = {"cam": read_json(self.input_dir("cam_eval") / "metrics.json"),
+                    "seeds": stage_metrics("seeds"), "propagate": stage_metrics("labels")}
+        result = evaluate_pseudo_labels(self.config, manifest_of(self), self.input_dir("labels"),
+                                        self.input_dir("seeds"), upstream, out_dir, progress=self.progress)
+        chain = result["chain"]
+        logger.info("EvalPseudoLabels: CAM %.2f -> seeds %.2f -> pseudo labels %.2f mIoU",
+                    100 * (chain["cam_miou"] or 0), 100 * (chain["seed_miou"] or 0), 100 * result["miou"])
+        return result
+
+
 class FullWSSS(luigi.WrapperTask):
-    """The whole chain, ending at the furthest stage that exists."""
+    """The whole chain: CAM -> seeds -> affinity net -> propagation -> scored pseudo labels."""
 
     def requires(self):
-        return EvalCAM()
+        return EvalPseudoLabels()
 
 
 # Order matters for status/clean: upstream first.
-STAGES: tuple[type[StageTask], ...] = (PrepareDataset, TrainCAM, MakeCAM, EvalCAM)
+STAGES: tuple[type[StageTask], ...] = (PrepareDataset, TrainCAM, MakeCAM, EvalCAM, ExtractSeeds, TrainAffinity,
+                                       Propagate, EvalPseudoLabels)
 
 
 def stage_graph() -> dict[str, StageTask]:

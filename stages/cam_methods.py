@@ -1,4 +1,7 @@
-"""Registry of CAM methods: name -> builder of a network with ``forward`` (logits) and ``cam``."""
+"""Registry of CAM methods: name -> builder of a network with ``training_loss``, ``param_groups`` and ``cam``.
+
+A model's ``cam_normalization`` attribute tells make_cam how to normalise the summed multi-scale maps.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ from torch import nn
 from models.cam import CAMNet
 from models.registry import Registry
 from models.resnet import create_backbone
+from models.resnet38 import ResNet38
+from models.seam import SEAMNet
 from stages.config import TrainCAMConfig
 
 CAM_METHODS: Registry = Registry("CAM method")
@@ -22,6 +27,17 @@ def build_cam(cfg: TrainCAMConfig, num_classes: int, pretrained: bool = True) ->
     backbone = create_backbone(cfg.backbone, strides=cfg.strides,
                                pretrained=cfg.pretrained if pretrained and cfg.pretrained else None)
     return CAMNet(backbone, num_classes, freeze_bn=cfg.freeze_bn, frozen_stages=cfg.frozen_stages)
+
+
+@CAM_METHODS.register("seam")
+def build_seam(cfg: TrainCAMConfig, num_classes: int, pretrained: bool = True) -> nn.Module:
+    """SEAM on a ResNet-38 backbone (``resnet38`` or ``resnet38_mini``); ``cfg.strides`` does not apply."""
+    backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained if pretrained and cfg.pretrained else None)
+    if not isinstance(backbone, ResNet38):
+        raise ValueError(f"TrainCAM.backbone = {cfg.backbone!r}: cam_method = seam needs a ResNet-38 backbone "
+                         "(resnet38 or resnet38_mini)")
+    return SEAMNet(backbone, num_classes, freeze_bn=cfg.freeze_bn, frozen_stages=cfg.frozen_stages,
+                   rescale=cfg.seam_rescale, ecr_top=cfg.seam_ecr_top, min_pool=cfg.seam_min_pool)
 
 
 def build_cam_model(cfg: TrainCAMConfig, num_classes: int, pretrained: bool = True) -> nn.Module:

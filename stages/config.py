@@ -214,6 +214,31 @@ def validate(cfg: object) -> None:
         start, stop, step = cfg.sweep
         if step <= 0 or stop < start:
             raise ValueError(f"EvalCAM.sweep must be (start, stop, step>0), got {cfg.sweep}")
+    if isinstance(cfg, TrainAffinityConfig):
+        if cfg.lr <= 0 or cfg.batch_size < 1 or cfg.num_epochs < 1 or cfg.crop_size < 16:
+            raise ValueError(f"TrainAffinity: lr, batch_size, num_epochs and crop_size must be positive: {cfg}")
+        if cfg.radius < 2:
+            raise ValueError(f"TrainAffinity.radius must be at least 2, got {cfg.radius}")
+        low, high = cfg.scale_range
+        if not 0 < low <= high:
+            raise ValueError(f"TrainAffinity.scale_range must be (low, high) with 0 < low <= high, got {cfg.scale_range}")
+    _check_registered(cfg)
+
+
+def _check_registered(cfg: object) -> None:
+    """Method names must name a registered implementation (imported lazily: registries pull in torch)."""
+    if isinstance(cfg, TrainCAMConfig):
+        from stages.cam_methods import CAM_METHODS
+        CAM_METHODS.get(cfg.cam_method, key="TrainCAM.cam_method")
+    elif isinstance(cfg, ExtractSeedsConfig):
+        from stages.seeds import validate_seed_config
+        validate_seed_config(cfg)
+    elif isinstance(cfg, TrainAffinityConfig):
+        from stages.affinity import AFFINITY_METHODS
+        AFFINITY_METHODS.get(cfg.affinity_method, key="TrainAffinity.affinity_method")
+    elif isinstance(cfg, PropagateConfig):
+        from stages.propagate import validate_propagation
+        validate_propagation(cfg)
 
 
 def all_knobs() -> dict[str, dict[str, object]]:

@@ -3,7 +3,9 @@
 Per image and scale: bicubic rescale, forward the image and its mirror, ReLU'd CAM, add the mirrored-back
 map. Each scale is resized bilinearly (align_corners=False) to the stride-4 grid ceil(H/4) x ceil(W/4)
 and, for the full-resolution map, to os*ceil(H/os) x os*ceil(W/os) then cropped to H x W; scales are
-summed. Only the image's GT classes are kept and each is divided by its own max (+1e-5).
+summed. Only the image's GT classes are kept. The model's ``cam_normalization`` picks the normalisation:
+``max`` (IRN) divides each class by its own max (+1e-5); ``minmax`` (SEAM, whose ``cam`` is the raw PCM output)
+applies ReLU to the sum, then maps each class's [min, max] to [0, 1], values within 1e-5 of the min becoming 0.
 """
 
 from __future__ import annotations
@@ -39,9 +41,22 @@ def multiscale_cam(model: torch.nn.Module, rgb: np.ndarray, keys: Sequence[int],
         hi = F.interpolate(cam, up_size, mode="bilinear", align_corners=False)[0, :, :h, :w]
         low = lo if low is None else low + lo
         high = hi if high is None else high + hi
-    low = low / (low.amax(dim=(1, 2), keepdim=True) + 1e-5)
-    high = high / (high.amax(dim=(1, 2), keepdim=True) + 1e-5)
-    return low.cpu().numpy(), high.cpu().numpy()
+    normalise = NORMALISATIONS[getattr(model, "cam_normalization", "max")]
+    return normalise(low).cpu().numpy(), normalise(high).cpu().numpy()
+
+
+def max_normalise(cam: torch.Tensor) -> torch.Tensor:
+    return cam / (cam.amax(dim=(1, 2), keepdim=True) + 1e-5)
+
+
+def min_max_normalise(cam: torch.Tensor) -> torch.Tensor:
+    cam = F.relu(cam)
+    lo = cam.amin(dim=(1, 2), keepdim=True)
+    hi = cam.amax(dim=(1, 2), keepdim=True)
+    return F.relu(cam - lo - 1e-5) / (hi - lo + 1e-5)
+
+
+NORMALISATIONS = {"max": max_normalise, "minmax": min_max_normalise}
 
 
 def make_cams(model: torch.nn.Module, manifest: Manifest, ids: Sequence[str], writer: DenseMapWriter,

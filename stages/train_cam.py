@@ -1,7 +1,9 @@
 """Train the CAM classification network (IRN's ``train_cam``).
 
 Recipe: multilabel soft-margin loss; SGD with poly decay per step; backbone at ``lr`` and the head at
-``head_lr_mult`` x ``lr``; IRN's resize-long / flip / crop augmentation; ``drop_last``. Every random draw
+``head_lr_mult`` x ``lr``; IRN's resize-long / flip / crop augmentation (plus PSA/SEAM's colour jitter when
+``color_jitter`` > 0); ``drop_last``. The loss is the model's own (``model.training_loss``: IRN's soft margin,
+or SEAM's Siamese losses), whose parts are averaged per epoch into ``log.csv``. Every random draw
 comes from generators seeded by ``cfg.seed`` and the sample index, so a run is reproducible whatever the
 number of loader workers.
 """
@@ -41,7 +43,7 @@ class ClassificationSet(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.cfg.seed, self.epoch, index])
         rgb = self.layout.read_image(self.ids[index])
-        x = train_transform(rgb, self.cfg.resize_long, self.cfg.crop_size, rng)
+        x = train_transform(rgb, self.cfg.resize_long, self.cfg.crop_size, rng, jitter=self.cfg.color_jitter)
         return torch.from_numpy(x), torch.from_numpy(self.labels[index])
 
 
@@ -72,17 +74,21 @@ def train_cam(cfg: TrainCAMConfig, manifest: Manifest, out_dir: str | os.PathLik
         dataset.epoch = epoch
         model.train()
         losses = []
+        part_sums: dict[str, float] = {}
         for images, labels in loader:
             poly_lr(optimizer, step, total, cfg.poly_power)
-            loss, _ = model.training_loss(images.to(device, non_blocking=True), labels.to(device))
+            loss, parts = model.training_loss(images.to(device, non_blocking=True), labels.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
+            for name, value in parts.items():
+                part_sums[name] = part_sums.get(name, 0.0) + float(value)
             step += 1
         if not all(math.isfinite(v) for v in losses):
             raise FloatingPointError(f"TrainCAM: loss became non-finite in epoch {epoch}; lower the learning rate")
         row = {"epoch": epoch + 1, "step": step, "loss": float(np.mean(losses)),
+               **{f"loss_{name}": total_part / len(losses) for name, total_part in part_sums.items()},
                "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - start, 2)}
         rows.append(row)
         if progress:

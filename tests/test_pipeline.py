@@ -11,11 +11,23 @@ import numpy as np
 import pytest
 from conftest import REPO, copy_repo, luigi_cmd, run_cli, run_luigi
 
-from pipeline.tasks import EvalCAM, FullWSSS, MakeCAM, PrepareDataset, TrainCAM, cam_store
+from pipeline.tasks import (
+    EvalCAM,
+    EvalPseudoLabels,
+    ExtractSeeds,
+    FullWSSS,
+    MakeCAM,
+    PrepareDataset,
+    Propagate,
+    TrainAffinity,
+    TrainCAM,
+    shard_store,
+    stage_graph,
+)
 
 
 def read_all_cams(make_cam_dir: Path) -> dict[str, dict[str, np.ndarray]]:
-    store = cam_store(make_cam_dir)
+    store = shard_store(make_cam_dir)
     out = {i: store.read(i)[0] for i in sorted(store.ids())}
     store.close()
     return out
@@ -46,6 +58,7 @@ def test_full_chain_runs_and_is_cached(luigi_config, tmp_path):
     assert cams[some]["high_res"].shape[0] == len(manifest["image_labels"][some])
     assert np.all(cams[some]["high_res"].max(axis=(1, 2)) <= 1.0 + 1e-3)
     assert not list(work.glob("*/*.parts")) and not list(work.glob("*/*.tmp-*"))
+    check_pseudo_label_chain(manifest)
 
     # Second run: nothing to do.
     luigi.task_register.Register.clear_instance_cache()
@@ -53,6 +66,64 @@ def test_full_chain_runs_and_is_cached(luigi_config, tmp_path):
     assert again.status == luigi.LuigiStatusCode.SUCCESS
     scheduled = {t.task_family for t, status, _ in again.worker._add_task_history if status != "DONE"}
     assert not scheduled, f"a cached run scheduled {scheduled}"
+
+
+def check_pseudo_label_chain(manifest: dict) -> None:
+    """Seeds and pseudo labels exist for every image as palette PNGs; the report holds the whole chain."""
+    from data.io import read_label_png
+    from data.labelspace import LabelSpace
+    space = LabelSpace.from_dict(manifest["label_space"])
+    images = set(manifest["splits"]["train"]) | set(manifest["splits"]["eval"])
+    for stage in (ExtractSeeds(), Propagate()):
+        pngs = {p.stem for p in (stage.stage_dir / "labels").glob("*.png")}
+        assert pngs == images, stage.get_task_family()
+    some = sorted(images)[0]
+    labels = read_label_png(Propagate().stage_dir / "labels" / f"{some}.png", space)
+    assert set(np.unique(labels)) <= {0, *manifest["image_labels"][some]}, "pseudo labels use only GT classes"
+    probs = shard_store(Propagate().stage_dir).read(some, ["probs"])[0]["probs"]
+    assert probs.shape == (1 + len(manifest["image_labels"][some]), *labels.shape)
+    metrics = json.loads((EvalPseudoLabels().stage_dir / "metrics.json").read_text())
+    chain = metrics["chain"]
+    assert 0 < chain["pseudo_label_miou"] <= 1 and 0 < chain["cam_miou"] <= 1 and 0 < chain["seed_miou"] <= 1
+    assert set(metrics["seeds"]["classes"]) == set(space.names)
+    assert "pseudo-label IoU" in (EvalPseudoLabels().stage_dir / "report.md").read_text()
+    prov = json.loads((TrainAffinity().stage_dir / "provenance.json").read_text())
+    assert prov["inputs"]["seeds"]["key"] == ExtractSeeds().key and prov["seed"] == 0
+
+
+def test_psa_seam_family_runs_end_to_end(luigi_config):
+    """SEAM CAMs -> PSA la/ha seeds -> AffinityNet -> PSA random walk, on the CPU variants."""
+    for section, option, value in [("TrainCAM", "cam_method", "seam"), ("TrainCAM", "backbone", "resnet38_mini"),
+                                   ("ExtractSeeds", "seed_method", "psa"), ("ExtractSeeds", "alpha_high", 24),
+                                   ("TrainAffinity", "affinity_method", "affinitynet"),
+                                   ("TrainAffinity", "backbone", "resnet38_mini"), ("TrainAffinity", "radius", 5),
+                                   ("Propagate", "propagation", "rw_psa"), ("Propagate", "beta", 8),
+                                   ("Propagate", "steps", 64), ("Propagate", "alpha", 6)]:
+        luigi_config(section, option, value)
+    result = run_luigi(FullWSSS())
+    assert result.status == luigi.LuigiStatusCode.SUCCESS, result.summary_text
+    manifest = json.loads((PrepareDataset().stage_dir / "manifest.json").read_text())
+    check_pseudo_label_chain(manifest)
+    seeds = shard_store(ExtractSeeds().stage_dir)
+    some = manifest["splits"]["train"][0]
+    la_ha = seeds.read(some, ["la", "ha"])[0]
+    assert la_ha["la"].shape[0] == 1 + len(manifest["image_labels"][some]), "PSA keeps the la/ha CRF maps"
+
+
+@pytest.mark.parametrize(("section", "option", "value", "message"), [
+    ("ExtractSeeds", "seed_method", "magic", "ExtractSeeds.seed_method"),
+    ("ExtractSeeds", "alpha_low", 0, "alpha"),
+    ("TrainAffinity", "affinity_method", "magic", "TrainAffinity.affinity_method"),
+    ("Propagate", "propagation", "magic", "Propagate.propagation"),
+    ("Propagate", "alpha", -1, "Propagate.alpha"),
+    ("TrainCAM", "cam_method", "magic", "TrainCAM.cam_method"),
+])
+def test_bad_method_or_alpha_fails_before_running_naming_the_key(luigi_config, tmp_path, section, option, value,
+                                                                  message):
+    luigi_config(section, option, value)
+    with pytest.raises((KeyError, ValueError), match=message):
+        stage_graph()  # instantiating the stages validates their configs, as scheduling does
+    assert not (tmp_path / "work").exists(), "nothing may run with a bad config"
 
 
 def test_config_change_reruns_only_affected_stages(luigi_config, tmp_path):
@@ -143,7 +214,7 @@ def test_killed_make_cam_resumes_with_identical_outputs(tmp_path):
     work = killed_cwd / "work"
     parts = list((work / "MakeCAM").glob("*.parts"))
     assert len(parts) == 1, "the finished shard is kept for the rerun"
-    assert [p.name for p in parts[0].iterdir() if ".tmp-" not in p.name] == ["shard-00000-of-00003.h5"]
+    assert [p.name for p in parts[0].iterdir() if ".tmp-" not in p.name] == ["shard-00000-of-00003"]
     assert not [p for p in (work / "MakeCAM").iterdir() if not p.name.endswith(".parts")], \
         "no MakeCAM directory may look complete after the kill"
 
