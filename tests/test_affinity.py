@@ -371,7 +371,6 @@ def test_radius_too_large_for_the_crop_is_named(tiny_manifest, tmp_path):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu():
     from stages.affinity import training_loss
     torch.manual_seed(0)

@@ -96,11 +96,24 @@ def test_transition_is_column_stochastic_and_symmetric_before_normalising(kind):
     else:
         edges = feature_affinities(torch.from_numpy(rng.normal(size=(3, 8, 10)).astype(np.float32)), 5, False)
     t = transition_matrix(80, *edges, beta=8.0)
-    assert t.is_sparse
+    assert t.layout == torch.sparse_csc
     dense_t = t.to_dense().double()
     np.testing.assert_allclose(dense_t.sum(0).numpy(), 1.0, atol=1e-5)
     powered = dense_from_edges(80, *edges) ** 8
     np.testing.assert_allclose(dense_t.numpy(), (powered / powered.sum(0, keepdim=True)).numpy(), atol=1e-6)
+
+
+def test_repeated_pairs_add_up_and_any_sparse_layout_walks():
+    src, dst = torch.tensor([0, 1, 0]), torch.tensor([1, 2, 1])
+    weight = torch.tensor([0.5, 0.8, 0.25])
+    t = transition_matrix(3, src, dst, weight, beta=1.0)
+    a = torch.tensor([[1.0, 0.75, 0.0], [0.75, 1.0, 0.8], [0.0, 0.8, 1.0]])
+    expected = a / a.sum(0, keepdim=True)
+    np.testing.assert_allclose(t.to_dense().numpy(), expected.numpy(), rtol=1e-6)
+    seeds = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0]])
+    for layout_t in (t, t.to_dense().to_sparse(), t.to_dense().to_sparse_csr()):
+        np.testing.assert_allclose(random_walk(layout_t, seeds, 3).numpy(), (seeds @ expected.matrix_power(3)).numpy(),
+                                   rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["boundary", "features"])
@@ -226,7 +239,6 @@ def test_bad_arguments_name_the_argument():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu():
     cam, boundary, _ = two_region_case(120, 160)
     cpu_scores, cpu_label = propagate_irn(cam, boundary, (120, 160))

@@ -201,3 +201,35 @@ def test_color_jitter_zero_draws_nothing_and_positive_changes_colours():
     jittered = color_jitter(rgb, 0.3, np.random.default_rng(1))
     assert jittered.dtype == np.uint8 and jittered.shape == rgb.shape and not np.array_equal(jittered, rgb)
     assert np.array_equal(color_jitter(rgb, 0.3, np.random.default_rng(1)), jittered), "rng-determined"
+
+
+def test_train_cam_with_seam_logs_loss_parts_and_make_cams(tmp_path):
+    import csv
+
+    from data.dense import DenseMapReader, DenseMapWriter
+    from stages.cam_methods import load_cam_model
+    from stages.config import DatasetConfig, TrainCAMConfig
+    from stages.dataset import prepare_dataset
+    from stages.make_cam import make_cams
+    from stages.train_cam import train_cam
+
+    manifest = prepare_dataset(DatasetConfig(profile="tiny"), tmp_path / "data", log=lambda m: None)
+    cfg = TrainCAMConfig(cam_method="seam", backbone="resnet38_mini", num_epochs=1, batch_size=8,
+                         resize_long=(56, 96), crop_size=48, color_jitter=0.3)
+    result = train_cam(cfg, manifest, tmp_path, torch.device("cpu"), loader_workers=0)
+    with open(tmp_path / "log.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert result["steps"] == len(manifest.splits["train"]) // 8 and len(rows) == 1
+    assert all(np.isfinite(float(rows[0][f"loss_{p}"])) for p in ("cls", "min", "er", "ecr"))
+    model = load_cam_model(cfg, manifest.label_space.num_classes - 1, tmp_path, torch.device("cpu"))
+    ids = manifest.splits["eval"][:2]
+    writer = DenseMapWriter(tmp_path / "cams.h5")
+    make_cams(model, manifest, ids, writer, (1.0, 0.5), True, torch.device("cpu"))
+    writer.close()
+    arrays, attrs = DenseMapReader([tmp_path / "cams.h5"]).read(ids[0], ["cam", "high_res"])
+    h, w = manifest.layout.read_image(ids[0]).shape[:2]
+    assert arrays["high_res"].shape == (len(attrs["keys"]), h, w)
+    assert arrays["cam"].shape == (len(attrs["keys"]), -(-h // 4), -(-w // 4))
+    with pytest.raises(ValueError, match="TrainCAM.backbone"):
+        train_cam(TrainCAMConfig(cam_method="seam", backbone="resnet_mini", batch_size=8), manifest, tmp_path,
+                  torch.device("cpu"), loader_workers=0)
