@@ -221,7 +221,7 @@ def validate(cfg: object) -> None:
             raise ValueError(f"TrainAffinity.radius must be at least 2, got {cfg.radius}")
         low, high = cfg.scale_range
         if not 0 < low <= high:
-            raise ValueError(f"TrainAffinity.scale_range must be (low, high) with 0 < low <= high, got {cfg.scale_range}")
+            raise ValueError(f"TrainAffinity.scale_range must be (low, high), 0 < low <= high: {cfg.scale_range}")
     _check_registered(cfg)
 
 
