@@ -7,6 +7,8 @@
    of starting Python and importing the pipeline.
 4. Random walk (bench/random_walk.py): sparse x <- x T steps against the references' dense squaring on one
    500x375 image: speed-up, peak memory %, label agreement % (the dense side takes a few minutes).
+5. Pseudo-label stages on the demo profile (bench/pseudo_labels.py): seed extraction per rule, affinity-net
+   inference and the whole per-image propagation, images/s.
 
 Results go to ``bench/results/latest.json`` and are printed as a table.
 """
@@ -28,6 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.pseudo_labels import bench_pseudo_labels  # noqa: E402
 from bench.random_walk import bench_random_walk  # noqa: E402
 from data.dense import DenseMapReader, DenseMapWriter  # noqa: E402
 from data.synthetic import PROFILES, Profile, render_sample, write_dataset  # noqa: E402
@@ -164,7 +167,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
                "cam_inference": bench_cam_inference(), "storage": bench_storage(), "noop_rerun": bench_noop_rerun(),
-               "random_walk": bench_random_walk()}
+               "pseudo_labels": bench_pseudo_labels(), "random_walk": bench_random_walk()}
     out = REPO / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=1))

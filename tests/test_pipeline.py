@@ -97,6 +97,7 @@ def test_psa_seam_family_runs_end_to_end(luigi_config):
                                    ("ExtractSeeds", "seed_method", "psa"), ("ExtractSeeds", "alpha_high", 24),
                                    ("TrainAffinity", "affinity_method", "affinitynet"),
                                    ("TrainAffinity", "backbone", "resnet38_mini"), ("TrainAffinity", "radius", 5),
+                                   ("TrainAffinity", "crop_size", 96), ("TrainAffinity", "scale_range", "[1, 1]"),
                                    ("Propagate", "propagation", "rw_psa"), ("Propagate", "beta", 8),
                                    ("Propagate", "steps", 64), ("Propagate", "alpha", 6)]:
         luigi_config(section, option, value)
