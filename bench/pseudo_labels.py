@@ -66,7 +66,7 @@ def bench_pseudo_labels(n_images: int = 40) -> dict:
         cfg = PropagateConfig(propagation=methods[name])
         method = PROPAGATION_METHODS.get(cfg.propagation)
         start = time.perf_counter()
-        for (rgb, cam, keys), aff in zip(inputs, affinity):
+        for (rgb, cam, _), aff in zip(inputs, affinity):
             h, w = rgb.shape[:2]
             low = torch.nn.functional.interpolate(torch.from_numpy(cam)[None], (math.ceil(h / 4), math.ceil(w / 4)),
                                                   mode="bilinear", align_corners=False)[0].numpy()
