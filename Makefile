@@ -15,9 +15,12 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 
 install: $(BIN)/.installed
 
+# Both classical families on the embedded dataset: IRN (the defaults), then PSA/SEAM (its preset).
 demo: install
 	$(BIN)/luigi --module pipeline FullWSSS
 	$(BIN)/python -m pipeline summary
+	LUIGI_CONFIG_PATH=configs/demo_seam.cfg $(BIN)/luigi --module pipeline FullWSSS
+	LUIGI_CONFIG_PATH=configs/demo_seam.cfg $(BIN)/python -m pipeline summary
 
 test: install
 	$(BIN)/python -m pytest -q

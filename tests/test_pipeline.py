@@ -238,11 +238,16 @@ def test_failed_pipeline_exits_nonzero_and_cli_verbs(tmp_path):
     cwd = tmp_path / "run"
     cwd.mkdir()
     (cwd / "luigi.cfg").write_text((REPO / "luigi.cfg").read_text())
+    # A config error is found while scheduling: nothing runs, [retcode] scheduling_error.
     proc = run_cli(luigi_cmd("--EvalCAM-sweep", "[0.5, 0.1, 0.01]"), cwd, check=False)
-    assert proc.returncode == 30, proc.stderr[-2000:]  # [retcode] task_failed
+    assert proc.returncode == 35 and "EvalCAM.sweep" in proc.stderr, proc.stderr[-2000:]
+    assert not (cwd / "work").exists()
+    # A stage failing at run time (no pair of radius 5 fits a 16 px crop): [retcode] task_failed.
+    proc = run_cli(luigi_cmd("--TrainAffinity-crop-size", "16"), cwd, check=False)
+    assert proc.returncode == 30 and "TrainAffinity.crop_size" in proc.stderr, proc.stderr[-2000:]
 
     status = run_cli([sys.executable, "-m", "pipeline", "status"], cwd).stdout
-    assert "EvalCAM" in status and "to run" in status and "cached" in status
+    assert "TrainAffinity" in status and "to run" in status and "cached" in status
     run_cli(luigi_cmd(), cwd)
     assert "nothing (everything is cached)" in run_cli([sys.executable, "-m", "pipeline", "status"], cwd).stdout
     summary = run_cli([sys.executable, "-m", "pipeline", "summary"], cwd).stdout
