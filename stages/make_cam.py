@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from data.dense import DenseMapWriter
 from data.manifest import Manifest
 from data.transforms import normalize, rescale
+from models.seam import max_norm
 
 
 @torch.no_grad()
@@ -50,10 +51,7 @@ def max_normalise(cam: torch.Tensor) -> torch.Tensor:
 
 
 def min_max_normalise(cam: torch.Tensor) -> torch.Tensor:
-    cam = F.relu(cam)
-    lo = cam.amin(dim=(1, 2), keepdim=True)
-    hi = cam.amax(dim=(1, 2), keepdim=True)
-    return F.relu(cam - lo - 1e-5) / (hi - lo + 1e-5)
+    return max_norm(cam[None])[0]  # SEAM's own normalisation, shared with its training losses
 
 
 NORMALISATIONS = {"max": max_normalise, "minmax": min_max_normalise}
