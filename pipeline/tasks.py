@@ -272,7 +272,7 @@ class ShardedStage(StageTask):
 
     def compute(self, out_dir: Path) -> dict:
         shards = self.shards()
-        index, shard_metrics = {}, []
+        index, shard_metrics, shard_seconds = {}, [], 0.0
         for i, members in enumerate(shards):
             name = shard_name(i, len(shards))
             source = self.parts_dir / name
@@ -283,11 +283,15 @@ class ShardedStage(StageTask):
                 else:
                     # Link, not move: if publishing fails, the computed shards stay where they were.
                     os.link(path, target)
-            shard_metrics.append(read_json(source / f"{name}.json")["metrics"])
+            record = read_json(source / f"{name}.json")
+            shard_metrics.append(record["metrics"])
+            shard_seconds += record["seconds"]
             index.update({image_id: f"{name}.h5" for image_id in members})
         names = [shard_name(i, len(shards)) + ".h5" for i in range(len(shards))]
         write_json(out_dir / "index.json", {"shards": names, "images": index})
-        return {"images": len(index), "shards": len(shards), **self.summarise(shard_metrics)}
+        # The join itself takes no time: report the shards' compute time (summed over workers).
+        return {"images": len(index), "shards": len(shards), "shard_seconds": round(shard_seconds, 1),
+                **self.summarise(shard_metrics)}
 
     def summarise(self, shard_metrics: list[dict]) -> dict:
         """Stage metrics from the shards' metrics (default: sum the numbers, concatenate the lists)."""
