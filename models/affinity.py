@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.norm import batchnorm_eval
 from stages.pairs import half_disc_offsets, line_path
 
 # ----------------------------------------------------------------------------------------- pair geometry
@@ -102,12 +103,6 @@ def _upsample_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x[..., :size[0], :size[1]]
 
 
-def _frozen_bn_eval(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-
-
 def _split_decay(params: list[tuple[str, nn.Parameter]]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(weights, biases) of trainable parameters: 1-D tensors (biases, norm affines) take no decay."""
     trainable = [(n, p) for n, p in params if p.requires_grad]
@@ -167,7 +162,7 @@ class AffinityNet(nn.Module):
         if self.freeze_backbone:
             self.backbone.eval()
         elif self.freeze_bn:
-            _frozen_bn_eval(self.backbone)
+            batchnorm_eval(self.backbone)
         return self
 
     def param_groups(self) -> list[dict]:

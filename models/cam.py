@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.norm import batchnorm_eval
 from models.resnet import ResNet
 
 
@@ -54,9 +55,7 @@ class CAMNet(nn.Module):
     def train(self, mode: bool = True) -> CAMNet:
         super().train(mode)
         if self.freeze_bn:
-            for m in self.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.eval()
+            batchnorm_eval(self)
         return self
 
     def param_groups(self, head_lr_mult: float = 10.0) -> list[dict]:

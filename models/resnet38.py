@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.norm import batchnorm_eval
+
 
 class PreActBlock(nn.Module):
     """Two 3x3 convs on BN-ReLU'd input; a 1x1 projection of the BN-ReLU'd input when the shape changes."""
@@ -164,9 +166,7 @@ class ResNet38(nn.Module):
     def train(self, mode: bool = True) -> ResNet38:
         super().train(mode)
         if self.freeze_bn:
-            for m in self.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.eval()
+            batchnorm_eval(self)
         return self
 
     def taps(self, x: torch.Tensor) -> list[torch.Tensor]:
