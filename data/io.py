@@ -8,6 +8,7 @@ imageio silently return palette colours instead of indices.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import shutil
@@ -81,6 +82,14 @@ def remove_path(path: str | os.PathLike) -> None:
 def write_json(path: str | os.PathLike, obj: object) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=_json_default))
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Rows of dicts (the first row's keys are the header) as CSV, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _json_default(obj: object) -> object:

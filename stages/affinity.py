@@ -21,7 +21,6 @@ With ``loader_workers > 0`` both callables must be picklable.
 
 from __future__ import annotations
 
-import csv
 import inspect
 import math
 import os
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data.io import BadInputError
+from data.io import BadInputError, write_csv
 from data.manifest import Manifest
 from data.transforms import normalize, rescale
 from models.affinity import AffinityNet, IRNet, pair_partners, source_window
@@ -419,10 +418,7 @@ def train_affinity(cfg: TrainAffinityConfig, manifest: Manifest, ids: Sequence[s
             progress(100.0 * (epoch + 1) / cfg.num_epochs,
                      f"epoch {epoch + 1}/{cfg.num_epochs} loss {row['loss']:.4f}")
     torch.save(model.state_dict(), out_dir / CHECKPOINT)
-    with open(out_dir / "log.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out_dir / "log.csv", rows)
     return {"final_loss": rows[-1]["loss"], "steps": step, "images": len(ids),
             "images_without_labels": unlabelled, "seconds": round(time.time() - start, 2)}
 

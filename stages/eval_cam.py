@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from data.dense import DenseMapReader
-from data.io import BadInputError, write_json
+from data.io import BadInputError, write_csv, write_json
 from data.manifest import Manifest
 from stages.config import EvalCAMConfig, validate
 from stages.evaluate import ThresholdSweep, plot_curve, scores, sweep_thresholds
@@ -48,9 +47,6 @@ def evaluate_cams(cfg: EvalCAMConfig, manifest: Manifest, store: DenseMapReader,
         "protocol": "dataset-level confusion, background included, GT 255 ignored, nanmean over classes",
     }
     write_json(out_dir / "metrics.json", metrics)
-    with open(out_dir / "curve.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(curve[0]))
-        writer.writeheader()
-        writer.writerows(curve)
+    write_csv(out_dir / "curve.csv", curve)
     plot_curve(curve, cfg.bg_threshold, out_dir / "curve.png", f"CAM mIoU vs background threshold ({len(ids)} images)")
     return {k: metrics[k] for k in ("miou", "threshold", "best_miou", "best_threshold", "n_images")}

@@ -10,7 +10,6 @@ number of loader workers.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import time
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from data.io import write_csv
 from data.manifest import Manifest
 from data.transforms import train_transform
 from stages.cam_methods import CHECKPOINT, build_cam_model
@@ -94,9 +94,6 @@ def train_cam(cfg: TrainCAMConfig, manifest: Manifest, out_dir: str | os.PathLik
         if progress:
             progress(100.0 * (epoch + 1) / cfg.num_epochs, f"epoch {epoch + 1}/{cfg.num_epochs} loss {row['loss']:.4f}")
     torch.save(model.state_dict(), out_dir / CHECKPOINT)
-    with open(out_dir / "log.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out_dir / "log.csv", rows)
     return {"final_loss": rows[-1]["loss"], "steps": step, "images": len(ids),
             "seconds": round(time.time() - start, 2)}
