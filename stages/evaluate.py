@@ -57,9 +57,14 @@ def scores(conf: np.ndarray) -> dict:
     }
 
 
+def with_background(high_res: np.ndarray, threshold: float) -> np.ndarray:
+    """CAM planes behind a constant background plane (IRN's labelling scores)."""
+    return np.concatenate([np.full((1, *high_res.shape[1:]), threshold, high_res.dtype), high_res])
+
+
 def cam_prediction(high_res: np.ndarray, keys: Sequence[int], threshold: float) -> np.ndarray:
     """IRN's CAM labelling: a constant background plane, argmax (background wins ties), map to classes."""
-    planes = np.concatenate([np.full((1, *high_res.shape[1:]), threshold, high_res.dtype), high_res])
+    planes = with_background(high_res, threshold)
     lookup = np.asarray([0, *keys], np.uint8)
     return lookup[planes.argmax(0)]
 

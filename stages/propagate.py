@@ -18,6 +18,7 @@ from data.io import read_label_png, write_label_png
 from data.manifest import Manifest
 from models.registry import Registry
 from stages.config import PropagateConfig
+from stages.evaluate import with_background
 from stages.extract_seeds import label_file, read_cam
 from stages.random_walk import propagate_irn, propagate_psa
 
@@ -57,11 +58,6 @@ def validate_propagation(cfg: PropagateConfig, affinity_method: str | None = Non
                          f"TrainAffinity.affinity_method = {affinity_method}")
 
 
-def cam_scores(high_res: np.ndarray, threshold: float) -> np.ndarray:
-    """CAM planes behind a constant background plane: the fallback for images without seeds."""
-    return np.concatenate([np.full((1, *high_res.shape[1:]), threshold, np.float32), high_res])
-
-
 def propagate_images(cfg: PropagateConfig, manifest: Manifest, ids: Sequence[str], cams: DenseMapReader,
                      seeds_dir: Path, affinity_model: torch.nn.Module, out_dir: Path, writer: DenseMapWriter,
                      device: torch.device, progress: Callable[[float, str], None] | None = None) -> dict:
@@ -78,7 +74,7 @@ def propagate_images(cfg: PropagateConfig, manifest: Manifest, ids: Sequence[str
         high, keys = read_cam(cams, image_id, "high_res", size)
         seeds = read_label_png(label_file(seeds_dir, image_id), space)
         if cfg.empty_seeds == "cam" and np.all(seeds == space.ignore_index):
-            probs = cam_scores(high, cfg.cam_bg_threshold)
+            probs = with_background(high, cfg.cam_bg_threshold)  # the CAM label's own scores
             index = probs.argmax(0)
             fallback.append(image_id)
         else:
