@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import luigi
 
@@ -25,6 +26,9 @@ from data.manifest import Manifest
 from pipeline import hashing
 from stages import config as C
 from stages.runtime import configure_threads, resolve_device, versions
+
+if TYPE_CHECKING:
+    from data.dense import DenseMapWriter
 
 logger = logging.getLogger("luigi-interface")
 PROVENANCE = "provenance.json"
@@ -304,9 +308,9 @@ class ShardedStage(StageTask):
                     total[k] = total.get(k, 0) + v
         return total
 
-    def compute_shard(self, name: str, ids: list[str], out_dir: Path, manifest: Manifest,
+    def compute_shard(self, ids: list[str], out_dir: Path, writer: DenseMapWriter, manifest: Manifest,
                       progress: Callable[[float, str], None]) -> dict:
-        """Process ``ids`` into ``out_dir``; dense maps go to ``out_dir / f"{name}.h5"``. Returns metrics."""
+        """Process ``ids``: per-image files into ``out_dir``, dense maps through ``writer``. Returns metrics."""
         raise NotImplementedError
 
 
@@ -340,9 +344,13 @@ class ShardTask(luigi.Task):
         if len(shards) != self.n_shards:
             raise RuntimeError(f"{parent.get_task_family()}: expected {self.n_shards} shards, "
                                f"the manifest gives {len(shards)}")
+        from data.dense import DenseMapWriter  # h5py stays out of the scheduler's start-up
+
         started = time.time()
-        with atomic_path(self.output().part, directory=True) as tmp:
-            metrics = parent.compute_shard(self.name, shards[self.shard], tmp, manifest,
+        attrs = {"stage": parent.get_task_family(), "key": parent.key, "shard": self.shard}
+        with atomic_path(self.output().part, directory=True) as tmp, \
+                DenseMapWriter(tmp / f"{self.name}.h5", attrs) as writer:
+            metrics = parent.compute_shard(shards[self.shard], tmp, writer, manifest,
                                            lambda p, m: report_progress(self, p, m)) or {}
             write_json(tmp / f"{self.name}.json", {"stage": parent.get_task_family(), "key": parent.key,
                                                    "shard": self.shard, "images": shards[self.shard],
@@ -366,16 +374,14 @@ class MakeCAM(ShardedStage):
     def upstream(self) -> dict[str, StageTask]:
         return {"dataset": PrepareDataset(), "cam_net": TrainCAM()}
 
-    def compute_shard(self, name, ids, out_dir, manifest, progress) -> dict:
-        from data.dense import DenseMapWriter
+    def compute_shard(self, ids, out_dir, writer, manifest, progress) -> dict:
         from stages.cam_methods import load_cam_model
         from stages.make_cam import make_cams
 
         train = self.upstream()["cam_net"]
         device = resolve_device(runtime().device)
         model = load_cam_model(train.config, manifest.label_space.num_classes - 1, train.stage_dir, device)
-        with DenseMapWriter(out_dir / f"{name}.h5", {"stage": "MakeCAM", "key": self.key}) as writer:
-            make_cams(model, manifest, ids, writer, self.scales, self.flip, device, progress=progress)
+        make_cams(model, manifest, ids, writer, self.scales, self.flip, device, progress=progress)
         return {}
 
 
@@ -414,12 +420,10 @@ class ExtractSeeds(ShardedStage):
     def upstream(self) -> dict[str, StageTask]:
         return {"dataset": PrepareDataset(), "cams": MakeCAM()}
 
-    def compute_shard(self, name, ids, out_dir, manifest, progress) -> dict:
-        from data.dense import DenseMapWriter
+    def compute_shard(self, ids, out_dir, writer, manifest, progress) -> dict:
         from stages.extract_seeds import extract_seeds
-        with DenseMapWriter(out_dir / f"{name}.h5", {"stage": "ExtractSeeds", "key": self.key}) as writer:
-            return extract_seeds(self.config, manifest, ids, shard_store(self.input_dir("cams")), out_dir, writer,
-                                 progress=progress)
+        return extract_seeds(self.config, manifest, ids, shard_store(self.input_dir("cams")), out_dir, writer,
+                             progress=progress)
 
 
 class ExtractSeedsShard(ShardTask):
@@ -478,8 +482,7 @@ class Propagate(ShardedStage):
         return {"dataset": PrepareDataset(), "cams": MakeCAM(), "seeds": ExtractSeeds(),
                 "affinity": TrainAffinity()}
 
-    def compute_shard(self, name, ids, out_dir, manifest, progress) -> dict:
-        from data.dense import DenseMapWriter
+    def compute_shard(self, ids, out_dir, writer, manifest, progress) -> dict:
         from stages.affinity import load_affinity_model
         from stages.propagate import propagate_images, validate_propagation
 
@@ -487,9 +490,8 @@ class Propagate(ShardedStage):
         validate_propagation(self.config, affinity.affinity_method)
         device = resolve_device(runtime().device)
         model = load_affinity_model(affinity.config, affinity.stage_dir, device)
-        with DenseMapWriter(out_dir / f"{name}.h5", {"stage": "Propagate", "key": self.key}) as writer:
-            return propagate_images(self.config, manifest, ids, shard_store(self.input_dir("cams")),
-                                    self.input_dir("seeds"), model, out_dir, writer, device, progress=progress)
+        return propagate_images(self.config, manifest, ids, shard_store(self.input_dir("cams")),
+                                self.input_dir("seeds"), model, out_dir, writer, device, progress=progress)
 
 
 class PropagateShard(ShardTask):
