@@ -30,6 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.maps import smooth_cam_stack  # noqa: E402
 from bench.pseudo_labels import bench_pseudo_labels  # noqa: E402
 from bench.random_walk import bench_random_walk  # noqa: E402
 from data.dense import DenseMapReader, DenseMapWriter  # noqa: E402
@@ -70,18 +71,6 @@ def bench_cam_inference(n_images: int = 24) -> dict:
     return {"images": n_images, "size": f"{prof.height}x{prof.width}", "scales": list(scales), "flip": True,
             "images_per_s": n_images / t_full, "single_pass_images_per_s": n_images / t_single,
             "ratio_vs_single_pass": t_full / t_single}
-
-
-def smooth_cam_stack(rng: np.random.Generator, k: int, h: int, w: int) -> np.ndarray:
-    """CAM-like maps: a few smooth bumps, max-normalised, small values near zero (like ReLU'd CAMs)."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    out = np.zeros((k, h, w), np.float32)
-    for c in range(k):
-        for _ in range(rng.integers(1, 4)):
-            cy, cx, s = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0.08, 0.3) * min(h, w)
-            out[c] += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
-        out[c] = np.clip(out[c] / out[c].max() - 0.05, 0, None) / 0.95
-    return out
 
 
 def bench_storage(n_images: int = 200, h: int = 375, w: int = 500) -> dict:

@@ -33,6 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.maps import smooth_cam_stack  # noqa: E402
 from stages.random_walk import propagate_irn  # noqa: E402
 
 IMAGE_SIZE = (375, 500)  # (H, W)
@@ -56,14 +57,7 @@ def make_inputs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         distance = (yy - h / 2) * np.cos(angle) + (xx - w / 2) * np.sin(angle) - offset
         boundary = np.maximum(boundary, 0.8 * np.exp(-distance ** 2 / 2))
     boundary = np.clip(boundary + rng.uniform(0, 0.15, (h, w)), 0, 1).astype(np.float32)
-    # CAMs: a few smooth bumps per class, max-normalised, small values cut like ReLU'd CAMs.
-    cam = np.zeros((NUM_CLASSES, h, w), np.float32)
-    for c in range(NUM_CLASSES):
-        for _ in range(rng.integers(1, 4)):
-            cy, cx, s = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0.08, 0.25) * min(h, w)
-            cam[c] += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
-        cam[c] = np.clip(cam[c] / cam[c].max() - 0.05, 0, None) / 0.95
-    return cam, boundary
+    return smooth_cam_stack(rng, NUM_CLASSES, h, w, max_sigma=0.25), boundary
 
 
 def _rss_kib(field: str) -> int:
