@@ -11,6 +11,7 @@ from pathlib import Path
 import luigi
 import luigi.configuration
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_CFG = REPO / "configs" / "tiny.cfg"
@@ -20,6 +21,15 @@ TINY_CFG = REPO / "configs" / "tiny.cfg"
 def tiny_dataset(tmp_path_factory) -> Path:
     from data.synthetic import write_dataset
     return write_dataset(tmp_path_factory.mktemp("syn") / "tiny", "tiny", seed=0)
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for a test module's kernels (2 shared cores: more threads only thrash)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -37,12 +37,7 @@ from stages.pairs import half_disc_offsets, line_path
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def brute_force_pairs(label: np.ndarray, radius: int) -> dict[str, int]:

@@ -19,13 +19,7 @@ from stages.random_walk import (
     transition_matrix,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dense_from_edges(num_nodes: int, src: torch.Tensor, dst: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -33,9 +33,7 @@ RESNET38_KEYS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_resnet38_key_layout_and_no_shortcut_on_same_shape():
