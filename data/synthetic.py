@@ -39,6 +39,10 @@ class Profile:
     width: int
     min_size: float = 0.12  # smallest object half-extent, as a fraction of the shorter image side
     border: int = 1         # width of the 255 band along object borders (VOC: about 5 px at 500 px)
+    object_counts: tuple[float, ...] = (0.45, 0.3, 0.15, 0.1)  # P(1 object), P(2 objects), ...
+    home_bias: float = 0.8          # P(the scene is the first object's home scene)
+    home_cooccurrence: float = 0.6  # P(a further object is one that lives in that scene)
+    clutter: tuple[int, int] = (1, 4)  # distractor blobs per image, drawn uniformly in [low, high]
 
 
 PROFILES: dict[str, Profile] = {
@@ -46,6 +50,16 @@ PROFILES: dict[str, Profile] = {
     "demo": Profile(n_train=640, n_val=160, height=112, width=144),
     "large": Profile(n_train=10000, n_val=1500, height=240, width=320, border=2),
 }
+
+
+def pretraining_profile(size: int) -> Profile:
+    """Our stand-in for ImageNet: one object per square image, any scene, no co-occurrence.
+
+    Images of this profile are rendered on the fly (``split="pretrain"``, a seed space of its own) and never
+    written to disk; each is labelled with its single class, as an ImageNet image is.
+    """
+    return Profile(n_train=0, n_val=0, height=size, width=size, min_size=0.15, object_counts=(1.0,),
+                   home_bias=0.0, home_cooccurrence=0.0, clutter=(0, 3))
 
 # ---------------------------------------------------------------------------------------------- the classes
 
@@ -238,10 +252,10 @@ def _scene(rng: np.random.Generator, scene: str, h: int, w: int) -> np.ndarray:
     return img.astype(np.float32)
 
 
-def _clutter(rng: np.random.Generator, img: np.ndarray) -> None:
+def _clutter(rng: np.random.Generator, img: np.ndarray, count: tuple[int, int]) -> None:
     """Amoeba-shaped distractors in object colours and textures: background, yet object-like."""
     h, w = img.shape[:2]
-    for _ in range(rng.integers(1, 5)):
+    for _ in range(rng.integers(count[0], count[1] + 1)):
         size = int(min(h, w) * rng.uniform(0.08, 0.25))
         cy, cx = rng.integers(0, h), rng.integers(0, w)
         y0, y1, x0, x1 = max(0, cy - size), min(h, cy + size), max(0, cx - size), min(w, cx + size)
@@ -279,23 +293,24 @@ class Sample:
 
 def render_sample(seed: int, split: str, index: int, profile: Profile) -> Sample:
     """Draw one image and all its annotations; deterministic in (seed, split, index)."""
-    split_code = {"train": 0, "val": 1}.get(split, 2)
+    # Pretraining renders (stages.pretrain) draw from seed spaces of their own, apart from any dataset split.
+    split_code = {"train": 0, "val": 1, "pretrain": 3, "pretrain-eval": 4}.get(split, 2)
     rng = np.random.default_rng([seed, split_code, index])
     h, w = profile.height, profile.width
-    n_objects = int(rng.choice([1, 2, 3, 4], p=[0.45, 0.3, 0.15, 0.1]))
+    n_objects = int(rng.choice(np.arange(1, len(profile.object_counts) + 1), p=profile.object_counts))
 
     first = int(rng.integers(len(CLASSES)))
-    scene = CLASSES[first].home if rng.random() < 0.8 else SCENES[rng.integers(len(SCENES))]
+    scene = CLASSES[first].home if rng.random() < profile.home_bias else SCENES[rng.integers(len(SCENES))]
     at_home = [i for i, c in enumerate(CLASSES) if c.home == scene]
     classes = [first]
     for _ in range(n_objects - 1):
-        if at_home and rng.random() < 0.6:
+        if at_home and rng.random() < profile.home_cooccurrence:
             classes.append(int(rng.choice(at_home)))
         else:
             classes.append(int(rng.integers(len(CLASSES))))
 
     img = _scene(rng, scene, h, w)
-    _clutter(rng, img)
+    _clutter(rng, img, profile.clutter)
     owner = np.zeros((h, w), np.int32)       # instance id per pixel (0 = background)
     part_map = np.zeros((h, w), np.int32)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)

@@ -219,6 +219,39 @@ def manifest_of(task: StageTask) -> Manifest:
     return Manifest.load(task.input_dir("dataset"))
 
 
+@with_config(C.PretrainBackboneConfig)
+class PretrainBackbone(StageTask):
+    """Synthetic stand-in for ImageNet weights; used by stages whose ``pretrained`` is ``synthetic``."""
+
+    code = ("stages.pretrain",)
+
+    def compute(self, out_dir: Path) -> dict:
+        from stages.pretrain import pretrain_backbone
+        rt = runtime()
+        return pretrain_backbone(self.config, out_dir, resolve_device(rt.device),
+                                 loader_workers=rt.loader_workers, progress=self.progress)
+
+
+def pretraining_upstream(task: StageTask) -> dict[str, StageTask]:
+    """``{"pretrained": PretrainBackbone()}`` when ``task.pretrained`` asks for synthetic weights, else ``{}``."""
+    if task.pretrained != C.SYNTHETIC_PRETRAINING:
+        return {}
+    pretrain = PretrainBackbone()
+    if pretrain.backbone != task.backbone:
+        raise ValueError(f"{task.get_task_family()}.pretrained = {C.SYNTHETIC_PRETRAINING} needs "
+                         f"PretrainBackbone.backbone = {task.backbone} (it is {pretrain.backbone})")
+    return {"pretrained": pretrain}
+
+
+def with_weights_path(task: StageTask):
+    """The task's config with ``pretrained = synthetic`` replaced by the pretrained weights' path."""
+    cfg = task.config
+    if cfg.pretrained != C.SYNTHETIC_PRETRAINING:
+        return cfg
+    from stages.pretrain import WEIGHTS
+    return dataclasses.replace(cfg, pretrained=str(task.input_dir("pretrained") / WEIGHTS))
+
+
 @with_config(C.TrainCAMConfig)
 class TrainCAM(StageTask):
     """Train the CAM classification network."""
@@ -226,12 +259,12 @@ class TrainCAM(StageTask):
     code = ("stages.train_cam",)
 
     def upstream(self) -> dict[str, StageTask]:
-        return {"dataset": PrepareDataset()}
+        return {"dataset": PrepareDataset(), **pretraining_upstream(self)}
 
     def compute(self, out_dir: Path) -> dict:
         from stages.train_cam import train_cam
         rt = runtime()
-        return train_cam(self.config, manifest_of(self), out_dir, resolve_device(rt.device),
+        return train_cam(with_weights_path(self), manifest_of(self), out_dir, resolve_device(rt.device),
                          loader_workers=rt.loader_workers, progress=self.progress)
 
 
@@ -440,7 +473,8 @@ class TrainAffinity(StageTask):
     code = ("stages.affinity",)
 
     def upstream(self) -> dict[str, StageTask]:
-        return {"dataset": PrepareDataset(), "seeds": ExtractSeeds(), "cam_net": TrainCAM()}
+        return {"dataset": PrepareDataset(), "seeds": ExtractSeeds(), "cam_net": TrainCAM(),
+                **pretraining_upstream(self)}
 
     def compute(self, out_dir: Path) -> dict:
         import torch
@@ -467,8 +501,8 @@ class TrainAffinity(StageTask):
         cam_state = None
         if self.init_from_cam and not self.pretrained:
             cam_state = torch.load(self.input_dir("cam_net") / CHECKPOINT, map_location="cpu", weights_only=True)
-        return train_affinity(self.config, manifest, manifest.splits["train"], seed_label, seed_scores, out_dir,
-                              resolve_device(rt.device), cam_backbone_state=cam_state,
+        return train_affinity(with_weights_path(self), manifest, manifest.splits["train"], seed_label, seed_scores,
+                              out_dir, resolve_device(rt.device), cam_backbone_state=cam_state,
                               loader_workers=rt.loader_workers, progress=self.progress)
 
 
@@ -531,17 +565,27 @@ class FullWSSS(luigi.WrapperTask):
     """The whole chain: CAM -> seeds -> affinity net -> propagation -> scored pseudo labels."""
 
     def requires(self):
-        return EvalPseudoLabels()
+        return self.requires_stages()
+
+    def requires_stages(self) -> list[StageTask]:
+        return [EvalPseudoLabels()]
 
 
 # Order matters for status/clean: upstream first.
-STAGES: tuple[type[StageTask], ...] = (PrepareDataset, TrainCAM, MakeCAM, EvalCAM, ExtractSeeds, TrainAffinity,
-                                       Propagate, EvalPseudoLabels)
+STAGES: tuple[type[StageTask], ...] = (PrepareDataset, PretrainBackbone, TrainCAM, MakeCAM, EvalCAM, ExtractSeeds,
+                                       TrainAffinity, Propagate, EvalPseudoLabels)
 
 
 def stage_graph() -> dict[str, StageTask]:
-    """The current configuration's stage instances by family name."""
-    return {cls.get_task_family(): cls() for cls in STAGES}
+    """The stages the current configuration's FullWSSS runs, upstream first, by family name."""
+    used: dict[str, StageTask] = {}
+    pending = [task for task in FullWSSS().requires_stages()]
+    while pending:
+        task = pending.pop()
+        if task.get_task_family() not in used:
+            used[task.get_task_family()] = task
+            pending.extend(task.upstream().values())
+    return {cls.get_task_family(): used[cls.get_task_family()] for cls in STAGES if cls.get_task_family() in used}
 
 
 def downstream_of(family: str) -> list[str]:

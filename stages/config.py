@@ -46,13 +46,37 @@ class DatasetConfig:
     on_bad_input: str = "error"               # error | quarantine (skip and list bad images in the report)
 
 
+# ``pretrained`` takes a weights path, or this value for the PretrainBackbone stage's synthetic weights.
+SYNTHETIC_PRETRAINING = "synthetic"
+
+
+@dataclass(frozen=True)
+class PretrainBackboneConfig:
+    """``[PretrainBackbone]``: our stand-in for ImageNet weights when none are given (CPU demo).
+
+    Classifies one-object images rendered on the fly (any scene, no co-occurrence) with a linear head on
+    global-average-pooled features; the backbone's weights then initialise the stages whose ``pretrained``
+    is ``synthetic``, as ImageNet weights initialise IRN's and PSA's networks.
+    """
+
+    backbone: str = "resnet_mini"             # must equal the backbone of every stage that uses it
+    steps: int = 1500
+    batch_size: int = 32
+    image_size: int = 80
+    lr: float = 0.1                           # SGD, Nesterov momentum 0.9, poly decay per step
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    eval_images: int = 512                    # held-out renders for the accuracy in the metrics
+    seed: int = 0
+
+
 @dataclass(frozen=True)
 class TrainCAMConfig:
     """``[TrainCAM]``: the classification network whose CAMs seed everything."""
 
     cam_method: str = "cam"                   # registry: stages.cam.CAM_METHODS
     backbone: str = "resnet_mini"             # IRN: resnet50
-    pretrained: str = ""                      # path to torchvision-layout ImageNet weights (.pth)
+    pretrained: str = ""                      # ImageNet weights (.pth, torchvision layout) | synthetic
     strides: tuple[int, ...] = (1, 2, 1, 1)   # per ResNet stage; IRN: (1, 2, 2, 1), output stride 16
     freeze_bn: bool = False                   # IRN: true (BN always uses running statistics)
     frozen_stages: int = 0                    # IRN: 2 (stem, layer1, layer2 never update)
@@ -122,7 +146,7 @@ class TrainAffinityConfig:
 
     affinity_method: str = "irnet"            # registry: stages.affinity.AFFINITY_METHODS (irnet | affinitynet)
     backbone: str = "resnet_mini"             # IRN: resnet50; PSA/SEAM: resnet38
-    pretrained: str = ""                      # ImageNet weights (.pth); IRN/PSA start from these
+    pretrained: str = ""                      # ImageNet weights (.pth); IRN/PSA start from these | synthetic
     init_from_cam: bool = True                # no ImageNet weights: start from the CAM net's backbone
     freeze_backbone: bool = True              # IRN: the backbone never trains; PSA: it does (frozen BN)
     strides: tuple[int, ...] = (1, 2, 1, 1)   # ResNet backbones; IRN: (1, 2, 2, 1)
@@ -166,6 +190,7 @@ class EvalPseudoLabelsConfig:
 
 STAGE_CONFIGS = {
     "PrepareDataset": DatasetConfig,
+    "PretrainBackbone": PretrainBackboneConfig,
     "TrainCAM": TrainCAMConfig,
     "MakeCAM": MakeCAMConfig,
     "EvalCAM": EvalCAMConfig,
@@ -205,6 +230,10 @@ def validate(cfg: object) -> None:
                              "TrainCAM.pretrained names ImageNet weights (.pth); set it, or unfreeze")
         if len(cfg.strides) != 4:
             raise ValueError(f"TrainCAM.strides needs one stride per ResNet stage (4), got {cfg.strides}")
+    if isinstance(cfg, PretrainBackboneConfig):
+        if cfg.steps < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.image_size < 32 or cfg.eval_images < 0:
+            raise ValueError("PretrainBackbone: steps, batch_size and lr must be positive, image_size >= 32 and "
+                             f"eval_images >= 0: {cfg}")
     if isinstance(cfg, MakeCAMConfig):
         if not cfg.scales or min(cfg.scales) <= 0:
             raise ValueError(f"MakeCAM.scales must be positive, got {cfg.scales}")
@@ -227,7 +256,10 @@ def validate(cfg: object) -> None:
 
 def _check_registered(cfg: object) -> None:
     """Method names must name a registered implementation (imported lazily: registries pull in torch)."""
-    if isinstance(cfg, TrainCAMConfig):
+    if isinstance(cfg, PretrainBackboneConfig):
+        from models.resnet import BACKBONES
+        BACKBONES.get(cfg.backbone, key="PretrainBackbone.backbone")
+    elif isinstance(cfg, TrainCAMConfig):
         from stages.cam_methods import CAM_METHODS
         CAM_METHODS.get(cfg.cam_method, key="TrainCAM.cam_method")
     elif isinstance(cfg, ExtractSeedsConfig):
