@@ -9,6 +9,8 @@
    500x375 image: speed-up, peak memory %, label agreement % (the dense side takes a few minutes).
 5. Pseudo-label stages on the demo profile (bench/pseudo_labels.py): seed extraction per rule, affinity-net
    inference and the whole per-image propagation, images/s.
+6. Scheduling (bench/scheduling.py): no-op and cold-graph scheduling of a 10,000-image dataset at the default
+   shard size, and MakeCAM with ``--workers 2`` against ``--workers 1``.
 
 Results go to ``bench/results/latest.json`` and are printed as a table.
 """
@@ -33,6 +35,7 @@ sys.path.insert(0, str(REPO))
 from bench.maps import smooth_cam_stack  # noqa: E402
 from bench.pseudo_labels import bench_pseudo_labels  # noqa: E402
 from bench.random_walk import bench_random_walk  # noqa: E402
+from bench.scheduling import bench_scheduling  # noqa: E402
 from data.dense import DenseMapReader, DenseMapWriter  # noqa: E402
 from data.synthetic import PROFILES, Profile, render_sample, write_dataset  # noqa: E402
 from models.cam import CAMNet  # noqa: E402
@@ -156,7 +159,8 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
                "cam_inference": bench_cam_inference(), "storage": bench_storage(), "noop_rerun": bench_noop_rerun(),
-               "pseudo_labels": bench_pseudo_labels(), "random_walk": bench_random_walk()}
+               "pseudo_labels": bench_pseudo_labels(), "random_walk": bench_random_walk(),
+               "scheduling": bench_scheduling()}
     out = REPO / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=1))

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.resnet import ResNet
 from models.resnet38 import ResNet38
 
 EPS = 1e-5
@@ -101,14 +102,21 @@ class SEAMNet(nn.Module):
 
     cam_normalization = "minmax"
 
-    def __init__(self, backbone: ResNet38, num_classes: int, freeze_bn: bool = True, frozen_stages: int = 2,
+    def __init__(self, backbone: ResNet38 | ResNet, num_classes: int, freeze_bn: bool = True, frozen_stages: int = 2,
                  rescale: float = 0.3, ecr_top: float = 0.2, min_pool: float = 0.25):
         super().__init__()
         for key, value in (("seam_rescale", rescale), ("seam_ecr_top", ecr_top), ("seam_min_pool", min_pool)):
             if not 0 < value <= 1:
                 raise ValueError(f"TrainCAM.{key} must be in (0, 1], got {value}")
-        self.backbone = backbone.set_frozen(freeze_bn, frozen_stages)
-        conv4_ch, conv5_ch, conv6_ch = backbone.tap_channels
+        if isinstance(backbone, ResNet38):
+            self.backbone = backbone.set_frozen(freeze_bn, frozen_stages)
+        elif freeze_bn or frozen_stages:
+            raise ValueError("TrainCAM.freeze_bn/frozen_stages: SEAM freezes only ResNet-38 backbones; "
+                             "on a ResNet backbone set freeze_bn = false and frozen_stages = 0")
+        else:
+            self.backbone = backbone
+        # SEAM's conv4, conv5 and conv6 are a ResNet's last three stages (all at the same stride).
+        conv4_ch, conv5_ch, conv6_ch = backbone.tap_channels[-3:]
         self.dropout = nn.Dropout2d(0.5)
         self.classifier = nn.Conv2d(conv6_ch, 1 + num_classes, 1, bias=False)
         nn.init.xavier_uniform_(self.classifier.weight)
@@ -119,7 +127,7 @@ class SEAMNet(nn.Module):
 
     def maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cam logits, PCM output), both (B, 1+C, h, w) at the stride-8 grid."""
-        conv4, conv5, conv6 = self.backbone.taps(x)
+        conv4, conv5, conv6 = self.backbone.taps(x)[-3:]
         cam = self.classifier(self.dropout(conv6))
         return cam, self.pcm(cam, x, conv4, conv5)
 

@@ -24,6 +24,8 @@ import luigi
 from data.io import atomic_path, read_json, remove_path, write_json
 from data.manifest import Manifest
 from pipeline import hashing
+from pipeline.devices import assigned_gpus, will_use_cuda
+from pipeline.submit import run_as_job  # also registers [submitit] for --submitit-* on the command line
 from stages import config as C
 from stages.runtime import configure_threads, resolve_device, versions
 
@@ -42,12 +44,16 @@ class wsss(luigi.Config):  # noqa: N801 - the section is called [wsss]
     device = luigi.Parameter(default=C.RuntimeConfig.device)
     loader_workers = luigi.IntParameter(default=C.RuntimeConfig.loader_workers)
     torch_threads = luigi.IntParameter(default=C.RuntimeConfig.torch_threads)
+    train_processes = luigi.IntParameter(default=C.RuntimeConfig.train_processes)
+    gpus = luigi.Parameter(default=C.RuntimeConfig.gpus)
+    gpu_lock_dir = luigi.Parameter(default=C.RuntimeConfig.gpu_lock_dir)
+    gpu_wait_s = luigi.FloatParameter(default=C.RuntimeConfig.gpu_wait_s)
+    submit_stages = luigi.Parameter(default=C.RuntimeConfig.submit_stages)
 
 
 def runtime() -> C.RuntimeConfig:
     section = wsss()
-    return C.RuntimeConfig(work_dir=section.work_dir, device=section.device,
-                           loader_workers=section.loader_workers, torch_threads=section.torch_threads)
+    return C.RuntimeConfig(**{f.name: getattr(section, f.name) for f in dataclasses.fields(C.RuntimeConfig)})
 
 
 def _parameter_for(default: object) -> luigi.Parameter:
@@ -99,6 +105,7 @@ class StageTask(luigi.Task):
 
     config_class: type | None = None
     code: tuple[str, ...] = ()     # library modules this stage runs (their imports are followed)
+    gpus = 0                       # CUDA devices compute() uses when it runs on CUDA (see `resources`)
     accepts_messages = False
 
     def __init__(self, *args, **kwargs):
@@ -159,13 +166,17 @@ class StageTask(luigi.Task):
     def compute(self, out_dir: Path) -> dict:
         raise NotImplementedError
 
+    @property
+    def resources(self) -> dict[str, int]:
+        return gpu_resources(self)
+
     def run(self) -> None:
         rt = runtime()
         configure_threads(rt.torch_threads)
         started = time.time()
         with atomic_path(self.stage_dir, directory=True) as tmp:
-            metrics = self.compute(tmp) or {}
-            write_json(tmp / PROVENANCE, self.provenance(started, metrics))
+            metrics, placement = run_compute(self, tmp)
+            write_json(tmp / PROVENANCE, self.provenance(started, metrics) | placement)
         logger.info("%s done in %.1f s -> %s", self.get_task_family(), time.time() - started, self.stage_dir)
 
     def provenance(self, started: float, metrics: dict) -> dict:
@@ -178,6 +189,45 @@ class StageTask(luigi.Task):
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
             "seconds": round(time.time() - started, 3), "metrics": metrics,
         }
+
+
+def submitted_families(rt: C.RuntimeConfig) -> set[str]:
+    """``[wsss] submit_stages`` as a set of task families, each checked to exist."""
+    families = {name.strip() for name in rt.submit_stages.split(",") if name.strip()}
+    for family in families:
+        try:
+            luigi.task_register.Register.get_task_cls(family)
+        except luigi.task_register.TaskClassException as exc:
+            raise ValueError(f"[wsss] submit_stages names {family!r}, which is not a task family") from exc
+    return families
+
+
+def gpu_resources(task: StageTask | ShardTask) -> dict[str, int]:
+    """Luigi's ``gpu`` counter for a run on this host: none on a CPU-only host, for CPU stages, or for jobs.
+
+    Decided from the configuration, ``CUDA_VISIBLE_DEVICES`` and ``nvidia-smi``: the scheduling process
+    never initialises CUDA (it forks the task processes).
+    """
+    rt = runtime()
+    if not task.gpus or task.get_task_family() in submitted_families(rt) or not will_use_cuda(rt.device, rt.gpus):
+        return {}
+    return {"gpu": task.gpus}
+
+
+def run_compute(task: StageTask | ShardTask, out_dir: Path) -> tuple[dict, dict]:
+    """``task.compute(out_dir)`` here on the task's own devices, or as a submitit job (``[wsss] submit_stages``).
+
+    Returns the metrics and what to record about where it ran (devices, or the job).
+    """
+    rt = runtime()
+    if task.get_task_family() in submitted_families(rt):
+        return run_as_job(task, out_dir)
+    n_gpus = task.resources.get("gpu", 0)
+    if n_gpus and not rt.device.startswith("cuda:"):  # an explicit cuda:N means the user placed it
+        with assigned_gpus(n_gpus, rt.gpus, rt.gpu_lock_dir, rt.gpu_wait_s) as allocation:
+            logger.info("%s: on GPU %s", task.get_task_family(), allocation.visible_devices)
+            return task.compute(out_dir) or {}, {"gpus": allocation.devices}
+    return task.compute(out_dir) or {}, {}
 
 
 def report_progress(task: luigi.Task, percent: float, message: str) -> None:
@@ -224,6 +274,7 @@ class PretrainBackbone(StageTask):
     """Synthetic stand-in for ImageNet weights; used by stages whose ``pretrained`` is ``synthetic``."""
 
     code = ("stages.pretrain",)
+    gpus = 1
 
     def compute(self, out_dir: Path) -> dict:
         from stages.pretrain import pretrain_backbone
@@ -258,14 +309,45 @@ class TrainCAM(StageTask):
 
     code = ("stages.train_cam",)
 
+    @property
+    def gpus(self) -> int:
+        return runtime().train_processes  # one device per DDP rank when on CUDA
+
     def upstream(self) -> dict[str, StageTask]:
         return {"dataset": PrepareDataset(), **pretraining_upstream(self)}
 
     def compute(self, out_dir: Path) -> dict:
-        from stages.train_cam import train_cam
+        from stages.train_cam import check_divisible, train_cam
         rt = runtime()
-        return train_cam(with_weights_path(self), manifest_of(self), out_dir, resolve_device(rt.device),
-                         loader_workers=rt.loader_workers, progress=self.progress)
+        check_divisible(self.batch_size, rt.train_processes)  # before any process starts
+        cfg = with_weights_path(self)
+        if rt.train_processes == 1:
+            return train_cam(cfg, manifest_of(self), out_dir, resolve_device(rt.device),
+                             loader_workers=rt.loader_workers, progress=self.progress)
+        # DDP: a fresh interpreter per rank under torchrun (CUDA cannot live in Luigi's forked workers).
+        from stages.distributed import launch_torchrun
+        from stages.train_cam import parse_progress, write_config
+
+        def forward_progress(line: str) -> None:
+            parsed = parse_progress(line)
+            if parsed:
+                self.progress(*parsed)
+
+        config_path, metrics_path = out_dir.resolve() / "train_config.json", out_dir.resolve() / "metrics.tmp.json"
+        write_config(cfg, config_path)
+        # Outside the temporary stage directory, which is deleted when the run fails.
+        log_path = Path(rt.work_dir).resolve() / "logs" / f"TrainCAM-{self.key}.torchrun.log"
+        self.progress(0, f"torchrun with {rt.train_processes} processes; log {log_path}")
+        launch_torchrun(rt.train_processes, "stages.train_cam",
+                        ["--config", config_path, "--manifest", self.input_dir("dataset").resolve(),
+                         "--out", out_dir.resolve(), "--metrics", metrics_path, "--device", rt.device,
+                         "--loader-workers", rt.loader_workers, "--threads", rt.torch_threads],
+                        env=None, log_path=log_path, threads_per_process=rt.torch_threads,
+                        on_line=forward_progress)
+        metrics = read_json(metrics_path)
+        metrics_path.unlink()
+        self.progress(100, f"trained with {rt.train_processes} processes, final loss {metrics['final_loss']:.4f}")
+        return metrics
 
 
 def shard_ids(ids: list[str], shard_size: int) -> list[list[str]]:
@@ -300,10 +382,25 @@ class ShardedStage(StageTask):
     def parts_dir(self) -> Path:
         return self.stage_dir.with_name(self.key + PARTS_SUFFIX)
 
-    def run(self):
+    def shard_tasks(self) -> list[ShardTask]:
         shards = self.shards()
-        # Dynamic dependencies: the shard count is known only once the dataset manifest exists.
-        yield [self.shard_task(shard=i, n_shards=len(shards)) for i in range(len(shards))]
+        return [self.shard_task(shard=i, n_shards=len(shards), stage_key=self.key) for i in range(len(shards))]
+
+    @cached_property
+    def static_shards(self) -> list[ShardTask]:
+        # Decided once per instance, at scheduling time: luigi checks at run time that requires() is complete,
+        # and the manifest appearing in between must not add shards to it.
+        return self.shard_tasks() if self.upstream()["dataset"].complete() else []
+
+    def requires(self):
+        # Static shard dependencies whenever the manifest exists while scheduling: with luigid every worker then
+        # sees (and can take) every shard. Dynamic ones (yielded by run) are visible only to the parent's worker.
+        upstream = self.upstream()
+        return {**upstream, "shards": self.static_shards} if self.static_shards else upstream
+
+    def run(self):
+        # Dynamic dependencies when the manifest did not exist at scheduling time (else already complete: no-op).
+        yield self.shard_tasks()
         super().run()
         remove_path(self.parts_dir)  # only now: the published directory holds every shard
 
@@ -352,11 +449,19 @@ class ShardTask(luigi.Task):
 
     shard = luigi.IntParameter()
     n_shards = luigi.IntParameter()
+    # The parent's key in the task id: one long-lived luigid serving several configurations must not take
+    # shard 0 of one for shard 0 of another.
+    stage_key = luigi.Parameter()
     parent_class: type[ShardedStage]
+    gpus = 0                       # as StageTask.gpus, for one shard
 
     @cached_property
     def parent(self) -> ShardedStage:
-        return self.parent_class()
+        parent = self.parent_class()
+        if parent.key != self.stage_key:
+            raise RuntimeError(f"{self.get_task_family()} of stage key {self.stage_key} runs under a configuration "
+                               f"whose {parent.get_task_family()} key is {parent.key}")
+        return parent
 
     @property
     def name(self) -> str:
@@ -368,27 +473,40 @@ class ShardTask(luigi.Task):
     def output(self) -> ShardTarget:
         return ShardTarget(self.parent.stage_dir / f"{self.name}.json", self.parent.parts_dir / self.name)
 
+    @property
+    def resources(self) -> dict[str, int]:
+        return gpu_resources(self)
+
+    def members(self, manifest: Manifest | None = None) -> list[str]:
+        shards = self.parent.shards(manifest)
+        if len(shards) != self.n_shards:
+            raise RuntimeError(f"{self.parent.get_task_family()}: expected {self.n_shards} shards, "
+                               f"the manifest gives {len(shards)}")
+        return shards[self.shard]
+
     def run(self) -> None:
         rt = runtime()
         configure_threads(rt.torch_threads)
         parent = self.parent
-        manifest = manifest_of(parent)
-        shards = parent.shards(manifest)
-        if len(shards) != self.n_shards:
-            raise RuntimeError(f"{parent.get_task_family()}: expected {self.n_shards} shards, "
-                               f"the manifest gives {len(shards)}")
+        members = self.members()
+        started = time.time()
+        with atomic_path(self.output().part, directory=True) as tmp:
+            metrics, placement = run_compute(self, tmp)
+            write_json(tmp / f"{self.name}.json", {"stage": parent.get_task_family(), "key": parent.key,
+                                                   "shard": self.shard, "images": members,
+                                                   "seconds": round(time.time() - started, 3),
+                                                   "metrics": metrics, **placement})
+
+    def compute(self, out_dir: Path) -> dict:
+        """The shard's dense maps into ``<shard>.h5`` and its per-image files into ``out_dir``; returns metrics."""
         from data.dense import DenseMapWriter  # h5py stays out of the scheduler's start-up
 
-        started = time.time()
+        parent = self.parent
+        manifest = manifest_of(parent)
         attrs = {"stage": parent.get_task_family(), "key": parent.key, "shard": self.shard}
-        with atomic_path(self.output().part, directory=True) as tmp, \
-                DenseMapWriter(tmp / f"{self.name}.h5", attrs) as writer:
-            metrics = parent.compute_shard(shards[self.shard], tmp, writer, manifest,
-                                           lambda p, m: report_progress(self, p, m)) or {}
-            write_json(tmp / f"{self.name}.json", {"stage": parent.get_task_family(), "key": parent.key,
-                                                   "shard": self.shard, "images": shards[self.shard],
-                                                   "seconds": round(time.time() - started, 3),
-                                                   "metrics": metrics})
+        with DenseMapWriter(out_dir / f"{self.name}.h5", attrs) as writer:
+            return parent.compute_shard(self.members(manifest), out_dir, writer, manifest,
+                                        lambda p, m: report_progress(self, p, m)) or {}
 
 
 def shard_store(stage_dir: Path):
@@ -420,6 +538,7 @@ class MakeCAM(ShardedStage):
 
 class MakeCAMShard(ShardTask):
     parent_class = MakeCAM
+    gpus = 1
 
 
 MakeCAM.shard_task = MakeCAMShard
@@ -471,6 +590,7 @@ class TrainAffinity(StageTask):
     """Train the inter-pixel relation net (AffinityNet or IRNet) on the seeds of the training images."""
 
     code = ("stages.affinity",)
+    gpus = 1
 
     def upstream(self) -> dict[str, StageTask]:
         return {"dataset": PrepareDataset(), "seeds": ExtractSeeds(), "cam_net": TrainCAM(),
@@ -530,6 +650,7 @@ class Propagate(ShardedStage):
 
 class PropagateShard(ShardTask):
     parent_class = Propagate
+    gpus = 1
 
 
 Propagate.shard_task = PropagateShard

@@ -14,7 +14,6 @@ from torch import nn
 from models.cam import CAMNet
 from models.registry import Registry
 from models.resnet import create_backbone
-from models.resnet38 import ResNet38
 from models.seam import SEAMNet
 from stages.config import TrainCAMConfig
 
@@ -31,11 +30,16 @@ def build_cam(cfg: TrainCAMConfig, num_classes: int, pretrained: bool = True) ->
 
 @CAM_METHODS.register("seam")
 def build_seam(cfg: TrainCAMConfig, num_classes: int, pretrained: bool = True) -> nn.Module:
-    """SEAM on a ResNet-38 backbone (``resnet38`` or ``resnet38_mini``); ``cfg.strides`` does not apply."""
-    backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained if pretrained and cfg.pretrained else None)
-    if not isinstance(backbone, ResNet38):
-        raise ValueError(f"TrainCAM.backbone = {cfg.backbone!r}: cam_method = seam needs a ResNet-38 backbone "
-                         "(resnet38 or resnet38_mini)")
+    """SEAM on ResNet-38 (``resnet38``, ``resnet38_mini``; ``cfg.strides`` does not apply), or, for CPU runs that
+    share a pretrained ``resnet_mini``, on a ResNet whose last three stages keep one stride (conv4..conv6)."""
+    weights = cfg.pretrained if pretrained and cfg.pretrained else None
+    if cfg.backbone.startswith("resnet38"):
+        backbone = create_backbone(cfg.backbone, pretrained=weights)
+    else:
+        if tuple(cfg.strides[2:]) != (1, 1):
+            raise ValueError(f"TrainCAM.strides = {cfg.strides}: SEAM on a ResNet needs its last two strides 1, "
+                             "so the PCM's three taps share one grid")
+        backbone = create_backbone(cfg.backbone, strides=cfg.strides, pretrained=weights)
     return SEAMNet(backbone, num_classes, freeze_bn=cfg.freeze_bn, frozen_stages=cfg.frozen_stages,
                    rescale=cfg.seam_rescale, ecr_top=cfg.seam_ecr_top, min_pool=cfg.seam_min_pool)
 

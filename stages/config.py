@@ -26,6 +26,11 @@ class RuntimeConfig:
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     loader_workers: int = 1       # DataLoader worker processes
     torch_threads: int = 0        # 0 = leave PyTorch's default
+    train_processes: int = 1      # TrainCAM: DDP ranks under torchrun (1 = train in this process)
+    gpus: str = ""                # devices GPU tasks share on this host: "" = CUDA_VISIBLE_DEVICES or nvidia-smi
+    gpu_lock_dir: str = ""        # per-host lock files (pipeline.devices); "" = <tmp>/wsss-gpu-locks-<user>
+    gpu_wait_s: float = 3600.0    # how long a task waits for free devices before failing
+    submit_stages: str = ""       # task families run as submitit jobs, e.g. TrainCAM,MakeCAMShard ([submitit])
 
 
 @dataclass(frozen=True)

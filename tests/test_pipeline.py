@@ -94,6 +94,7 @@ def check_pseudo_label_chain(manifest: dict) -> None:
 def test_psa_seam_family_runs_end_to_end(luigi_config):
     """SEAM CAMs -> PSA la/ha seeds -> AffinityNet -> PSA random walk, on the CPU variants."""
     for section, option, value in [("TrainCAM", "cam_method", "seam"), ("TrainCAM", "backbone", "resnet38_mini"),
+                                   ("TrainCAM", "pretrained", ""),
                                    ("ExtractSeeds", "seed_method", "psa"), ("ExtractSeeds", "alpha_high", 24),
                                    ("TrainAffinity", "affinity_method", "affinitynet"),
                                    ("TrainAffinity", "backbone", "resnet38_mini"), ("TrainAffinity", "radius", 5),

@@ -178,6 +178,22 @@ def test_seam_training_step_runs_and_is_finite():
     assert torch.isfinite(loss) and not torch.equal(before, net.pcm.f9.weight)
 
 
+def test_seam_on_a_resnet_uses_its_last_three_stages_and_refuses_freezing():
+    from stages.cam_methods import build_seam
+    from stages.config import TrainCAMConfig
+
+    net = build_seam(TrainCAMConfig(cam_method="seam", backbone="resnet_mini"), 4).eval()
+    assert net.pcm.f8_3.in_channels == 32 and net.pcm.f8_4.in_channels == 64  # layer2, layer3 of resnet_mini
+    cam = net.cam(torch.randn(1, 3, 64, 80))
+    assert cam.shape == (1, 4, 8, 10)  # stride 8
+    loss, _ = net.train().training_loss(torch.randn(2, 3, 64, 64), torch.tensor([[1.0, 0, 0, 1], [0, 1, 0, 0]]))
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="last two strides 1"):
+        build_seam(TrainCAMConfig(cam_method="seam", backbone="resnet_mini", strides=(1, 2, 2, 1)), 4)
+    with pytest.raises(ValueError, match="freezes only ResNet-38"):
+        SEAMNet(create_backbone("resnet_mini"), 4, freeze_bn=True, frozen_stages=0)
+
+
 def test_make_cam_on_seam_gives_min_max_normalised_maps():
     torch.manual_seed(0)
     net = SEAMNet(create_backbone("resnet38_mini"), 6, freeze_bn=False, frozen_stages=0).eval()
@@ -228,6 +244,6 @@ def test_train_cam_with_seam_logs_loss_parts_and_make_cams(tmp_path):
     h, w = manifest.layout.read_image(ids[0]).shape[:2]
     assert arrays["high_res"].shape == (len(attrs["keys"]), h, w)
     assert arrays["cam"].shape == (len(attrs["keys"]), -(-h // 4), -(-w // 4))
-    with pytest.raises(ValueError, match="TrainCAM.backbone"):
-        train_cam(TrainCAMConfig(cam_method="seam", backbone="resnet_mini", batch_size=8), manifest, tmp_path,
-                  torch.device("cpu"), loader_workers=0)
+    with pytest.raises(ValueError, match="TrainCAM.strides"):
+        train_cam(TrainCAMConfig(cam_method="seam", backbone="resnet_mini", strides=(1, 2, 2, 1), batch_size=8),
+                  manifest, tmp_path, torch.device("cpu"), loader_workers=0)

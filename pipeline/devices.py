@@ -1,0 +1,223 @@
+"""Host-local GPU allocation: which CUDA devices a task may use, shared safely between processes.
+
+Luigi's ``[resources] gpu = N`` is a counter: it bounds how many GPU tasks run at once but never says
+*which* device a task gets. This module picks the devices. Each device has a lock file ``gpu<id>.lock`` in
+a per-user directory; a task takes ``n`` of them with non-blocking ``fcntl.flock`` and holds them for its
+lifetime. The kernel drops a flock when its holder dies (even on ``kill -9``), so a crashed task never
+leaves a device reserved. Locks are per host: they coordinate every Luigi invocation on one machine.
+
+The chosen ids reach the task as ``CUDA_VISIBLE_DEVICES`` (inherited by torchrun and other
+subprocesses). Nothing here initialises CUDA: detection reads ``CUDA_VISIBLE_DEVICES`` or asks
+``nvidia-smi -L``, so the scheduling process stays safe to fork.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import getpass
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from functools import cache
+from pathlib import Path
+
+VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
+POLL_S = 0.2
+
+
+class GPUAllocationTimeoutError(RuntimeError):
+    """Not enough free devices within the allowed wait."""
+
+
+def parse_gpus(spec: str, key: str = "[wsss] gpus") -> list[str]:
+    """``"0,1,3"`` -> ``["0", "1", "3"]``; ids may also be GPU UUIDs, as in ``CUDA_VISIBLE_DEVICES``."""
+    ids = [part.strip() for part in spec.split(",") if part.strip()]
+    for device_id in ids:
+        if not re.fullmatch(r"[A-Za-z0-9-]+", device_id):
+            raise ValueError(f"{key} = {spec!r}: {device_id!r} is not a device index or UUID")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{key} = {spec!r} lists a device twice")
+    return ids
+
+
+def _visible_from_env(value: str) -> list[str]:
+    # CUDA stops at the first invalid entry ("-1" is the usual way to hide every device).
+    ids = []
+    for part in (p.strip() for p in value.split(",")):
+        if not part or part.startswith("-"):
+            break
+        ids.append(part)
+    return ids
+
+
+@cache
+def _nvidia_smi_indices() -> tuple[str, ...]:
+    """Device indices listed by ``nvidia-smi -L`` (a separate process: this one never touches CUDA)."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return ()
+    try:
+        listing = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    return tuple(re.findall(r"^GPU (\d+):", listing, flags=re.MULTILINE))
+
+
+def detect_gpus(spec: str = "") -> list[str]:
+    """The devices this host offers: ``spec`` if given, else ``CUDA_VISIBLE_DEVICES``, else ``nvidia-smi -L``."""
+    if spec.strip():
+        return parse_gpus(spec)
+    if VISIBLE_DEVICES in os.environ:
+        return _visible_from_env(os.environ[VISIBLE_DEVICES])
+    return list(_nvidia_smi_indices())
+
+
+def default_lock_dir() -> Path:
+    """Per user, so two users on one host never share (or block on) each other's lock files."""
+    return Path(tempfile.gettempdir()) / f"wsss-gpu-locks-{getpass.getuser()}"
+
+
+def _lock_name(device_id: str) -> str:
+    return f"gpu{device_id}.lock"
+
+
+class Allocation:
+    """Devices held by this process until :meth:`release` (or the end of a ``with`` block)."""
+
+    def __init__(self, devices: list[str], handles: list[int]):
+        self.devices = devices
+        self._handles = handles
+
+    @property
+    def visible_devices(self) -> str:
+        return ",".join(self.devices)
+
+    def release(self) -> None:
+        for fd in self._handles:
+            os.close(fd)  # closing the last descriptor drops the flock
+        self._handles = []
+
+    def __enter__(self) -> Allocation:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"Allocation(devices={self.devices})"
+
+
+def _try_lock(path: Path) -> int | None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited across exec (PEP 446)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    # Who holds it, for the timeout message of whoever waits next.
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%H:%M:%S')}\n".encode(), 0)
+    return fd
+
+
+def _holders(lock_dir: Path, devices: Sequence[str]) -> str:
+    notes = []
+    for device_id in devices:
+        try:
+            note = (lock_dir / _lock_name(device_id)).read_text().strip()
+        except OSError:
+            note = ""
+        notes.append(f"gpu{device_id}: {note or 'held'}")
+    return "; ".join(notes)
+
+
+def allocate(n: int, lock_dir: str | os.PathLike | None = None, timeout: float = 600.0,
+             devices: Sequence[str] | None = None, poll: float = POLL_S) -> Allocation:
+    """Take ``n`` free devices of ``devices`` (default: :func:`detect_gpus`), waiting up to ``timeout`` seconds.
+
+    Raises :class:`GPUAllocationTimeoutError` naming the holders when not enough devices free up in time, and
+    ``ValueError`` when the host has fewer than ``n`` devices at all (waiting could never help).
+    """
+    candidates = list(detect_gpus() if devices is None else devices)
+    if n < 1:
+        return Allocation([], [])
+    if len(candidates) < n:
+        raise ValueError(f"a task needs {n} GPU(s) but this host offers {len(candidates)} "
+                         f"({','.join(candidates) or 'none'}); set [wsss] gpus or CUDA_VISIBLE_DEVICES, "
+                         f"or use [wsss] device = cpu")
+    lock_dir = Path(lock_dir) if lock_dir else default_lock_dir()
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        taken: list[tuple[str, int]] = []
+        for device_id in candidates:
+            fd = _try_lock(lock_dir / _lock_name(device_id))
+            if fd is not None:
+                taken.append((device_id, fd))
+                if len(taken) == n:
+                    return Allocation([d for d, _ in taken], [fd for _, fd in taken])
+        # Not enough: give back what we took so two waiters cannot deadlock holding one device each.
+        for _, fd in taken:
+            os.close(fd)
+        if time.monotonic() >= deadline:
+            raise GPUAllocationTimeoutError(
+                f"no {n} free GPU(s) among {','.join(candidates)} after {timeout:g} s "
+                f"(lock dir {lock_dir}: {_holders(lock_dir, candidates)}). Other tasks or Luigi runs on this "
+                f"host hold them; raise [wsss] gpu_wait_s, or lower [resources] gpu / --workers")
+        time.sleep(poll)
+
+
+# Set once CUDA is initialised in a process that runs tasks in-process (``--workers 1``): from then on
+# every task of that process uses these devices, since CUDA reads CUDA_VISIBLE_DEVICES only once.
+_process_pin: list[str] | None = None
+
+
+def cuda_initialised() -> bool:
+    """Whether this process has a CUDA context (checked without creating one)."""
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.cuda.is_initialized())
+
+
+@contextlib.contextmanager
+def assigned_gpus(n: int, spec: str = "", lock_dir: str = "", timeout: float = 600.0) -> Iterator[Allocation]:
+    """Hold ``n`` devices and expose them as ``CUDA_VISIBLE_DEVICES`` for the block, then restore it.
+
+    Luigi with ``--workers > 1`` runs each task in a forked child that has not touched CUDA, so setting
+    the variable there decides what torch sees. With ``--workers 1`` tasks run in the scheduling process:
+    the first task that initialises CUDA fixes the visible set for good, so later tasks of that process
+    wait for (and reuse) the same devices — the allocator then pins the whole process.
+    """
+    global _process_pin
+    candidates = detect_gpus(spec)
+    if _process_pin is not None and cuda_initialised():
+        if n > len(_process_pin):
+            raise RuntimeError(f"a task needs {n} GPU(s) but CUDA in this process was initialised with "
+                               f"{','.join(_process_pin)}; run with --workers > 1 so each task gets a fresh process")
+        candidates = _process_pin[:n]
+    previous = os.environ.get(VISIBLE_DEVICES)
+    with allocate(n, lock_dir or None, timeout, candidates) as allocation:
+        os.environ[VISIBLE_DEVICES] = allocation.visible_devices
+        try:
+            yield allocation
+        finally:
+            if cuda_initialised() and _process_pin is None:
+                _process_pin = allocation.devices
+            if previous is None:
+                os.environ.pop(VISIBLE_DEVICES, None)
+            else:
+                os.environ[VISIBLE_DEVICES] = previous
+
+
+def will_use_cuda(device: str, spec: str = "") -> bool:
+    """Whether a task run with ``[wsss] device = device`` computes on CUDA (decided without initialising it)."""
+    if device == "cpu":
+        return False
+    if device.startswith("cuda"):
+        return True
+    return bool(detect_gpus(spec))  # auto: CUDA when the host has a device
