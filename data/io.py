@@ -113,6 +113,19 @@ def read_json(path: str | os.PathLike) -> object:
 
 # --------------------------------------------------------------------------------------------------- images
 
+def log_tail(path: str | os.PathLike | None, chars: int = 4000) -> str:
+    """The end of a log file for an error message; says so when there is no file, or nothing in it."""
+    if path is None:
+        return "(no log file)"
+    try:
+        text = Path(path).read_text(errors="replace")
+    except FileNotFoundError:
+        return "(no log file)"
+    except OSError as err:
+        return f"(could not read the log: {err})"
+    return text[-chars:] if text.strip() else "(empty)"
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Decode an image to an RGB uint8 array (H, W, 3), with an error that names the file."""
     path = Path(path)

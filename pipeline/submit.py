@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import luigi
 import luigi.configuration
 
+from data.io import log_tail
 from pipeline.hashing import PROJECT_ROOT
 
 if TYPE_CHECKING:
@@ -208,13 +209,6 @@ def make_executor(cfg: SubmititConfig, task: StageTask | ShardTask):
     return executor
 
 
-def _log_tail(path: Path | None) -> str:
-    if path is None or not Path(path).is_file():
-        return "(no log file)"
-    text = Path(path).read_text(errors="replace")
-    return text[-STDERR_TAIL_CHARS:] if text.strip() else "(empty)"
-
-
 def run_as_job(task: StageTask | ShardTask, out_dir: Path) -> tuple[dict, dict]:
     """Compute ``task`` into ``out_dir`` as a submitit job; block until it ends. Returns (metrics, provenance extra)."""
     cfg = submitit_config()
@@ -235,7 +229,7 @@ def run_as_job(task: StageTask | ShardTask, out_dir: Path) -> tuple[dict, dict]:
     except Exception as exc:  # submitit's FailedJobError/UncompletedJobError carry the job's traceback
         raise JobFailedError(
             f"{family}: {executor.cluster} job {job.job_id} failed: {exc}\n"
-            f"--- stderr tail ({paths.stderr}):\n{_log_tail(paths.stderr)}\n"
+            f"--- stderr tail ({paths.stderr}):\n{log_tail(paths.stderr, STDERR_TAIL_CHARS)}\n"
             f"--- stdout log: {paths.stdout}") from None
     record = {"id": job.job_id, "cluster": executor.cluster, "host": result["host"],
               "seconds": result["seconds"], "log": str(paths.stdout)}

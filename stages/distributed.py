@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from data.io import log_tail
 from stages.runtime import resolve_device
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -121,14 +122,6 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def _log_tail(path: Path, chars: int = LOG_TAIL_CHARS) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as err:
-        return f"(could not read the log: {err})"
-    return text[-chars:]
-
-
 def launch_torchrun(nproc: int, module: str, args: Sequence[str], env: dict[str, str] | None,
                     log_path: str | os.PathLike, threads_per_process: int = 0,
                     on_line: Callable[[str], None] | None = None) -> None:
@@ -175,4 +168,4 @@ def launch_torchrun(nproc: int, module: str, args: Sequence[str], env: dict[str,
             raise
     if returncode != 0:
         raise RuntimeError(f"torchrun ({nproc} processes) of {module} exited with status {returncode}; "
-                           f"full log: {log_path}\n--- log tail ---\n{_log_tail(log_path)}")
+                           f"full log: {log_path}\n--- log tail ---\n{log_tail(log_path, LOG_TAIL_CHARS)}")
