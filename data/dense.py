@@ -155,3 +155,12 @@ def _walk_ids(group: h5py.Group, prefix: str = "") -> Iterator[str]:
             yield from _walk_ids(item, f"{prefix}{name}/")
         else:
             yield f"{prefix}{name}"
+
+
+def stage_maps(stage_dir: str | os.PathLike) -> DenseMapReader:
+    """Reader over the dense maps of a published sharded stage (its ``index.json`` lists the shard files)."""
+    from data.io import read_json
+
+    stage_dir = Path(stage_dir)
+    index = read_json(stage_dir / "index.json")
+    return DenseMapReader(stage_dir / name for name in index["shards"])

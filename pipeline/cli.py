@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from data.io import is_temporary, read_json, remove_path
-from pipeline.tasks import PARTS_SUFFIX, PROVENANCE, STAGES, downstream_of, runtime, stage_graph
+from pipeline.tasks import PARTS_SUFFIX, PROVENANCE, RESUME_SUFFIX, STAGES, downstream_of, runtime, stage_graph
 
 TMP_MIN_AGE_S = 3600  # younger temporary paths may belong to a run in progress
 
@@ -25,15 +25,15 @@ def _stage_dirs(work_dir: Path, family: str) -> list[Path]:
 def cmd_status(args: argparse.Namespace) -> int:
     work_dir = Path(runtime().work_dir)
     print(f"work_dir: {work_dir.resolve()}")
-    print(f"{'stage':<16} {'key':<18} {'state':<10} other keys on disk")
+    print(f"{'stage':<20} {'key':<18} {'state':<10} other keys on disk")
     pending = []
     for family, task in stage_graph().items():
         done = task.complete()
         state = "cached" if done else ("partial" if task.stage_dir.with_name(task.key + PARTS_SUFFIX).exists()
                                        else "to run")
-        others = [p for p in _stage_dirs(work_dir, family) if p.name != task.key and not is_temporary(p)
+        others = [p for p in _stage_dirs(work_dir, task.get_task_family()) if p.name != task.key and not is_temporary(p)
                   and not p.name.endswith(PARTS_SUFFIX)]
-        print(f"{family:<16} {task.key:<18} {state:<10} {len(others)}")
+        print(f"{family:<20} {task.key:<18} {state:<10} {len(others)}")
         if not done:
             pending.append(family)
     print("would run: " + (", ".join(pending) if pending else "nothing (everything is cached)"))
@@ -63,7 +63,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     """Remove temporary debris and stage directories the current configuration does not reference."""
     work_dir = Path(runtime().work_dir)
-    live = {(family, task.key) for family, task in stage_graph().items()}
+    live = {(task.get_task_family(), task.key) for task in stage_graph().values()}
     now = time.time()
     victims = []
     for family in [cls.get_task_family() for cls in STAGES]:
@@ -72,7 +72,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
                 if now - path.stat().st_mtime >= args.min_age:
                     victims.append(path)
                 continue
-            key = path.name.removesuffix(PARTS_SUFFIX)
+            key = path.name.removesuffix(PARTS_SUFFIX).removesuffix(RESUME_SUFFIX)
             if (family, key) not in live and not args.keep_unreferenced:
                 victims.append(path)
             elif path.name.endswith(PARTS_SUFFIX):  # shards of a live key: resumable work, but debris inside
@@ -86,17 +86,17 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    print(f"{'stage':<16} {'key':<18} {'seconds':>8}  metrics")
+    print(f"{'stage':<20} {'key':<18} {'seconds':>8}  metrics")
     footer = []
     for family, task in stage_graph().items():
         if not task.complete():
-            print(f"{family:<16} {task.key:<18} {'-':>8}  (not computed)")
+            print(f"{family:<20} {task.key:<18} {'-':>8}  (not computed)")
             continue
         prov = read_json(task.stage_dir / PROVENANCE)
         metrics = prov.get("metrics", {})
         shown = ", ".join(f"{k}={len(v) if isinstance(v, list) else _fmt(v)}" for k, v in metrics.items()
                           if not isinstance(v, dict))
-        print(f"{family:<16} {task.key:<18} {prov.get('seconds', 0):>8.1f}  {shown}")
+        print(f"{family:<20} {task.key:<18} {prov.get('seconds', 0):>8.1f}  {shown}")
         if family == "EvalCAM":
             footer.append(f"CAM mIoU: {100 * metrics['miou']:.2f} at background threshold "
                           f"{metrics['threshold']:.2f} (GT-tuned best {100 * metrics['best_miou']:.2f} at "
@@ -105,7 +105,13 @@ def cmd_summary(args: argparse.Namespace) -> int:
             chain = metrics["chain"]
             footer.append(f"Chain mIoU: CAM {100 * chain['cam_miou']:.2f} -> seeds {100 * chain['seed_miou']:.2f} "
                           f"(on the {100 * chain['seed_labelled_fraction']:.1f}% labelled pixels) -> pseudo labels "
-                          f"{100 * chain['pseudo_label_miou']:.2f}; report: {task.stage_dir / 'report.md'}")
+                          f"{100 * chain['pseudo_label_miou']:.2f} -> after the CRF {100 * chain['refined_miou']:.2f}")
+        if family in ("EvalSegmentation", "EvalSegmentation-gt"):
+            who = "pseudo labels" if family == "EvalSegmentation" else "GT (fully supervised ceiling)"
+            footer.append(f"DeepLab trained on {who}: val mIoU {100 * metrics['miou']:.2f} "
+                          f"({100 * metrics['miou_no_crf']:.2f} before the CRF)")
+        if family == "Report":
+            footer.append(f"Report: {task.stage_dir / 'report.html'}")
     print("\n" + "\n".join(footer) if footer else "")
     return 0
 

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("luigi-interface")
 PROVENANCE = "provenance.json"
 PARTS_SUFFIX = ".parts"
+RESUME_SUFFIX = ".resume"   # training checkpoints of an unfinished stage, next to its directory
 
 
 class wsss(luigi.Config):  # noqa: N801 - the section is called [wsss]
@@ -125,6 +126,12 @@ class StageTask(luigi.Task):
     def upstream(self) -> dict[str, StageTask]:
         """Stages whose artifacts this one reads (their keys enter this key)."""
         return {}
+
+    @property
+    def stage_name(self) -> str:
+        """The family, plus the variant for a second instance of it in one run (``TrainSegmentation-gt``)."""
+        labels = getattr(self, "labels", "pseudo")
+        return self.get_task_family() if labels == "pseudo" else f"{self.get_task_family()}-{labels}"
 
     def requires(self):
         return self.upstream()
@@ -370,6 +377,7 @@ class ShardedStage(StageTask):
     """
 
     shard_task: type[ShardTask]
+    variant_params: tuple[str, ...] = ()   # the stage's Luigi parameters outside its config (passed to shards)
 
     def shard_members(self, manifest: Manifest) -> list[str]:
         """Images this stage processes: train and eval (seeds, pseudo labels and CAMs are needed for both)."""
@@ -384,7 +392,9 @@ class ShardedStage(StageTask):
 
     def shard_tasks(self) -> list[ShardTask]:
         shards = self.shards()
-        return [self.shard_task(shard=i, n_shards=len(shards), stage_key=self.key) for i in range(len(shards))]
+        extra = {name: getattr(self, name) for name in self.variant_params}
+        return [self.shard_task(shard=i, n_shards=len(shards), stage_key=self.key, parent_params=extra)
+                for i in range(len(shards))]
 
     @cached_property
     def static_shards(self) -> list[ShardTask]:
@@ -452,12 +462,14 @@ class ShardTask(luigi.Task):
     # The parent's key in the task id: one long-lived luigid serving several configurations must not take
     # shard 0 of one for shard 0 of another.
     stage_key = luigi.Parameter()
+    # Parameters of the parent beyond its config (e.g. EvalSegmentation's ``labels``); the key covers them.
+    parent_params = luigi.DictParameter(default={}, significant=False)
     parent_class: type[ShardedStage]
     gpus = 0                       # as StageTask.gpus, for one shard
 
     @cached_property
     def parent(self) -> ShardedStage:
-        parent = self.parent_class()
+        parent = self.parent_class(**dict(self.parent_params))
         if parent.key != self.stage_key:
             raise RuntimeError(f"{self.get_task_family()} of stage key {self.stage_key} runs under a configuration "
                                f"whose {parent.get_task_family()} key is {parent.key}")
@@ -511,9 +523,8 @@ class ShardTask(luigi.Task):
 
 def shard_store(stage_dir: Path):
     """Reader over the dense maps of a published sharded stage."""
-    from data.dense import DenseMapReader
-    index = read_json(stage_dir / "index.json")
-    return DenseMapReader(stage_dir / name for name in index["shards"])
+    from data.dense import stage_maps  # h5py stays out of the scheduler's start-up
+    return stage_maps(stage_dir)
 
 
 @with_config(C.MakeCAMConfig)
@@ -664,7 +675,7 @@ class EvalPseudoLabels(StageTask):
 
     def upstream(self) -> dict[str, StageTask]:
         return {"dataset": PrepareDataset(), "cam_eval": EvalCAM(), "seeds": ExtractSeeds(),
-                "labels": Propagate()}
+                "labels": Propagate(), "refined": RefineCRF()}
 
     def compute(self, out_dir: Path) -> dict:
         from stages.eval_pseudo import evaluate_pseudo_labels
@@ -675,46 +686,202 @@ class EvalPseudoLabels(StageTask):
         upstream = {"cam": read_json(self.input_dir("cam_eval") / "metrics.json"),
                     "seeds": stage_metrics("seeds"), "propagate": stage_metrics("labels")}
         result = evaluate_pseudo_labels(self.config, manifest_of(self), self.input_dir("labels"),
-                                        self.input_dir("seeds"), upstream, out_dir, progress=self.progress)
+                                        self.input_dir("seeds"), upstream, out_dir, progress=self.progress,
+                                        refined_dir=self.input_dir("refined"))
         chain = result["chain"]
-        logger.info("EvalPseudoLabels: CAM %.2f -> seeds %.2f -> pseudo labels %.2f mIoU",
-                    100 * (chain["cam_miou"] or 0), 100 * (chain["seed_miou"] or 0), 100 * result["miou"])
+        logger.info("EvalPseudoLabels: CAM %.2f -> seeds %.2f -> pseudo labels %.2f -> after the CRF %.2f mIoU",
+                    100 * (chain["cam_miou"] or 0), 100 * (chain["seed_miou"] or 0), 100 * result["miou"],
+                    100 * chain["refined_miou"])
         return result
 
 
+@with_config(C.RefineCRFConfig)
+class RefineCRF(ShardedStage):
+    """Dense CRF on the propagated class scores: refined pseudo-label PNGs."""
+
+    code = ("stages.refine",)
+
+    def upstream(self) -> dict[str, StageTask]:
+        return {"dataset": PrepareDataset(), "labels": Propagate()}
+
+    def compute_shard(self, ids, out_dir, writer, manifest, progress) -> dict:
+        from stages.refine import refine_pseudo_labels
+        rt = runtime()
+        return refine_pseudo_labels(self.config, manifest, ids, shard_store(self.input_dir("labels")), out_dir,
+                                    resolve_device(rt.device), progress=progress)
+
+
+class RefineCRFShard(ShardTask):
+    parent_class = RefineCRF
+
+
+RefineCRF.shard_task = RefineCRFShard
+
+LABEL_SOURCES = ("pseudo", "gt")
+
+
+@with_config(C.TrainSegmentationConfig)
+class TrainSegmentation(StageTask):
+    """DeepLab trained on the pseudo labels, or (``--labels gt``) on GT: the fully supervised ceiling."""
+
+    code = ("stages.segmentation",)
+    gpus = 1
+    labels = luigi.ChoiceParameter(choices=LABEL_SOURCES, default="pseudo")
+
+    def fingerprint(self) -> dict:
+        return {"labels": self.labels}
+
+    def upstream(self) -> dict[str, StageTask]:
+        up: dict[str, StageTask] = {"dataset": PrepareDataset(), **pretraining_upstream(self)}
+        if self.labels == "pseudo":
+            up["pseudo_labels"] = RefineCRF() if self.pseudo_labels == "crf" else Propagate()
+        return up
+
+    @property
+    def resume_dir(self) -> Path:
+        """Outside the temporary stage directory, which a failed run deletes: a killed run resumes from here."""
+        return self.stage_dir.with_name(self.key + RESUME_SUFFIX)
+
+    def compute(self, out_dir: Path) -> dict:
+        from data.io import read_label_png
+        from stages.extract_seeds import label_file
+        from stages.segmentation import train_segmentation
+
+        rt = runtime()
+        manifest = manifest_of(self)
+        if self.labels == "gt":
+            def label_of(image_id: str):
+                return manifest.layout.read_label(image_id)
+        else:
+            labels_dir = self.input_dir("pseudo_labels")
+
+            def label_of(image_id: str):
+                return read_label_png(label_file(labels_dir, image_id), manifest.label_space)
+        metrics = train_segmentation(with_weights_path(self), manifest, label_of, out_dir, resolve_device(rt.device),
+                                     resume_dir=self.resume_dir, loader_workers=rt.loader_workers,
+                                     progress=self.progress)
+        return metrics
+
+    def run(self) -> None:
+        super().run()
+        remove_path(self.resume_dir)  # only once the trained model is published
+
+
+@with_config(C.EvalSegmentationConfig)
+class EvalSegmentation(ShardedStage):
+    """DeepLab predictions on the val list (palette PNGs) and their mIoU, with and without the test-time CRF."""
+
+    code = ("stages.segmentation",)
+    labels = luigi.ChoiceParameter(choices=LABEL_SOURCES, default="pseudo")
+    variant_params = ("labels",)
+
+    def fingerprint(self) -> dict:
+        return {"labels": self.labels}
+
+    def upstream(self) -> dict[str, StageTask]:
+        return {"dataset": PrepareDataset(), "model": TrainSegmentation(labels=self.labels)}
+
+    def shard_members(self, manifest: Manifest) -> list[str]:
+        return list(manifest.splits["val"])
+
+    def compute_shard(self, ids, out_dir, writer, manifest, progress) -> dict:
+        from stages.segmentation import load_segmenter, predict_images
+
+        trained = self.upstream()["model"]
+        device = resolve_device(runtime().device)
+        model = load_segmenter(trained.config, manifest.label_space.num_classes, trained.stage_dir, device)
+        return predict_images(self.config, model, manifest, ids, out_dir, device, progress=progress)
+
+    def summarise(self, shard_metrics: list[dict]) -> dict:
+        import numpy as np
+        total: dict = {}
+        for name in ("confusion_raw", "confusion_crf"):
+            parts = [np.asarray(m[name]) for m in shard_metrics if m.get(name) is not None]
+            if parts:
+                total[name] = sum(parts).tolist()
+        return total
+
+    def compute(self, out_dir: Path) -> dict:
+        from stages.segmentation import write_segmentation_metrics
+        joined = super().compute(out_dir)
+        metrics = write_segmentation_metrics(self.config, manifest_of(self).label_space, joined, out_dir,
+                                             labels=self.labels)
+        logger.info("EvalSegmentation (%s labels): val mIoU %.2f (%.2f before the CRF)", self.labels,
+                    100 * metrics["miou"], 100 * metrics["miou_no_crf"])
+        return metrics
+
+
+class EvalSegmentationShard(ShardTask):
+    parent_class = EvalSegmentation
+    gpus = 1
+
+
+EvalSegmentation.shard_task = EvalSegmentationShard
+
+
+@with_config(C.ReportConfig)
+class Report(StageTask):
+    """The run report: one self-contained HTML file and a Markdown summary of every stage."""
+
+    code = ("stages.report", "stages.run_report")
+
+    def upstream(self) -> dict[str, StageTask]:
+        return {"dataset": PrepareDataset(), "cam_eval": EvalCAM(), "cams": MakeCAM(), "seeds": ExtractSeeds(),
+                "labels": Propagate(), "refined": RefineCRF(), "pseudo_eval": EvalPseudoLabels(),
+                "segmenter": TrainSegmentation(), "segmentation": EvalSegmentation(),
+                "ceiling_segmenter": TrainSegmentation(labels="gt"),
+                "ceiling": EvalSegmentation(labels="gt")}
+
+    def compute(self, out_dir: Path) -> dict:
+        from stages.run_report import build_report
+        graph = stage_graph()
+        dirs = {name: task.stage_dir for name, task in self.upstream().items()}
+        config = {family: task.params_dict for family, task in graph.items()}
+        provenance = {family: read_json(task.stage_dir / PROVENANCE) for family, task in graph.items()
+                      if task.stage_dir != self.stage_dir and (task.stage_dir / PROVENANCE).is_file()}
+        upstream = self.upstream()
+        return build_report(self.config, manifest_of(self), dirs, config, provenance,
+                            segmenter_config=upstream["segmenter"].config,
+                            eval_config=upstream["segmentation"].config, device=resolve_device(runtime().device),
+                            out_dir=out_dir)
+
+
 class FullWSSS(luigi.WrapperTask):
-    """The whole chain: CAM -> seeds -> affinity net -> propagation -> scored pseudo labels."""
+    """The whole chain: CAM -> seeds -> affinity net -> propagation -> CRF -> DeepLab -> evaluation -> report."""
 
     def requires(self):
         return self.requires_stages()
 
     def requires_stages(self) -> list[StageTask]:
-        return [EvalPseudoLabels()]
+        return [Report()]
 
 
 # Order matters for status/clean: upstream first.
 STAGES: tuple[type[StageTask], ...] = (PrepareDataset, PretrainBackbone, TrainCAM, MakeCAM, EvalCAM, ExtractSeeds,
-                                       TrainAffinity, Propagate, EvalPseudoLabels)
+                                       TrainAffinity, Propagate, RefineCRF, EvalPseudoLabels, TrainSegmentation,
+                                       EvalSegmentation, Report)
 
 
 def stage_graph() -> dict[str, StageTask]:
-    """The stages the current configuration's FullWSSS runs, upstream first, by family name."""
+    """The stages the current configuration's FullWSSS runs, upstream first, by stage name."""
     used: dict[str, StageTask] = {}
     pending = [task for task in FullWSSS().requires_stages()]
     while pending:
         task = pending.pop()
-        if task.get_task_family() not in used:
-            used[task.get_task_family()] = task
+        if task.stage_name not in used:
+            used[task.stage_name] = task
             pending.extend(task.upstream().values())
-    return {cls.get_task_family(): used[cls.get_task_family()] for cls in STAGES if cls.get_task_family() in used}
+    order = {cls.get_task_family(): i for i, cls in enumerate(STAGES)}
+    names = sorted(used, key=lambda name: (order[used[name].get_task_family()], name))
+    return {name: used[name] for name in names}
 
 
-def downstream_of(family: str) -> list[str]:
+def downstream_of(name: str) -> list[str]:
     graph = stage_graph()
-    hit = {family}
-    for name, task in graph.items():  # STAGES is topologically ordered
-        if any(up.get_task_family() in hit for up in task.upstream().values()):
-            hit.add(name)
-    return [name for name in graph if name in hit]
+    hit = {name}
+    for other, task in graph.items():  # upstream first
+        if any(up.stage_name in hit for up in task.upstream().values()):
+            hit.add(other)
+    return [other for other in graph if other in hit]
 
 

@@ -175,7 +175,7 @@ class TrainAffinityConfig:
 class PropagateConfig:
     """``[Propagate]``: random walk from the CAMs over the learned affinities, then pseudo labels."""
 
-    propagation: str = "rw_irn"               # registry: stages.propagate.PROPAGATION_METHODS (rw_irn | rw_psa)
+    propagation: str = "rw_irn"               # registry: stages.propagate.PROPAGATION_METHODS (rw_irn | rw_psa | gcn)
     beta: float = 10.0                        # affinity power: IRN 10, PSA/SEAM 8
     steps: int = 256                          # t: IRN/PSA 256, SEAM 64
     radius: int = 5                           # inference pair radius (both)
@@ -184,6 +184,29 @@ class PropagateConfig:
     empty_seeds: str = "cam"                  # image whose seeds are all ignore: cam (CAM label) | propagate
     cam_bg_threshold: float = 0.15            # background threshold of that CAM label
     shard_size: int = 256
+    # gcn (WSGCN-I, stages/gcn.py), WSGCN's values; beta and radius above build its walk.
+    gcn_walk_steps: int = 256                 # t of T^t. WSGCN 256 (VOC grids); the demo grid wants fewer, as for
+    #                                           `steps` (luigi.cfg explains 16 there)
+    gcn_adjacency: str = "dense"              # dense: T^t N x N (the reference) | topk: k largest per column of T^t
+    gcn_topk: int = 512                       # topk: entries kept per column
+    gcn_dense_max_mib: float = 4096.0         # dense: refuse (naming the image) a T^t needing more memory than this
+    gcn_alpha_low: float = 4.0                # partial labels: la CRF on [(1 - max CAM)^4; CAMs]
+    gcn_alpha_high: float = 32.0              # ha CRF, and the confident-background score (1 - max)^32
+    gcn_crf_gaussian: tuple[float, float] = (4.0, 3.0)                # sxy, compat (on the stride-4 image)
+    gcn_crf_bilateral: tuple[float, float, float] = (20.0, 3.0, 10.0)  # sxy, srgb, compat
+    gcn_crf_iterations: int = 10
+    gcn_top_fraction: float = 0.3             # confident: top 30% of a class's CAM inside its argmax region...
+    gcn_cam_floor: float = 0.1                # ...among its values above 0.1
+    gcn_bg_confidence: float = 0.8            # confident background: (1 - max)^32 wins the argmax and exceeds this
+    gcn_crf_confidence: float = 0.8           # max of [ha background, la classes] must reach this
+    gcn_hidden: int = 16                      # GCN 160 -> hidden -> classes
+    gcn_dropout: float = 0.3
+    gcn_lr: float = 0.01                      # Adam
+    gcn_weight_decay: float = 5e-4
+    gcn_epochs: int = 250                     # full-batch epochs, a fresh GCN per image
+    gcn_entropy_weight: float = 10.0          # x entropy on unlabelled nodes
+    gcn_smooth_weight: float = 0.01           # x tr(Z^T L Z) / N on the log-probabilities
+    gcn_seed: int = 42                        # per-image seed = hash(gcn_seed, image id); WSGCN seeds once with 42
 
 
 @dataclass(frozen=True)
@@ -191,6 +214,61 @@ class EvalPseudoLabelsConfig:
     """``[EvalPseudoLabels]``: pseudo labels (and seeds) scored against GT on the eval list."""
 
     pred_ignore: str = "background"           # predicted 255: background (IRN) | exclude (WSGCN)
+
+
+@dataclass(frozen=True)
+class RefineCRFConfig:
+    """``[RefineCRF]``: dense CRF on the propagated class scores (stages.crf presets)."""
+
+    preset: str = "a2gnn_final"               # registry: stages.crf.CRF_PRESETS
+    shard_size: int = 256
+
+
+@dataclass(frozen=True)
+class TrainSegmentationConfig:
+    """``[TrainSegmentation]``: DeepLab retrained on the pseudo labels (and, as its own task, on GT: the ceiling).
+
+    deeplab-pytorch's VOC recipe is in the comments and in configs/voc.cfg; the defaults size it for the demo.
+    """
+
+    model: str = "deeplabv2"                  # registry: models.deeplab.SEGMENTERS (deeplabv2 | deeplabv3plus)
+    backbone: str = "resnet_mini"             # deeplab-pytorch: resnet101 (DeepLab-v2), resnet50/101 (v3+)
+    pretrained: str = ""                      # ImageNet weights (.pth, torchvision layout) | synthetic
+    init_checkpoint: str = ""                 # a whole segmenter's weights (e.g. COCO-trained), loaded where they fit
+    msc: bool = False                         # deeplab-pytorch: true (inputs 1, 0.75, 0.5; pixel-wise max)
+    freeze_bn: bool = True                    # deeplab-pytorch: BN stays on the pretrained statistics
+    pseudo_labels: str = "crf"                # train on: crf (RefineCRF output) | propagated (before the CRF)
+    iterations: int = 1500                    # deeplab-pytorch: 20000
+    batch_size: int = 10                      # deeplab-pytorch: 5, with accumulation 2 (effective batch 10)
+    accumulation: int = 1
+    lr: float = 0.01                          # deeplab-pytorch: 2.5e-4 from a COCO-trained DeepLab-v1
+    lr_decay_every: int = 10                  # poly decay stepped every 10 iterations (deeplab-pytorch)
+    poly_power: float = 0.9
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    crop_size: int = 112                      # deeplab-pytorch: 321
+    scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)
+    eval_every: int = 1                       # epochs between val mIoU rows in log.csv (0 = only at the end)
+    checkpoint_every: int = 100               # iterations between resume checkpoints
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalSegmentationConfig:
+    """``[EvalSegmentation]``: DeepLab on the val list, multi-scale + flip, optional test-time CRF."""
+
+    scales: tuple[float, ...] = (0.75, 1.0, 1.25)   # deeplab-pytorch: (1.0,) with the MSC model
+    flip: bool = True                         # deeplab-pytorch: false
+    crf: bool = True                          # deeplab-pytorch reports both; the CRF one is the headline
+    crf_preset: str = "deeplab_test"          # POS 3/1, BI 4/67/3, 10 iterations
+    shard_size: int = 256
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """``[Report]``: the run's HTML report."""
+
+    gallery_images: int = 6                   # eval images shown side by side through every stage
 
 
 STAGE_CONFIGS = {
@@ -203,6 +281,10 @@ STAGE_CONFIGS = {
     "TrainAffinity": TrainAffinityConfig,
     "Propagate": PropagateConfig,
     "EvalPseudoLabels": EvalPseudoLabelsConfig,
+    "RefineCRF": RefineCRFConfig,
+    "TrainSegmentation": TrainSegmentationConfig,
+    "EvalSegmentation": EvalSegmentationConfig,
+    "Report": ReportConfig,
 }
 
 CHOICES = {
@@ -213,7 +295,9 @@ CHOICES = {
     ("TrainCAMConfig", "optimizer"): ("sgd", "adamw"),
     ("TrainAffinityConfig", "optimizer"): ("sgd", "adamw"),
     ("PropagateConfig", "empty_seeds"): ("cam", "propagate"),
+    ("PropagateConfig", "gcn_adjacency"): ("dense", "topk"),
     ("EvalPseudoLabelsConfig", "pred_ignore"): ("background", "exclude"),
+    ("TrainSegmentationConfig", "pseudo_labels"): ("crf", "propagated"),
 }
 
 
@@ -256,6 +340,20 @@ def validate(cfg: object) -> None:
         low, high = cfg.scale_range
         if not 0 < low <= high:
             raise ValueError(f"TrainAffinity.scale_range must be (low, high), 0 < low <= high: {cfg.scale_range}")
+    if isinstance(cfg, TrainSegmentationConfig):
+        if (cfg.lr <= 0 or cfg.batch_size < 1 or cfg.iterations < 1 or cfg.accumulation < 1
+                or cfg.lr_decay_every < 1 or cfg.checkpoint_every < 1 or cfg.eval_every < 0):
+            raise ValueError("TrainSegmentation: lr, batch_size, iterations, accumulation, lr_decay_every and "
+                             f"checkpoint_every must be positive, eval_every >= 0: {cfg}")
+        if cfg.crop_size < 16 or not cfg.scales or min(cfg.scales) <= 0:
+            raise ValueError(f"TrainSegmentation: crop_size >= 16 and positive scales required: {cfg}")
+    if isinstance(cfg, EvalSegmentationConfig):
+        if not cfg.scales or min(cfg.scales) <= 0 or cfg.shard_size < 1:
+            raise ValueError(f"EvalSegmentation: positive scales and shard_size >= 1 required: {cfg}")
+    if isinstance(cfg, RefineCRFConfig) and cfg.shard_size < 1:
+        raise ValueError("RefineCRF.shard_size must be at least 1")
+    if isinstance(cfg, ReportConfig) and cfg.gallery_images < 0:
+        raise ValueError("Report.gallery_images must be >= 0")
     _check_registered(cfg)
 
 
@@ -276,6 +374,17 @@ def _check_registered(cfg: object) -> None:
     elif isinstance(cfg, PropagateConfig):
         from stages.propagate import validate_propagation
         validate_propagation(cfg)
+    elif isinstance(cfg, RefineCRFConfig):
+        from stages.crf import CRF_PRESETS
+        CRF_PRESETS.get(cfg.preset, key="RefineCRF.preset")
+    elif isinstance(cfg, EvalSegmentationConfig):
+        from stages.crf import CRF_PRESETS
+        CRF_PRESETS.get(cfg.crf_preset, key="EvalSegmentation.crf_preset")
+    elif isinstance(cfg, TrainSegmentationConfig):
+        from models.deeplab import SEGMENTERS
+        from models.resnet import BACKBONES
+        SEGMENTERS.get(cfg.model, key="TrainSegmentation.model")
+        BACKBONES.get(cfg.backbone, key="TrainSegmentation.backbone")
 
 
 def all_knobs() -> dict[str, dict[str, object]]:

@@ -22,22 +22,31 @@ from stages.seeds import SeedQuality
 
 def evaluate_pseudo_labels(cfg: EvalPseudoLabelsConfig, manifest: Manifest, labels_dir: Path, seeds_dir: Path,
                            upstream_metrics: dict[str, dict], out_dir: Path,
-                           progress: Callable[[float, str], None] | None = None) -> dict:
-    """Write metrics.json and report.md; ``upstream_metrics`` holds the CAM, seed and propagation metrics."""
+                           progress: Callable[[float, str], None] | None = None,
+                           refined_dir: Path | None = None) -> dict:
+    """Write metrics.json and report.md; ``upstream_metrics`` holds the CAM, seed and propagation metrics.
+
+    ``refined_dir`` holds the same pseudo labels after the CRF (RefineCRF), scored alongside.
+    """
     validate(cfg)
     space = manifest.label_space
     layout = manifest.layout
     ids = manifest.splits["eval"]
     conf = np.zeros((space.num_classes, space.num_classes), np.int64)
+    conf_refined = np.zeros_like(conf)
     quality = SeedQuality(space.num_classes)
     for n, image_id in enumerate(ids, start=1):
         gt = layout.read_label(image_id, evaluation=True)
         pred = read_label_png(label_file(labels_dir, image_id), space)
         conf += confusion(gt, pred, space.num_classes, space.ignore_index, cfg.pred_ignore)
+        if refined_dir is not None:
+            refined = read_label_png(label_file(refined_dir, image_id), space)
+            conf_refined += confusion(gt, refined, space.num_classes, space.ignore_index, cfg.pred_ignore)
         quality.add(read_label_png(label_file(seeds_dir, image_id), space), gt)
         if progress and (n % 50 == 0 or n == len(ids)):
             progress(100.0 * n / len(ids), f"scored {n}/{len(ids)} images")
     result = scores(conf)
+    refined_result = scores(conf_refined) if refined_dir is not None else None
     seeds = quality.summary(space.names)
     cam = upstream_metrics.get("cam", {})
     fallback = upstream_metrics.get("propagate", {}).get("cam_fallback_images", [])
@@ -48,7 +57,9 @@ def evaluate_pseudo_labels(cfg: EvalPseudoLabelsConfig, manifest: Manifest, labe
         "chain": {"cam_miou": cam.get("miou"), "cam_threshold": cam.get("threshold"),
                   "seed_miou": seeds.get("miou"), "seed_precision": seeds.get("precision"),
                   "seed_labelled_fraction": seeds.get("labelled_fraction"),
-                  "pseudo_label_miou": result["miou"]},
+                  "pseudo_label_miou": result["miou"],
+                  "refined_miou": refined_result["miou"] if refined_result else None},
+        "refined_per_class_iou": dict(zip(space.names, refined_result["iou"])) if refined_result else None,
         "seeds": seeds,
         "cam_fallback_images": len(fallback),
         "empty_seed_images": len(upstream_metrics.get("seeds", {}).get("empty_seed_images", [])),
@@ -72,16 +83,17 @@ def write_report(path: Path, metrics: dict, cam_iou: dict, names: list[str]) -> 
         f"Eval images: {metrics['n_images']}. CAM mIoU {_pct(chain['cam_miou'])} (background threshold "
         f"{chain['cam_threshold']}) -> seed mIoU on labelled pixels {_pct(chain['seed_miou'])} "
         f"({_pct(chain['seed_labelled_fraction'])}% of pixels labelled) -> pseudo-label mIoU "
-        f"{_pct(chain['pseudo_label_miou'])}.",
+        f"{_pct(chain['pseudo_label_miou'])} -> after the CRF {_pct(chain.get('refined_miou'))}.",
         f"Images whose seeds were all ignore: {metrics['empty_seed_images']}; labelled from the CAM alone: "
         f"{metrics['cam_fallback_images']}.",
         "",
-        "| class | CAM IoU | seed precision | seed recall | seed coverage | pseudo-label IoU |",
-        "|---|---|---|---|---|---|",
+        "| class | CAM IoU | seed precision | seed recall | seed coverage | pseudo-label IoU | after CRF |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name in names:
         seed = per_class.get(name, {})
         lines.append(f"| {name} | {_pct(cam_iou.get(name))} | {_pct(seed.get('precision'))} | "
                      f"{_pct(seed.get('recall'))} | {_pct(seed.get('coverage'))} | "
-                     f"{_pct(metrics['per_class_iou'].get(name))} |")
+                     f"{_pct(metrics['per_class_iou'].get(name))} | "
+                     f"{_pct((metrics.get('refined_per_class_iou') or {}).get(name))} |")
     path.write_text("\n".join(lines) + "\n")

@@ -57,6 +57,26 @@ def scores(conf: np.ndarray) -> dict:
     }
 
 
+def segmentation_scores(conf: np.ndarray) -> dict:
+    """deeplab-pytorch's ``scores()``: pixel and mean accuracy, per-class IoU, mIoU over the classes present
+    in the GT (a class only predicted is left out, not counted as 0), frequency-weighted IoU."""
+    conf = conf.astype(np.float64)
+    tp, gt_total, pred_total = np.diag(conf), conf.sum(1), conf.sum(0)
+    present = gt_total > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = tp / (gt_total + pred_total - tp)
+        accuracy = tp / gt_total
+    iou_present = np.where(present, iou, np.nan)
+    freq = gt_total / max(conf.sum(), 1)
+    return {
+        "miou": float(np.nanmean(iou_present)) if present.any() else float("nan"),
+        "iou": iou_present.tolist(),
+        "pixel_accuracy": float(tp.sum() / max(conf.sum(), 1)),
+        "mean_accuracy": float(np.nanmean(accuracy)) if present.any() else float("nan"),
+        "fwiou": float(np.nansum(freq[present] * iou[present])),
+    }
+
+
 def with_background(high_res: np.ndarray, threshold: float) -> np.ndarray:
     """CAM planes behind a constant background plane (IRN's labelling scores)."""
     return np.concatenate([np.full((1, *high_res.shape[1:]), threshold, high_res.dtype), high_res])

@@ -30,8 +30,7 @@ from stages.affinity import (
     subsample_labels,
     train_affinity,
 )
-from stages.config import DatasetConfig, TrainAffinityConfig
-from stages.dataset import prepare_dataset
+from stages.config import TrainAffinityConfig
 from stages.pairs import half_disc_offsets, line_path
 
 CPU = torch.device("cpu")
@@ -237,12 +236,6 @@ def test_init_from_cam_copies_backbone_weights():
 
 # ------------------------------------------------------------------------------------- training, inference
 
-
-@pytest.fixture(scope="module")
-def tiny_manifest(tiny_dataset, tmp_path_factory) -> Manifest:
-    cfg = DatasetConfig(kind="voc", root=str(tiny_dataset), label_space=str(tiny_dataset / "labelspace.json"),
-                        val_list="ImageSets/Segmentation/val.txt")
-    return prepare_dataset(cfg, tmp_path_factory.mktemp("manifest"), log=lambda *_: None)
 
 
 def gt_seeds(manifest: Manifest, drop: float = 0.3):

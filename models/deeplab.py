@@ -1,0 +1,196 @@
+"""DeepLab segmenters for the retraining stage (registry: ``SEGMENTERS``).
+
+- ``deeplabv2``: a dilated ResNet at output stride 8 (layer3 dilation 2, layer4 dilation 4) and an ASPP
+  that **sums** four 3x3 classifiers with dilation 6/12/18/24 (deeplab-pytorch's DeepLabV2). Optionally
+  wrapped in :class:`MultiScaleInputs` (MSC: the net on the input and on 0.5x / 0.75x copies, pixel-wise max).
+- ``deeplabv3plus``: output stride 16 (layer4 dilation 2), an ASPP of 1x1 + three dilated 3x3 (6/12/18) +
+  image pooling, concatenated and fused, then a decoder that joins the stride-4 layer1 features.
+
+Backbones come from ``models.resnet`` in torchvision's key layout, so an ImageNet ``.pth`` loads into
+``backbone.*``. Head widths are 256 as in the references for full-size ResNets, and half the last stage's
+channels for narrow ones (``resnet_mini``: 64), which keeps the head from dwarfing a CPU-sized backbone.
+
+Every model returns logits at its output stride; ``param_groups`` gives deeplab-pytorch's learning-rate
+groups (backbone 1x, head weights 10x, head biases 20x without weight decay, BatchNorm not optimised
+when frozen).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.norm import batchnorm_eval
+from models.registry import Registry
+from models.resnet import ResNet, create_backbone
+
+SEGMENTERS: Registry = Registry("segmentation model")
+
+
+def head_width(backbone: ResNet) -> int:
+    return min(256, backbone.channels[-1] // 2)
+
+
+class _Segmenter(nn.Module):
+    """Shared by both DeepLabs: frozen BN handling and the LR groups."""
+
+    backbone: ResNet
+
+    def __init__(self, freeze_bn: bool):
+        super().__init__()
+        self.freeze_bn = freeze_bn
+
+    def train(self, mode: bool = True) -> _Segmenter:
+        super().train(mode)
+        if mode and self.freeze_bn:
+            batchnorm_eval(self)  # deeplab-pytorch keeps the pretrained statistics throughout
+        return self
+
+    def head_modules(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def param_groups(self) -> list[dict]:
+        """Backbone 1x; new layers' weights 10x and biases 20x (no decay); BN parameters not trained if frozen."""
+        groups: list[dict] = [{"params": [], "lr_mult": 1.0}, {"params": [], "lr_mult": 10.0},
+                              {"params": [], "lr_mult": 20.0, "decay": False}]
+        head = {id(p) for m in self.head_modules() for p in m.parameters()}
+        norm = {id(p) for m in self.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm))
+                for p in m.parameters(recurse=False)}
+        for name, p in self.named_parameters():
+            if not p.requires_grad or (self.freeze_bn and id(p) in norm):
+                continue
+            if id(p) not in head:
+                groups[0]["params"].append(p)
+            elif name.endswith("bias"):
+                groups[2]["params"].append(p)
+            else:
+                groups[1]["params"].append(p)
+        return [g for g in groups if g["params"]]
+
+
+class SumASPP(nn.Module):
+    """DeepLab-v2's ASPP: parallel dilated 3x3 classifiers whose logits are summed."""
+
+    def __init__(self, in_channels: int, num_classes: int, rates: Sequence[int] = (6, 12, 18, 24)):
+        super().__init__()
+        self.branches = nn.ModuleList(nn.Conv2d(in_channels, num_classes, 3, padding=r, dilation=r, bias=True)
+                                      for r in rates)
+        for conv in self.branches:
+            nn.init.normal_(conv.weight, 0.0, 0.01)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(branch(x) for branch in self.branches)
+
+
+class DeepLabV2(_Segmenter):
+    def __init__(self, backbone: ResNet, num_classes: int, rates: Sequence[int] = (6, 12, 18, 24),
+                 freeze_bn: bool = True):
+        super().__init__(freeze_bn)
+        self.backbone = backbone
+        self.aspp = SumASPP(backbone.channels[-1], num_classes, rates)
+        self.output_stride = backbone.output_stride
+
+    def head_modules(self) -> list[nn.Module]:
+        return [self.aspp]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.aspp(self.backbone(x)[-1])
+
+
+def _conv_bn_relu(cin: int, cout: int, kernel: int = 1, dilation: int = 1) -> nn.Sequential:
+    pad = dilation * (kernel // 2)
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=pad, dilation=dilation, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class ConcatASPP(nn.Module):
+    """DeepLab-v3's ASPP: 1x1, three dilated 3x3 and image pooling, concatenated and fused by a 1x1."""
+
+    def __init__(self, in_channels: int, width: int, rates: Sequence[int] = (6, 12, 18)):
+        super().__init__()
+        self.branches = nn.ModuleList([_conv_bn_relu(in_channels, width)] +
+                                      [_conv_bn_relu(in_channels, width, 3, r) for r in rates])
+        self.pool = _conv_bn_relu(in_channels, width)
+        self.fuse = _conv_bn_relu(width * (len(rates) + 2), width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.pool(F.adaptive_avg_pool2d(x, 1))
+        parts = [b(x) for b in self.branches] + [pooled.expand(-1, -1, *x.shape[-2:])]
+        return self.fuse(torch.cat(parts, 1))
+
+
+class DeepLabV3Plus(_Segmenter):
+    def __init__(self, backbone: ResNet, num_classes: int, rates: Sequence[int] = (6, 12, 18),
+                 freeze_bn: bool = True):
+        super().__init__(freeze_bn)
+        self.backbone = backbone
+        width = head_width(backbone)
+        self.aspp = ConcatASPP(backbone.channels[-1], width, rates)
+        low = max(8, width * 48 // 256)  # the reference reduces layer1 to 48 of 256
+        self.reduce = _conv_bn_relu(backbone.channels[0], low)
+        self.decoder = nn.Sequential(_conv_bn_relu(width + low, width, 3), _conv_bn_relu(width, width, 3),
+                                     nn.Conv2d(width, num_classes, 1))
+        self.output_stride = 4  # the decoder's resolution: layer1's grid
+
+    def head_modules(self) -> list[nn.Module]:
+        return [self.aspp, self.reduce, self.decoder]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.backbone(x)
+        low = self.reduce(feats[0])
+        high = F.interpolate(self.aspp(feats[-1]), size=low.shape[-2:], mode="bilinear", align_corners=False)
+        return self.decoder(torch.cat([high, low], 1))
+
+
+class MultiScaleInputs(nn.Module):
+    """deeplab-pytorch's MSC: logits of the input and of downscaled copies, fused by a pixel-wise max.
+
+    In training it returns every output (1x, each scale, the max) so the loss covers all of them; in eval,
+    the max only.
+    """
+
+    def __init__(self, base: _Segmenter, scales: Sequence[float] = (0.5, 0.75)):
+        super().__init__()
+        self.base = base
+        self.scales = tuple(scales)
+        self.output_stride = base.output_stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        full = self.base(x)
+        outputs = [full]
+        for s in self.scales:
+            small = F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+            outputs.append(self.base(small))
+        fused = torch.stack([F.interpolate(o, size=full.shape[-2:], mode="bilinear", align_corners=False)
+                             for o in outputs]).amax(0)
+        return [*outputs, fused] if self.training else fused
+
+    def param_groups(self) -> list[dict]:
+        return self.base.param_groups()
+
+
+@SEGMENTERS.register("deeplabv2")
+def deeplabv2(backbone: str, num_classes: int, pretrained: str | None = None, freeze_bn: bool = True,
+              msc: bool = False) -> nn.Module:
+    """Output stride 8: layer3 and layer4 keep their resolution with dilation 2 and 4."""
+    net = DeepLabV2(create_backbone(backbone, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4), pretrained=pretrained),
+                    num_classes, freeze_bn=freeze_bn)
+    return MultiScaleInputs(net) if msc else net
+
+
+@SEGMENTERS.register("deeplabv3plus")
+def deeplabv3plus(backbone: str, num_classes: int, pretrained: str | None = None, freeze_bn: bool = True,
+                  msc: bool = False) -> nn.Module:
+    """Output stride 16 in the encoder (layer4 dilation 2), decoded at stride 4."""
+    net = DeepLabV3Plus(create_backbone(backbone, strides=(1, 2, 2, 1), dilations=(1, 1, 1, 2),
+                                        pretrained=pretrained), num_classes, freeze_bn=freeze_bn)
+    return MultiScaleInputs(net) if msc else net
+
+
+def create_segmenter(name: str, backbone: str, num_classes: int, pretrained: str | None = None,
+                     freeze_bn: bool = True, msc: bool = False) -> nn.Module:
+    return SEGMENTERS.get(name)(backbone, num_classes, pretrained=pretrained, freeze_bn=freeze_bn, msc=msc)
