@@ -11,6 +11,9 @@
    inference and the whole per-image propagation, images/s.
 6. Scheduling (bench/scheduling.py): no-op and cold-graph scheduling of a 10,000-image dataset at the default
    shard size, and MakeCAM with ``--workers 2`` against ``--workers 1``.
+7. Dense CRF (bench/crf.py; alone: ``python -m bench.crf``): pydensecrf against the torch backend on one
+   500x375 image, 21 labels, 10 iterations, deeplab_test and psa_seeds parameters: seconds (pydensecrf;
+   torch on the CPU with 1 and all threads; CUDA when present), ratios and argmax agreement %.
 
 Results go to ``bench/results/latest.json`` and are printed as a table.
 """
@@ -32,6 +35,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.crf import bench_crf  # noqa: E402
 from bench.maps import smooth_cam_stack  # noqa: E402
 from bench.pseudo_labels import bench_pseudo_labels  # noqa: E402
 from bench.random_walk import bench_random_walk  # noqa: E402
@@ -160,7 +164,7 @@ def main() -> None:
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
                "cam_inference": bench_cam_inference(), "storage": bench_storage(), "noop_rerun": bench_noop_rerun(),
                "pseudo_labels": bench_pseudo_labels(), "random_walk": bench_random_walk(),
-               "scheduling": bench_scheduling()}
+               "scheduling": bench_scheduling(), "crf": bench_crf()}
     out = REPO / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=1))

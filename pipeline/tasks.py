@@ -50,6 +50,7 @@ class wsss(luigi.Config):  # noqa: N801 - the section is called [wsss]
     gpu_lock_dir = luigi.Parameter(default=C.RuntimeConfig.gpu_lock_dir)
     gpu_wait_s = luigi.FloatParameter(default=C.RuntimeConfig.gpu_wait_s)
     submit_stages = luigi.Parameter(default=C.RuntimeConfig.submit_stages)
+    crf_backend = luigi.Parameter(default=C.RuntimeConfig.crf_backend)
 
 
 def runtime() -> C.RuntimeConfig:
@@ -180,6 +181,8 @@ class StageTask(luigi.Task):
     def run(self) -> None:
         rt = runtime()
         configure_threads(rt.torch_threads)
+        from stages.crf import set_default_backend  # lazily: stages.crf is only needed by CRF stages
+        set_default_backend(rt.crf_backend)
         started = time.time()
         with atomic_path(self.stage_dir, directory=True) as tmp:
             metrics, placement = run_compute(self, tmp)
@@ -499,6 +502,8 @@ class ShardTask(luigi.Task):
     def run(self) -> None:
         rt = runtime()
         configure_threads(rt.torch_threads)
+        from stages.crf import set_default_backend  # lazily: stages.crf is only needed by CRF stages
+        set_default_backend(rt.crf_backend)
         parent = self.parent
         members = self.members()
         started = time.time()

@@ -439,12 +439,33 @@ def _padded_input(rgb: np.ndarray, multiple: int, device: torch.device) -> torch
 def infer_boundary(model: IRNet, rgb: np.ndarray, device: torch.device) -> np.ndarray:
     """IRN's class-boundary map B (ceil(H/4), ceil(W/4)) in [0, 1]: sigmoid of the mean of the image's logits
     and its mirror's, flipped back. Pads to a multiple of 16 (IRN pads to 512, which breaks larger images)."""
+    return infer_boundary_features(model, rgb, device, features=False)["boundary"]
+
+
+@torch.no_grad()
+def infer_boundary_features(model: IRNet, rgb: np.ndarray, device: torch.device,
+                            features: bool = True) -> dict[str, np.ndarray]:
+    """{"boundary": B as :func:`infer_boundary` gives it} plus, with ``features``, WSGCN's node features
+    {"boundary_features": (160, ceil(H/4), ceil(W/4))}: the boundary branch's concatenated maps (after ReLU) times
+    the final 1x1 conv's weights, i.e. each channel's share of the boundary logit, image and mirror averaged."""
     model.eval()
     h, w = rgb.shape[:2]
     x = _padded_input(rgb, 16, device)
-    logits = model.boundary_logits(model.taps(torch.cat([x, x.flip(-1)])))[:, 0]
+    captured = []
+    # The input of edge_out is the concatenated branch output; a hook reads it without re-implementing the branch.
+    hook = model.edge_out.register_forward_hook(lambda _module, inputs, _out: captured.append(inputs[0]))
+    try:
+        logits = model.boundary_logits(model.taps(torch.cat([x, x.flip(-1)])))[:, 0]
+    finally:
+        hook.remove()
+    grid = (math.ceil(h / 4), math.ceil(w / 4))
     boundary = torch.sigmoid((logits[0] + logits[1].flip(-1)) / 2)
-    return boundary[:math.ceil(h / 4), :math.ceil(w / 4)].float().cpu().numpy()
+    out = {"boundary": boundary[:grid[0], :grid[1]].float().cpu().numpy()}
+    if features:
+        weighted = captured[0] * model.edge_out.weight[:, :, 0, 0].reshape(1, -1, 1, 1)
+        mean = (weighted[0] + weighted[1].flip(-1)) / 2
+        out["boundary_features"] = mean[:, :grid[0], :grid[1]].float().cpu().numpy()
+    return out
 
 
 @torch.no_grad()
@@ -457,9 +478,13 @@ def infer_features(model: AffinityNet, rgb: np.ndarray, device: torch.device) ->
     return features[:, :math.ceil(h / s), :math.ceil(w / s)].float().cpu().numpy()
 
 
-def infer_affinity_input(model: torch.nn.Module, rgb: np.ndarray, device: torch.device) -> dict[str, np.ndarray]:
-    """What the random walk needs from either net: {"boundary": B} (IRNet) or {"features": f} (AffinityNet)."""
+def infer_affinity_input(model: torch.nn.Module, rgb: np.ndarray, device: torch.device,
+                         boundary_features: bool = False) -> dict[str, np.ndarray]:
+    """What the random walk needs from either net: {"boundary": B} (IRNet) or {"features": f} (AffinityNet);
+    ``boundary_features`` adds IRNet's weighted boundary features (the GCN's node features)."""
     if isinstance(model, IRNet):
+        if boundary_features:
+            return infer_boundary_features(model, rgb, device)
         return {"boundary": infer_boundary(model, rgb, device)}
     if isinstance(model, AffinityNet):
         return {"features": infer_features(model, rgb, device)}

@@ -31,6 +31,7 @@ class RuntimeConfig:
     gpu_lock_dir: str = ""        # per-host lock files (pipeline.devices); "" = <tmp>/wsss-gpu-locks-<user>
     gpu_wait_s: float = 3600.0    # how long a task waits for free devices before failing
     submit_stages: str = ""       # task families run as submitit jobs, e.g. TrainCAM,MakeCAMShard ([submitit])
+    crf_backend: str = "auto"     # dense CRF: pydensecrf | torch | auto (torch on CUDA, else pydensecrf); stages.crf
 
 
 @dataclass(frozen=True)

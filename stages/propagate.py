@@ -20,12 +20,16 @@ from models.registry import Registry
 from stages.config import PropagateConfig
 from stages.evaluate import with_background
 from stages.extract_seeds import label_file, read_cam
+from stages.gcn import propagate_gcn, validate_gcn_config
 from stages.random_walk import propagate_irn, propagate_psa
 
 PROPAGATION_METHODS: Registry = Registry("propagation method")
 
 # Which affinity net produces what each method walks on.
-REQUIRED_AFFINITY = {"rw_irn": "irnet", "rw_psa": "affinitynet"}
+REQUIRED_AFFINITY = {"rw_irn": "irnet", "rw_psa": "affinitynet", "gcn": "irnet"}
+# Methods that also read IRNet's "boundary_features", the image ("rgb", uint8 (H, W, 3)), its "image_id" and the
+# label space's class count ("num_labels") from the affinity dict.
+IMAGE_INPUT_METHODS = {"gcn"}
 
 
 @PROPAGATION_METHODS.register("rw_irn")
@@ -44,6 +48,19 @@ def rw_psa(cfg: PropagateConfig, cams: dict[str, np.ndarray], affinity: dict[str
                          steps=cfg.steps, radius=cfg.radius, device=device)
 
 
+@PROPAGATION_METHODS.register("gcn")
+def gcn(cfg: PropagateConfig, cams: dict[str, np.ndarray], affinity: dict[str, np.ndarray],
+        size: tuple[int, int], device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """WSGCN-I: a GCN per image on rownorm(max(T^t, T^t^T) + I), trained on CRF/CAM partial labels."""
+    missing = {"boundary", "boundary_features", "rgb", "image_id"} - set(affinity)
+    if missing:
+        raise ValueError(f"propagation gcn needs {', '.join(sorted(missing))} in its inputs (IRNet's boundary "
+                         "features and the image, as propagate_images passes them)")
+    num_labels = int(affinity["num_labels"]) if "num_labels" in affinity else None
+    return propagate_gcn(cfg, cams["cam"], cams["high_res"], affinity["boundary"], affinity["boundary_features"],
+                         affinity["rgb"], str(affinity["image_id"]), size, device, entropy_classes=num_labels)
+
+
 def validate_propagation(cfg: PropagateConfig, affinity_method: str | None = None) -> None:
     PROPAGATION_METHODS.get(cfg.propagation, key="Propagate.propagation")
     if cfg.beta <= 0 or cfg.alpha <= 0:
@@ -52,6 +69,7 @@ def validate_propagation(cfg: PropagateConfig, affinity_method: str | None = Non
         raise ValueError("Propagate.steps >= 1, Propagate.radius >= 2 and Propagate.shard_size >= 1 are required")
     if not 0 <= cfg.bg_threshold <= 1 or not 0 <= cfg.cam_bg_threshold <= 1:
         raise ValueError("Propagate.bg_threshold and Propagate.cam_bg_threshold must lie in [0, 1]")
+    validate_gcn_config(cfg)
     needed = REQUIRED_AFFINITY.get(cfg.propagation)
     if affinity_method and needed and affinity_method != needed:
         raise ValueError(f"Propagate.propagation = {cfg.propagation} walks on {needed}'s output, but "
@@ -79,8 +97,11 @@ def propagate_images(cfg: PropagateConfig, manifest: Manifest, ids: Sequence[str
             fallback.append(image_id)
         else:
             low, _ = read_cam(cams, image_id, "cam", size)
+            with_image = cfg.propagation in IMAGE_INPUT_METHODS
             with torch.no_grad():
-                affinity = infer_affinity_input(affinity_model, rgb, device)
+                affinity = infer_affinity_input(affinity_model, rgb, device, boundary_features=with_image)
+            if with_image:
+                affinity.update(rgb=rgb, image_id=np.asarray(image_id), num_labels=np.asarray(space.num_classes))
             probs, index = method(cfg, {"cam": low, "high_res": high}, affinity, size, device)
         label = np.asarray([0, *keys], np.uint8)[index]
         path = label_file(out_dir, image_id)

@@ -89,4 +89,6 @@ def build_report(cfg: ReportConfig, manifest: Manifest, dirs: dict[str, Path], c
         training_curves={"pseudo labels": read_curve(dirs["segmenter"] / LOG),
                          "GT (ceiling)": read_curve(dirs["ceiling_segmenter"] / LOG)},
         gallery=gallery_panels(manifest, dirs, ids, model, eval_config, device), notes=notes)
-    return write_report(inputs, out_dir)
+    summary = write_report(inputs, out_dir)
+    # Paths inside the temporary stage directory mean nothing once it is published.
+    return {k: v for k, v in summary.items() if k not in ("html", "markdown", "figures")}

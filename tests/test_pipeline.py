@@ -14,13 +14,17 @@ from conftest import REPO, copy_repo, luigi_cmd, run_cli, run_luigi
 from pipeline.tasks import (
     EvalCAM,
     EvalPseudoLabels,
+    EvalSegmentation,
     ExtractSeeds,
     FullWSSS,
     MakeCAM,
     PrepareDataset,
     Propagate,
+    RefineCRF,
+    Report,
     TrainAffinity,
     TrainCAM,
+    TrainSegmentation,
     shard_store,
     stage_graph,
 )
@@ -59,6 +63,7 @@ def test_full_chain_runs_and_is_cached(luigi_config, tmp_path):
     assert np.all(cams[some]["high_res"].max(axis=(1, 2)) <= 1.0 + 1e-3)
     assert not list(work.glob("*/*.parts")) and not list(work.glob("*/*.tmp-*"))
     check_pseudo_label_chain(manifest)
+    check_segmentation_and_report(manifest, work)
 
     # Second run: nothing to do.
     luigi.task_register.Register.clear_instance_cache()
@@ -89,6 +94,29 @@ def check_pseudo_label_chain(manifest: dict) -> None:
     assert "pseudo-label IoU" in (EvalPseudoLabels().stage_dir / "report.md").read_text()
     prov = json.loads((TrainAffinity().stage_dir / "provenance.json").read_text())
     assert prov["inputs"]["seeds"]["key"] == ExtractSeeds().key and prov["seed"] == 0
+
+
+def check_segmentation_and_report(manifest: dict, work: Path) -> None:
+    """CRF-refined pseudo labels, DeepLab on them and on GT (the ceiling), val predictions, the report."""
+    images = set(manifest["splits"]["train"]) | set(manifest["splits"]["eval"])
+    assert {p.stem for p in (RefineCRF().stage_dir / "labels").glob("*.png")} == images
+    chain = json.loads((EvalPseudoLabels().stage_dir / "metrics.json").read_text())["chain"]
+    assert 0 < chain["refined_miou"] <= 1
+    pseudo, ceiling = TrainSegmentation(), TrainSegmentation(labels="gt")
+    assert pseudo.key != ceiling.key
+    for trained in (pseudo, ceiling):
+        assert (trained.stage_dir / "model.pt").is_file()
+        header = (trained.stage_dir / "log.csv").read_text().splitlines()[0]
+        assert header == "epoch,iteration,loss,lr,val_miou,seconds"
+    assert "pseudo_labels" in json.loads((pseudo.stage_dir / "provenance.json").read_text())["inputs"]
+    assert "pseudo_labels" not in json.loads((ceiling.stage_dir / "provenance.json").read_text())["inputs"]
+    for evaluated in (EvalSegmentation(), EvalSegmentation(labels="gt")):
+        metrics = json.loads((evaluated.stage_dir / "metrics.json").read_text())
+        assert 0 <= metrics["miou"] <= 1 and metrics["n_images"] == len(manifest["splits"]["val"])
+        assert {p.stem for p in (evaluated.stage_dir / "labels").glob("*.png")} == set(manifest["splits"]["val"])
+    assert not list(work.glob("*/*.resume")), "resume checkpoints are removed once a model is published"
+    html = (Report().stage_dir / "report.html").read_text()
+    assert "<html" in html.lower() and (Report().stage_dir / "report.md").is_file()
 
 
 def test_psa_seam_family_runs_end_to_end(luigi_config):

@@ -1,0 +1,161 @@
+"""WSGCN-I propagation (stages/gcn.py): the dense T^t adjacency against the scalable top-k one.
+
+Two images: one of the demo profile's size (112x144, stride-4 grid 28x36 = 1,008 nodes, t = 16 as luigi.cfg
+sets for the demo) and one of VOC's typical 500x375 (94x125 = 11,750 nodes, the reference's t = 256). Each is
+a synthetic render (data/synthetic.py) with
+
+- a boundary map from its ground-truth object contours (Gaussian-blurred, plus uniform noise), so the walk
+  has regions to stay in, as a trained IRNet's would;
+- CAMs: its blurred ground-truth masks with noise, max-normalised (stride 4 and full resolution);
+- node features from a randomly initialised IRNet (``resnet_mini``) on the image, through the same
+  ``infer_boundary_features`` the Propagate stage uses.
+
+Each (image, mode) runs the whole ``propagate_gcn`` (partial labels, adjacency, 250-epoch GCN) in a fresh
+subprocess that reports its wall time, split into graph building and training, and its peak resident memory
+above the state before the call (bench/random_walk.py's ``PeakMemory``). Figures: seconds and peak MiB per
+image for dense and topk, and the percentage of pixels whose label agrees between them.
+
+On 2 CPU cores the 500x375 image takes minutes in either mode: T^256 costs ~26 TFLOP by squaring (dense) or
+~5 TFLOP of sparse products (topk, for any k). Run alone with ``python -m bench.gcn``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.random_walk import PeakMemory  # noqa: E402
+from stages.config import PropagateConfig  # noqa: E402
+
+# name -> (height, width, walk steps)
+IMAGES = {"demo": (112, 144, 16), "voc": (375, 500, 256)}
+TOPK = 512
+SEED = 3
+
+
+def make_inputs(name: str) -> dict:
+    """The image, its CAMs (stride 4 and full), boundary map and IRNet features, all deterministic."""
+    import cv2
+
+    from data.synthetic import Profile, render_sample
+    from models.affinity import IRNet
+    from models.resnet import create_backbone
+    from stages.affinity import infer_boundary_features
+
+    height, width, _ = IMAGES[name]
+    sample = render_sample(SEED, "train", 0, Profile(n_train=1, n_val=0, height=height, width=width))
+    rng = np.random.default_rng(SEED)
+    grid = (math.ceil(height / 4), math.ceil(width / 4))
+    semantic = sample.semantic.astype(np.int32)
+    classes = sorted({o.cls + 1 for o in sample.objects})
+    sigma = 0.03 * min(height, width)
+    high = []
+    for c in classes:
+        blurred = cv2.GaussianBlur((semantic == c).astype(np.float32), (0, 0), sigma)
+        high.append(np.clip(blurred + rng.normal(0, 0.05, blurred.shape), 0, None))
+    high = np.stack(high).astype(np.float32)
+    high /= high.max(axis=(1, 2), keepdims=True)
+    cam = np.stack([cv2.resize(c, (grid[1], grid[0]), interpolation=cv2.INTER_AREA) for c in high])
+    cam /= cam.max(axis=(1, 2), keepdims=True)
+    small = cv2.resize(semantic, (grid[1], grid[0]), interpolation=cv2.INTER_NEAREST)
+    edges = np.zeros(grid, np.float32)
+    edges[:, 1:] += small[:, 1:] != small[:, :-1]
+    edges[1:, :] += small[1:, :] != small[:-1, :]
+    boundary = np.clip(cv2.GaussianBlur(np.minimum(edges, 1), (0, 0), 0.7) * 2 + rng.uniform(0, 0.15, grid), 0, 1)
+    torch.manual_seed(SEED)
+    model = IRNet(create_backbone("resnet_mini", strides=(1, 2, 1, 1))).eval()
+    features = infer_boundary_features(model, sample.image, torch.device("cpu"))["boundary_features"]
+    return {"rgb": sample.image, "cam": cam, "high_res": high, "boundary": boundary.astype(np.float32),
+            "features": features, "classes": len(classes)}
+
+
+def run_variant(name: str, mode: str, out_dir: Path) -> dict:
+    """Inside a fresh process: one propagate_gcn call, timed by phase, with its peak memory."""
+    from stages import gcn
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    inputs = make_inputs(name)
+    height, width, steps = IMAGES[name]
+    cfg = dataclasses.replace(PropagateConfig(propagation="gcn"), gcn_adjacency=mode, gcn_topk=TOPK,
+                              gcn_walk_steps=steps, gcn_dense_max_mib=1e6)
+    phases: dict[str, float] = {}
+    build, train = gcn.build_graph, gcn.train_gcns
+
+    def timed(phase, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                phases[phase] = time.perf_counter() - start
+        return wrapper
+
+    gcn.build_graph, gcn.train_gcns = timed("graph_s", build), timed("train_s", train)
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        _, label = gcn.propagate_gcn(cfg, inputs["cam"], inputs["high_res"], inputs["boundary"],
+                                     inputs["features"], inputs["rgb"], name, (height, width), "cpu",
+                                     entropy_classes=21)
+        seconds = time.perf_counter() - start
+    np.save(out_dir / f"{name}_{mode}_label.npy", label)
+    return {"seconds": seconds, **phases, "peak_bytes": memory.peak, "memory_method": memory.method}
+
+
+def bench_gcn(images: tuple[str, ...] = ("demo", "voc")) -> dict:
+    """Both modes on each image, in fresh subprocesses; returns the figures per image."""
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in images:
+            measured = {}
+            for mode in ("dense", "topk"):
+                done = subprocess.run([sys.executable, "-m", "bench.gcn", "--variant", f"{name}:{mode}",
+                                       "--out", tmp], cwd=REPO, capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise RuntimeError(f"{name} {mode} failed:\n{done.stderr[-3000:]}")
+                measured[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+            labels = {m: np.load(Path(tmp) / f"{name}_{m}_label.npy") for m in measured}
+            height, width, steps = IMAGES[name]
+            dense, topk = measured["dense"], measured["topk"]
+            results[name] = {
+                "size": f"{width}x{height}", "nodes": math.ceil(height / 4) * math.ceil(width / 4),
+                "walk_steps": steps, "topk": TOPK, "threads": os.cpu_count(),
+                "dense_s": dense["seconds"], "dense_graph_s": dense["graph_s"], "dense_train_s": dense["train_s"],
+                "topk_s": topk["seconds"], "topk_graph_s": topk["graph_s"], "topk_train_s": topk["train_s"],
+                "dense_peak_mib": dense["peak_bytes"] / 2**20, "topk_peak_mib": topk["peak_bytes"] / 2**20,
+                "label_agreement_pct": 100 * float((labels["dense"] == labels["topk"]).mean()),
+                "memory_method": dense["memory_method"]}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", help="internal: IMAGE:MODE to measure in this process")
+    parser.add_argument("--out", type=Path, help="internal: folder for the variant's labels")
+    parser.add_argument("--images", default="demo,voc", help="comma-separated: demo, voc")
+    args = parser.parse_args()
+    if args.variant:
+        name, mode = args.variant.split(":")
+        print(json.dumps(run_variant(name, mode, args.out)))
+        return
+    for name, figures in bench_gcn(tuple(args.images.split(","))).items():
+        print(name)
+        for key, value in figures.items():
+            print(f"  {key:<22} {value:.4g}" if isinstance(value, float) else f"  {key:<22} {value}")
+
+
+if __name__ == "__main__":
+    main()
