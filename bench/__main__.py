@@ -14,6 +14,9 @@
 7. Dense CRF (bench/crf.py; alone: ``python -m bench.crf``): pydensecrf against the torch backend on one
    500x375 image, 21 labels, 10 iterations, deeplab_test and psa_seeds parameters: seconds (pydensecrf;
    torch on the CPU with 1 and all threads; CUDA when present), ratios and argmax agreement %.
+8. DeepLab training (bench/segmentation.py): images/s of DeepLab-v2/v3+ on ``resnet_mini`` against the CAM
+   net's training step on the same backbone; on CUDA, DeepLab-v2 ResNet-101 MSC with AMP + channels-last
+   against float32.
 
 Results go to ``bench/results/latest.json`` and are printed as a table.
 """
@@ -40,6 +43,7 @@ from bench.maps import smooth_cam_stack  # noqa: E402
 from bench.pseudo_labels import bench_pseudo_labels  # noqa: E402
 from bench.random_walk import bench_random_walk  # noqa: E402
 from bench.scheduling import bench_scheduling  # noqa: E402
+from bench.segmentation import bench_segmentation  # noqa: E402
 from data.dense import DenseMapReader, DenseMapWriter  # noqa: E402
 from data.synthetic import PROFILES, Profile, render_sample, write_dataset  # noqa: E402
 from models.cam import CAMNet  # noqa: E402
@@ -164,7 +168,7 @@ def main() -> None:
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
                "cam_inference": bench_cam_inference(), "storage": bench_storage(), "noop_rerun": bench_noop_rerun(),
                "pseudo_labels": bench_pseudo_labels(), "random_walk": bench_random_walk(),
-               "scheduling": bench_scheduling(), "crf": bench_crf()}
+               "scheduling": bench_scheduling(), "crf": bench_crf(), "segmentation": bench_segmentation()}
     out = REPO / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=1))

@@ -12,8 +12,8 @@ Grids: 14x14 (112 crop, stride 8; the demo profile), 41x41 (321 crop, DGCN/DSRG)
 21 channels, 3 present classes (background + 2), seeds on eroded object cores. Node features: 1,280-d (DGCN's
 layer1 + layer3 width) on the small grids, 3-d on 375x500.
 
-Each (stage, variant, grid) runs in a fresh subprocess that reports the peak resident memory of its first call
-above the state before it (bench.random_walk.PeakMemory) and the best per-image time of a few calls.
+Each (stage, variant, grid) runs single-threaded in a fresh subprocess that reports the peak resident memory of
+its first call above the state before it (bench.random_walk.PeakMemory) and the best per-image time of a few calls.
 
 At 375x500 (N = 187,500 nodes) the kNN is O(N²) for both variants (~35e9 distances). It is timed on a sample of
 rows and extrapolated (linear in rows), saying so; the baseline's N x N matrices (float64 distances + bool kNN,
@@ -59,6 +59,7 @@ GRIDS = {"14x14": (14, 14, 8, 1280), "41x41": (41, 41, 4, 1280), "375x500": (375
 BIG = "375x500"
 KNN_SAMPLE_ROWS = 178      # rows of the 375x500 distance matrix actually computed (2 of our blocks)
 SCAN_SAMPLE_ROWS = 2000    # dense-row np.where scans timed for the 375x500 baseline
+THREADS = 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,7 +212,9 @@ def _timed(fn, repeat: int) -> tuple[object, float, PeakMemory]:
 
 
 def measure(stage: str, variant: str, grid: str, out_dir: Path) -> dict:
-    torch.set_num_threads(os.cpu_count() or 1)
+    # one thread for both variants: scipy's cdist and the Python loops are single-threaded, and on a shared
+    # machine torch's extra threads mostly wait for cores
+    torch.set_num_threads(THREADS)
     h, w, batch, dim = GRIDS[grid]
     case = make_case(h, w, batch, dim)
     cfg, n = DGCNConfig(), h * w
@@ -313,7 +316,7 @@ def _run(stage: str, variant: str, grid: str, out: str) -> dict:
 
 def bench_graph_labels(grids: tuple[str, ...] = tuple(GRIDS)) -> dict:
     """Figures per grid and stage: per-image seconds and peak MiB of ours and the baseline, speed-up, agreement."""
-    figures: dict = {"threads": os.cpu_count()}
+    figures: dict = {"threads": THREADS, "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:
         for grid in grids:
             for stage in ("dsrg", "knn", "cut"):

@@ -348,6 +348,10 @@ def validate(cfg: object) -> None:
                              f"checkpoint_every must be positive, eval_every >= 0: {cfg}")
         if cfg.crop_size < 16 or not cfg.scales or min(cfg.scales) <= 0:
             raise ValueError(f"TrainSegmentation: crop_size >= 16 and positive scales required: {cfg}")
+        if cfg.freeze_bn and not (cfg.pretrained or cfg.init_checkpoint):
+            raise ValueError("TrainSegmentation.freeze_bn keeps random BatchNorm statistics unless "
+                             "TrainSegmentation.pretrained (ImageNet .pth | synthetic) or init_checkpoint is set; "
+                             "set one, or freeze_bn = false")
     if isinstance(cfg, EvalSegmentationConfig):
         if not cfg.scales or min(cfg.scales) <= 0 or cfg.shard_size < 1:
             raise ValueError(f"EvalSegmentation: positive scales and shard_size >= 1 required: {cfg}")

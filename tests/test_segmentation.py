@@ -25,7 +25,7 @@ from stages.segmentation import (
 )
 
 TINY = TrainSegmentationConfig(iterations=6, batch_size=4, crop_size=48, lr=0.01, checkpoint_every=2,
-                               eval_every=1, scales=(0.75, 1.0))
+                               eval_every=1, scales=(0.75, 1.0), freeze_bn=False)
 
 
 @pytest.mark.parametrize("name, stride", [("deeplabv2", 8), ("deeplabv3plus", 4)])
@@ -137,6 +137,8 @@ def test_bad_config_names_the_key():
         validate(dataclasses.replace(TINY, model="unet"))
     with pytest.raises(ValueError, match="TrainSegmentation"):
         validate(dataclasses.replace(TINY, accumulation=0))
+    with pytest.raises(ValueError, match="freeze_bn"):  # random BN statistics, frozen: never what one wants
+        validate(dataclasses.replace(TINY, freeze_bn=True, pretrained=""))
 
 
 def _gt(manifest):
