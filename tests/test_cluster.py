@@ -23,8 +23,8 @@ from PIL import Image
 
 CLUSTER_CFG = REPO / "configs" / "cluster.cfg"
 STAGES = ("PrepareDataset", "PretrainBackbone", "TrainCAM", "MakeCAM", "EvalCAM", "ExtractSeeds", "TrainAffinity",
-          "Propagate", "EvalPseudoLabels")
-SHARDED = ("MakeCAM", "ExtractSeeds", "Propagate")
+          "Propagate", "RefineCRF", "EvalPseudoLabels", "TrainSegmentation", "EvalSegmentation", "Report")
+SHARDED = ("MakeCAM", "ExtractSeeds", "Propagate", "RefineCRF", "EvalSegmentation")
 # luigi logs "Worker(...) running   Family(params)" when it starts a task and "done      Family(...)" after.
 RUNNING = re.compile(r"\) running   (\w+\(.*\))$", re.M)
 TIMING = re.compile(r"seconds|_s$|per_s")
@@ -141,10 +141,16 @@ def wait_all(procs: list[subprocess.Popen], timeout: float = 900) -> list[int]:
     return codes
 
 
+def stage_dirs(work: Path, stage: str) -> list[Path]:
+    """Published directories of a stage: one, or two for the segmentation stages (pseudo labels and GT)."""
+    dirs = sorted(p for p in (work / stage).iterdir() if not p.name.endswith(".parts") and ".tmp-" not in p.name)
+    expected = 2 if stage in ("TrainSegmentation", "EvalSegmentation") else 1
+    assert len(dirs) == expected, f"{stage}: expected {expected} published directories, found {dirs}"
+    return dirs
+
+
 def stage_dir(work: Path, stage: str) -> Path:
-    dirs = [p for p in (work / stage).iterdir() if not p.name.endswith(".parts") and ".tmp-" not in p.name]
-    assert len(dirs) == 1, f"{stage}: expected one published directory, found {dirs}"
-    return dirs[0]
+    return stage_dirs(work, stage)[0]
 
 
 def without_timings(metrics: object) -> object:
@@ -158,8 +164,8 @@ def assert_same_outputs(reference: Path, other: Path) -> None:
     """Same keys, bit-identical dense maps, identical label PNGs and metric values in every stage."""
     from pipeline.tasks import shard_store
 
-    for stage in STAGES:
-        ref_dir, other_dir = stage_dir(reference, stage), stage_dir(other, stage)
+    pairs = [(name, a, b) for name in STAGES for a, b in zip(stage_dirs(reference, name), stage_dirs(other, name))]
+    for stage, ref_dir, other_dir in pairs:
         assert ref_dir.name == other_dir.name, f"{stage}: different keys"
         ref_metrics = without_timings(json.loads((ref_dir / "provenance.json").read_text())["metrics"])
         other_metrics = without_timings(json.loads((other_dir / "provenance.json").read_text())["metrics"])
@@ -216,9 +222,9 @@ def test_two_workers_share_the_graph_through_luigid(luigid, reference_work, tmp_
     assert sorted(started) == sorted(finished), "a task started and did not finish"
     assert len(started) == len(set(started)), f"a task ran twice: {sorted(started)}"
     families = {task.split("(")[0] for task in started}
-    assert families == set(STAGES[1:]) | {"FullWSSS", "MakeCAMShard", "ExtractSeedsShard", "PropagateShard"}
-    n_shards = sum(len(json.loads((stage_dir(cwd / "work", s) / "index.json").read_text())["shards"])
-                   for s in SHARDED)
+    assert families == set(STAGES[1:]) | {"FullWSSS", *(f"{s}Shard" for s in SHARDED)}
+    n_shards = sum(len(json.loads((d / "index.json").read_text())["shards"])
+                   for s in SHARDED for d in stage_dirs(cwd / "work", s))
     assert sum(task.split("(")[0].endswith("Shard") for task in started) == n_shards
     for running, _ in runs:
         assert any(task.split("(")[0].endswith("Shard") for task in running), "a worker got no shard"

@@ -66,7 +66,10 @@ def test_synthetic_weights_feed_train_cam_and_mismatched_backbones_are_refused(l
     assert TrainCAM().upstream()["pretrained"].key == PretrainBackbone().key
     assert "PretrainBackbone" in stage_graph()
     luigi_config("TrainCAM", "pretrained", "")
-    assert "pretrained" not in TrainCAM().upstream() and "PretrainBackbone" not in stage_graph()
+    assert "pretrained" not in TrainCAM().upstream() and "PretrainBackbone" in stage_graph()  # DeepLab uses it
+    luigi_config("TrainSegmentation", "pretrained", "")
+    luigi_config("TrainSegmentation", "freeze_bn", "false")
+    assert "PretrainBackbone" not in stage_graph()
     luigi_config("TrainCAM", "pretrained", "synthetic")
     luigi_config("TrainCAM", "backbone", "resnet18")
     with pytest.raises(ValueError, match="PretrainBackbone.backbone = resnet18"):
