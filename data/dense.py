@@ -16,7 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from data.io import BadInputError, atomic_path
+from data.io import BadInputError, atomic_path, read_json
 
 COMPRESSION = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
 
@@ -159,8 +159,6 @@ def _walk_ids(group: h5py.Group, prefix: str = "") -> Iterator[str]:
 
 def stage_maps(stage_dir: str | os.PathLike) -> DenseMapReader:
     """Reader over the dense maps of a published sharded stage (its ``index.json`` lists the shard files)."""
-    from data.io import read_json
-
     stage_dir = Path(stage_dir)
     index = read_json(stage_dir / "index.json")
     return DenseMapReader(stage_dir / name for name in index["shards"])

@@ -840,11 +840,11 @@ class Report(StageTask):
     def compute(self, out_dir: Path) -> dict:
         from stages.run_report import build_report
         graph = stage_graph()
-        dirs = {name: task.stage_dir for name, task in self.upstream().items()}
+        upstream = self.upstream()
+        dirs = {name: task.stage_dir for name, task in upstream.items()}
         config = {family: task.params_dict for family, task in graph.items()}
         provenance = {family: read_json(task.stage_dir / PROVENANCE) for family, task in graph.items()
                       if task.stage_dir != self.stage_dir and (task.stage_dir / PROVENANCE).is_file()}
-        upstream = self.upstream()
         return build_report(self.config, manifest_of(self), dirs, config, provenance,
                             segmenter_config=upstream["segmenter"].config,
                             eval_config=upstream["segmentation"].config, device=resolve_device(runtime().device),

@@ -32,8 +32,7 @@ def refine_labels(rgb: np.ndarray, scores: np.ndarray, preset: str, device: torc
     """Refined label indices (H, W) into the score planes, with the CRF ``preset``."""
     from stages.crf import refine
 
-    out = np.asarray(refine(rgb, scores_to_probs(scores), preset, device=device))
-    return out.argmax(0) if out.ndim == 3 else out
+    return refine(rgb, scores_to_probs(scores), preset, device=device)
 
 
 def refine_pseudo_labels(cfg: RefineCRFConfig, manifest: Manifest, ids: Sequence[str], scores: DenseMapReader,

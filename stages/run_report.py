@@ -31,8 +31,7 @@ def read_curve(path: Path) -> list[dict]:
 def gallery_panels(manifest: Manifest, dirs: dict[str, Path], image_ids: list[str], model: torch.nn.Module | None,
                    eval_cfg: EvalSegmentationConfig, device: torch.device) -> list[tuple[str, dict[str, np.ndarray]]]:
     from data.dense import stage_maps
-    from stages.crf import refine
-    from stages.segmentation import predict_probs
+    from stages.segmentation import predict_labels
 
     space = manifest.label_space
     cams = stage_maps(dirs["cams"])
@@ -48,10 +47,7 @@ def gallery_panels(manifest: Manifest, dirs: dict[str, Path], image_ids: list[st
             if path.is_file():
                 panels[panel] = read_label_png(path, space)
         if model is not None:
-            probs = predict_probs(model, rgb, device, eval_cfg.scales, eval_cfg.flip)
-            pred = refine(rgb, probs, eval_cfg.crf_preset, device=device) if eval_cfg.crf else probs
-            pred = np.asarray(pred)
-            panels["prediction"] = (pred.argmax(0) if pred.ndim == 3 else pred).astype(np.uint8)
+            panels["prediction"] = predict_labels(model, rgb, eval_cfg, device)[1]
         panels["gt"] = manifest.layout.read_label(image_id, evaluation=True)
         rows.append((image_id, panels))
     return rows

@@ -164,6 +164,19 @@ def predict_probs(model: nn.Module, rgb: np.ndarray, device: torch.device, scale
     return (total / (len(scales) * (2 if flip else 1))).cpu().numpy()
 
 
+def predict_labels(model: nn.Module, rgb: np.ndarray, cfg: EvalSegmentationConfig, device: torch.device,
+                   crf_backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """EvalSegmentation's prediction of one image: the argmax (H, W) uint8 of :func:`predict_probs` at
+    ``cfg.scales`` (and flip), and the same after ``cfg.crf_preset`` (the argmax again when ``cfg.crf`` is off)."""
+    from stages.crf import refine
+
+    probs = predict_probs(model, rgb, device, cfg.scales, cfg.flip)
+    raw = probs.argmax(0).astype(np.uint8)
+    if not cfg.crf:
+        return raw, raw
+    return raw, refine(rgb, probs, cfg.crf_preset, backend=crf_backend, device=device).astype(np.uint8)
+
+
 def evaluate_model(model: nn.Module, manifest: Manifest, ids: Sequence[str], device: torch.device) -> float:
     """Single-scale val mIoU, for the training log."""
     space = manifest.label_space
@@ -286,7 +299,6 @@ def predict_images(cfg: EvalSegmentationConfig, model: nn.Module, manifest: Mani
     """Predictions ``labels/<id>.png`` (after the CRF when ``cfg.crf``; ``raw/<id>.png`` before it) and the
     confusion matrices of both, as nested lists, for the stage to sum over shards."""
     from data.io import write_label_png
-    from stages.crf import refine
     from stages.extract_seeds import label_file
 
     validate(cfg)
@@ -296,13 +308,10 @@ def predict_images(cfg: EvalSegmentationConfig, model: nn.Module, manifest: Mani
     conf_crf = np.zeros((n, n), np.int64)
     for k, image_id in enumerate(ids, start=1):
         rgb = manifest.layout.read_image(image_id)
-        probs = predict_probs(model, rgb, device, cfg.scales, cfg.flip)
-        raw = probs.argmax(0).astype(np.uint8)
+        raw, final = predict_labels(model, rgb, cfg, device, crf_backend)
         gt = manifest.layout.read_label(image_id, evaluation=True)
         conf_raw += confusion(gt, raw, n, space.ignore_index)
-        final = raw
         if cfg.crf:
-            final = refine(rgb, probs, cfg.crf_preset, backend=crf_backend, device=device).astype(np.uint8)
             conf_crf += confusion(gt, final, n, space.ignore_index)
             raw_path = out_dir / "raw" / f"{image_id}.png"
             raw_path.parent.mkdir(parents=True, exist_ok=True)
