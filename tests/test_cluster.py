@@ -238,10 +238,11 @@ def test_killed_worker_its_shard_is_retried_by_the_other(luigid, reference_work,
     env = {"LUIGI_CONFIG_PATH": str(cwd / "luigi.cfg")}
     for stage in ("PrepareDataset", "PretrainBackbone", "TrainCAM"):  # start at MakeCAM: copy what precedes it
         shutil.copytree(stage_dir(reference_work, stage), cwd / "work" / stage / stage_dir(reference_work, stage).name)
-    # and the GT ceiling, which needs only the pretraining: else a worker may take it before any shard
-    (ceiling,) = [d for d in stage_dirs(reference_work, "TrainSegmentation")
-                  if json.loads((d / "provenance.json").read_text())["params"]["labels"] == "gt"]
-    shutil.copytree(ceiling, cwd / "work" / "TrainSegmentation" / ceiling.name)
+    # and the GT ceiling's branch (it needs only the pretraining): else a worker may take it before any shard
+    for stage in ("TrainSegmentation", "EvalSegmentation"):
+        (ceiling,) = [d for d in stage_dirs(reference_work, stage)
+                      if json.loads((d / "provenance.json").read_text())["params"]["labels"] == "gt"]
+        shutil.copytree(ceiling, cwd / "work" / stage / ceiling.name)
     (victim, victim_log), (survivor, survivor_log) = [start_worker(cwd, luigid.port, name)
                                                       for name in ("victim", "survivor")]
     try:
