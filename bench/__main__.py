@@ -17,6 +17,8 @@
 8. DeepLab training (bench/segmentation.py): images/s of DeepLab-v2/v3+ on ``resnet_mini`` against the CAM
    net's training step on the same backbone; on CUDA, DeepLab-v2 ResNet-101 MSC with AMP + channels-last
    against float32.
+9. A2GNN propagation (bench/a2gnn.py; both images: ``python -m bench.a2gnn``): our window attention against
+   the reference's dense N x N matrices on the demo-size image: seconds, ms per epoch and peak MiB per image.
 
 Results go to ``bench/results/latest.json`` and are printed as a table.
 """
@@ -38,6 +40,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.a2gnn import bench_a2gnn  # noqa: E402
 from bench.crf import bench_crf  # noqa: E402
 from bench.maps import smooth_cam_stack  # noqa: E402
 from bench.pseudo_labels import bench_pseudo_labels  # noqa: E402
@@ -168,7 +171,8 @@ def main() -> None:
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
                "cam_inference": bench_cam_inference(), "storage": bench_storage(), "noop_rerun": bench_noop_rerun(),
                "pseudo_labels": bench_pseudo_labels(), "random_walk": bench_random_walk(),
-               "scheduling": bench_scheduling(), "crf": bench_crf(), "segmentation": bench_segmentation()}
+               "scheduling": bench_scheduling(), "crf": bench_crf(), "segmentation": bench_segmentation(),
+               "a2gnn": bench_a2gnn(("demo",))["demo"]}
     out = REPO / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=1))

@@ -7,12 +7,14 @@ every path built from an id is checked to stay inside the dataset root.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from xml.etree import ElementTree
 
 import numpy as np
+from PIL import Image
 
 from data.io import BadInputError, read_image, read_label_png
 from data.labelspace import LabelSpace
@@ -84,6 +86,101 @@ class VOCLayout:
                 raise BadInputError(path, f"object class {name!r} is not in the label space")
             vec[self.label_space.index(name) - 1] = 1
         return vec
+
+    # ------------------------------------------------------------------ point / scribble / box annotations
+
+    def points_path(self, image_id: str) -> Path:
+        return self.resolve("Points", image_id, ".json")
+
+    def scribble_path(self, image_id: str) -> Path:
+        return self.resolve("Scribbles", image_id, ".png")
+
+    def read_points(self, image_id: str) -> list[tuple[int, int, int]]:
+        """``Points/<id>.json`` (a list of {"class": name, "x": col, "y": row}, 0-based pixels, background
+        clicks included) as (label id, x, y) tuples. The image bounds are checked by the caller."""
+        path = self.points_path(image_id)
+        if not path.is_file():
+            raise BadInputError(path, "point annotation file is missing")
+        try:
+            entries = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise BadInputError(path, f"not valid JSON ({err})") from None
+        if not isinstance(entries, list):
+            raise BadInputError(path, f"expected a list of points, found {type(entries).__name__}")
+        points = []
+        for n, entry in enumerate(entries):
+            if not isinstance(entry, dict) or not {"class", "x", "y"} <= entry.keys():
+                raise BadInputError(path, f"point {n} must be an object with 'class', 'x' and 'y', got {entry!r}")
+            name, x, y = entry["class"], entry["x"], entry["y"]
+            if name not in self.label_space.names:
+                raise BadInputError(path, f"point {n}: class {name!r} is not in the label space")
+            if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in (x, y)):
+                raise BadInputError(path, f"point {n}: x and y must be non-negative integers, got ({x!r}, {y!r})")
+            points.append((self.label_space.index(name), x, y))
+        return points
+
+    def read_scribble(self, image_id: str) -> np.ndarray:
+        """``Scribbles/<id>.png``: label ids (uint8, H x W) on the strokes, 255 = unlabelled."""
+        return read_label_png(self.scribble_path(image_id), self.label_space)
+
+    def read_boxes(self, image_id: str, size: tuple[int, int] | None = None) -> np.ndarray:
+        """Object boxes from ``Annotations/<id>.xml`` as int64 (M, 5) rows (label id, x0, y0, x1, y1).
+
+        VOC boxes are 1-based and inclusive; the result is 0-based and inclusive (each coordinate minus 1,
+        fractional values rounded), clipped to the image. ``size`` = (height, width); without it the XML's
+        ``<size>`` is used, or, where that is missing or zero, the image file's header.
+        """
+        path = self.xml_path(image_id)
+        if not path.is_file():
+            raise BadInputError(path, "annotation XML is missing")
+        try:
+            root = ElementTree.parse(path).getroot()
+        except ElementTree.ParseError as err:
+            raise BadInputError(path, f"cannot parse XML ({err})") from None
+        if size is None:
+            size = self._xml_size(root, path) or self._image_size(image_id)
+        height, width = size
+        boxes = []
+        for n, obj in enumerate(root.iter("object")):
+            name = (obj.findtext("name") or "").strip()
+            if name not in self.label_space.names or name == self.label_space.names[0]:
+                raise BadInputError(path, f"object {n}: class {name!r} is not in the label space")
+            bndbox = obj.find("bndbox")
+            if bndbox is None:
+                raise BadInputError(path, f"object {n} ({name}) has no <bndbox>")
+            try:
+                x0, y0, x1, y1 = (round(float(bndbox.findtext(tag) or "")) - 1
+                                  for tag in ("xmin", "ymin", "xmax", "ymax"))
+            except (ValueError, OverflowError):
+                raise BadInputError(path, f"object {n} ({name}): <bndbox> needs finite numeric xmin, ymin, xmax, "
+                                          "ymax") from None
+            if x1 < x0 or y1 < y0:
+                raise BadInputError(path, f"object {n} ({name}): box max corner lies before its min corner")
+            x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, width - 1), min(y1, height - 1)
+            if x1 < x0 or y1 < y0:
+                raise BadInputError(path, f"object {n} ({name}): box lies outside the {width}x{height} image")
+            boxes.append((self.label_space.index(name), x0, y0, x1, y1))
+        return np.asarray(boxes, np.int64).reshape(-1, 5)
+
+    @staticmethod
+    def _xml_size(root: ElementTree.Element, path: Path) -> tuple[int, int] | None:
+        node = root.find("size")
+        if node is None:
+            return None
+        try:
+            height, width = int(node.findtext("height") or 0), int(node.findtext("width") or 0)
+        except ValueError:
+            raise BadInputError(path, "<size> height and width must be integers") from None
+        return (height, width) if height > 0 and width > 0 else None
+
+    def _image_size(self, image_id: str) -> tuple[int, int]:
+        path = self.image_path(image_id)
+        try:
+            with Image.open(path) as img:  # reads the header only
+                width, height = img.size
+        except (OSError, SyntaxError, ValueError) as err:
+            raise BadInputError(path, f"cannot read the image size ({err})") from None
+        return height, width
 
     def labels_from_mask(self, image_id: str) -> np.ndarray:
         labels = self.read_label(image_id)

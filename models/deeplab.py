@@ -100,6 +100,18 @@ class DeepLabV2(_Segmenter):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.aspp(self.backbone(x)[-1])
 
+    @property
+    def node_feature_channels(self) -> int:
+        return self.backbone.channels[0] + self.backbone.channels[2]
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and DGCN's graph-node features from one backbone pass: layer1 resized (bilinear, corners
+        aligned, as hustvl/DGCN) to layer3's grid, which is the logits' grid at output stride 8, concatenated
+        with layer3 (256 + 1024 = 1,280 channels for ResNet-101)."""
+        feats = self.backbone(x)
+        low = F.interpolate(feats[0], size=feats[2].shape[-2:], mode="bilinear", align_corners=True)
+        return self.aspp(feats[-1]), torch.cat([low, feats[2]], 1)
+
 
 def _conv_bn_relu(cin: int, cout: int, kernel: int = 1, dilation: int = 1) -> nn.Sequential:
     pad = dilation * (kernel // 2)

@@ -51,6 +51,7 @@ class wsss(luigi.Config):  # noqa: N801 - the section is called [wsss]
     gpu_wait_s = luigi.FloatParameter(default=C.RuntimeConfig.gpu_wait_s)
     submit_stages = luigi.Parameter(default=C.RuntimeConfig.submit_stages)
     crf_backend = luigi.Parameter(default=C.RuntimeConfig.crf_backend)
+    cut_processes = luigi.IntParameter(default=C.RuntimeConfig.cut_processes)
 
 
 def runtime() -> C.RuntimeConfig:
@@ -109,6 +110,11 @@ class StageTask(luigi.Task):
     code: tuple[str, ...] = ()     # library modules this stage runs (their imports are followed)
     gpus = 0                       # CUDA devices compute() uses when it runs on CUDA (see `resources`)
     accepts_messages = False
+    # A compared method's chain (Report.compare; stages.config.variant_overrides): per task family the parameters
+    # it overrides, and its name, which lists those overrides that reach this task (see `stage_in_variant`), so
+    # one name is one computation. The overridden parameters themselves enter the key.
+    variant = luigi.Parameter(default="")
+    overrides = luigi.DictParameter(default={}, significant=False)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -128,11 +134,25 @@ class StageTask(luigi.Task):
         """Stages whose artifacts this one reads (their keys enter this key)."""
         return {}
 
+    def stage(self, cls: type[StageTask], **params) -> StageTask:
+        """Upstream stage ``cls`` in this task's variant."""
+        return stage_in_variant(cls, self.overrides, **params)
+
+    @cached_property
+    def upstream_families(self) -> frozenset[str]:
+        """This task's family and those of everything upstream of it."""
+        families = {self.get_task_family()}
+        for task in self.upstream().values():
+            families |= task.upstream_families
+        return frozenset(families)
+
     @property
     def stage_name(self) -> str:
-        """The family, plus the variant for a second instance of it in one run (``TrainSegmentation-gt``)."""
+        """The family, plus what tells apart a further instance of it in one run (``TrainSegmentation-gt``, the
+        ceiling; ``Propagate@gcn``, a compared method)."""
         labels = getattr(self, "labels", "pseudo")
-        return self.get_task_family() if labels == "pseudo" else f"{self.get_task_family()}-{labels}"
+        name = self.get_task_family() if labels == "pseudo" else f"{self.get_task_family()}-{labels}"
+        return f"{name}@{self.variant}" if self.variant else name
 
     def requires(self):
         return self.upstream()
@@ -199,6 +219,24 @@ class StageTask(luigi.Task):
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
             "seconds": round(time.time() - started, 3), "metrics": metrics,
         }
+
+
+def stage_in_variant(cls: type[StageTask], overrides, **params) -> StageTask:
+    """Stage ``cls`` with ``overrides`` ({family: {parameter: value}}) applied to it and upstream of it.
+
+    The plain stage when they change nothing; else a task whose variant names exactly the overrides that reach it,
+    so two compared methods sharing a stage (the same box seeds, say) share one task and one directory.
+    """
+    plain = cls(**params)
+    if not overrides:
+        return plain
+    own = dict(overrides.get(cls.get_task_family(), {}))
+    probe = cls(**{**params, **own}, overrides=overrides)
+    if probe.key == plain.key:
+        return plain
+    reaching = {family: dict(overrides[family]) for family in sorted(probe.upstream_families) if family in overrides}
+    name = ",".join(f"{k}={v}" for values in reaching.values() for k, v in sorted(values.items()))
+    return cls(**{**params, **own}, variant=name, overrides=reaching)
 
 
 def submitted_families(rt: C.RuntimeConfig) -> set[str]:
@@ -324,7 +362,7 @@ class TrainCAM(StageTask):
         return runtime().train_processes  # one device per DDP rank when on CUDA
 
     def upstream(self) -> dict[str, StageTask]:
-        return {"dataset": PrepareDataset(), **pretraining_upstream(self)}
+        return {"dataset": self.stage(PrepareDataset), **pretraining_upstream(self)}
 
     def compute(self, out_dir: Path) -> dict:
         from stages.train_cam import check_divisible, train_cam
@@ -396,6 +434,9 @@ class ShardedStage(StageTask):
     def shard_tasks(self) -> list[ShardTask]:
         shards = self.shards()
         extra = {name: getattr(self, name) for name in self.variant_params}
+        if self.variant:
+            extra.update(self.overrides.get(self.get_task_family(), {}), variant=self.variant,
+                         overrides=self.overrides)
         return [self.shard_task(shard=i, n_shards=len(shards), stage_key=self.key, parent_params=extra)
                 for i in range(len(shards))]
 
@@ -539,7 +580,7 @@ class MakeCAM(ShardedStage):
     code = ("stages.make_cam", "stages.cam_methods")
 
     def upstream(self) -> dict[str, StageTask]:
-        return {"dataset": PrepareDataset(), "cam_net": TrainCAM()}
+        return {"dataset": self.stage(PrepareDataset), "cam_net": self.stage(TrainCAM)}
 
     def compute_shard(self, ids, out_dir, writer, manifest, progress) -> dict:
         from stages.cam_methods import load_cam_model
@@ -568,7 +609,7 @@ class EvalCAM(StageTask):
     code = ("stages.eval_cam",)
 
     def upstream(self) -> dict[str, StageTask]:
-        return {"dataset": PrepareDataset(), "cams": MakeCAM()}
+        return {"dataset": self.stage(PrepareDataset), "cams": self.stage(MakeCAM)}
 
     def compute(self, out_dir: Path) -> dict:
         from stages.eval_cam import evaluate_cams
@@ -586,7 +627,7 @@ class ExtractSeeds(ShardedStage):
     code = ("stages.extract_seeds",)
 
     def upstream(self) -> dict[str, StageTask]:
-        return {"dataset": PrepareDataset(), "cams": MakeCAM()}
+        return {"dataset": self.stage(PrepareDataset), "cams": self.stage(MakeCAM)}
 
     def compute_shard(self, ids, out_dir, writer, manifest, progress) -> dict:
         from stages.extract_seeds import extract_seeds
@@ -609,7 +650,8 @@ class TrainAffinity(StageTask):
     gpus = 1
 
     def upstream(self) -> dict[str, StageTask]:
-        return {"dataset": PrepareDataset(), "seeds": ExtractSeeds(), "cam_net": TrainCAM(),
+        return {"dataset": self.stage(PrepareDataset), "seeds": self.stage(ExtractSeeds),
+                "cam_net": self.stage(TrainCAM),
                 **pretraining_upstream(self)}
 
     def compute(self, out_dir: Path) -> dict:
@@ -619,13 +661,20 @@ class TrainAffinity(StageTask):
         from stages.affinity import train_affinity
         from stages.cam_methods import CHECKPOINT
         from stages.extract_seeds import label_file
+        from stages.supervision import extra_label_file
 
         rt = runtime()
         manifest = manifest_of(self)
         seeds_dir = self.input_dir("seeds")
         scores = shard_store(seeds_dir)
+        # Scribbles: the reference trains its affinity net on the CAM seeds with the scribbles on top, not on the
+        # superpixel-grown scribbles the GNN learns from.
+        affinity_seeds = seeds_dir / "scribble_affinity"
 
         def seed_label(image_id: str):
+            if affinity_seeds.is_dir():
+                return read_label_png(extra_label_file(seeds_dir, "scribble_affinity", image_id),
+                                      manifest.label_space)
             return read_label_png(label_file(seeds_dir, image_id), manifest.label_space)
 
         def seed_scores(image_id: str):
@@ -642,6 +691,42 @@ class TrainAffinity(StageTask):
                               loader_workers=rt.loader_workers, progress=self.progress)
 
 
+@with_config(C.TrainSeedNetConfig)
+class TrainSeedNet(StageTask):
+    """DGCN / DSRG: a segmentation net trained from the seeds while they regrow (graph cut or region growing)
+    every iteration; Propagate (``propagation = graphcut | dsrg``) predicts the pseudo labels with it."""
+
+    code = ("stages.seed_training",)
+    gpus = 1
+
+    def upstream(self) -> dict[str, StageTask]:
+        return {"dataset": self.stage(PrepareDataset), "seeds": self.stage(ExtractSeeds),
+                **pretraining_upstream(self)}
+
+    @property
+    def resume_dir(self) -> Path:
+        return self.stage_dir.with_name(self.key + RESUME_SUFFIX)
+
+    def compute(self, out_dir: Path) -> dict:
+        from data.io import read_label_png
+        from stages.extract_seeds import label_file
+        from stages.seed_training import train_seed_net
+
+        rt = runtime()
+        manifest = manifest_of(self)
+        seeds_dir = self.input_dir("seeds")
+
+        def seed_label(image_id: str):
+            return read_label_png(label_file(seeds_dir, image_id), manifest.label_space)
+        return train_seed_net(with_weights_path(self), manifest, manifest.splits["train"], seed_label, out_dir,
+                              resolve_device(rt.device), resume_dir=self.resume_dir, loader_workers=rt.loader_workers,
+                              processes=rt.cut_processes, progress=self.progress)
+
+    def run(self) -> None:
+        super().run()
+        remove_path(self.resume_dir)  # only once the trained model is published
+
+
 @with_config(C.PropagateConfig)
 class Propagate(ShardedStage):
     """Random walk from the CAMs over the learned affinities: pseudo-label PNGs and class scores."""
@@ -649,19 +734,33 @@ class Propagate(ShardedStage):
     code = ("stages.propagate",)
 
     def upstream(self) -> dict[str, StageTask]:
-        return {"dataset": PrepareDataset(), "cams": MakeCAM(), "seeds": ExtractSeeds(),
-                "affinity": TrainAffinity()}
+        up = {"dataset": self.stage(PrepareDataset), "cams": self.stage(MakeCAM), "seeds": self.stage(ExtractSeeds)}
+        if self.propagation in C.SEED_NET_PROPAGATIONS:
+            up["seed_net"] = self.stage(TrainSeedNet)
+        else:
+            up["affinity"] = self.stage(TrainAffinity)
+        return up
 
     def compute_shard(self, ids, out_dir, writer, manifest, progress) -> dict:
-        from stages.affinity import load_affinity_model
-        from stages.propagate import propagate_images, validate_propagation
+        from stages.propagate import affinity_net_inputs, propagate_images, seed_net_inputs, validate_propagation
 
-        affinity = self.upstream()["affinity"]
-        validate_propagation(self.config, affinity.affinity_method)
+        upstream = self.upstream()
         device = resolve_device(runtime().device)
-        model = load_affinity_model(affinity.config, affinity.stage_dir, device)
+        if "seed_net" in upstream:
+            from stages.seed_training import load_seed_net
+            trained = upstream["seed_net"]
+            validate_propagation(self.config, seed_net_method=trained.method)
+            model = load_seed_net(trained.config, manifest.label_space.num_classes, trained.stage_dir, device)
+            inputs = seed_net_inputs(trained.config, model, device)
+        else:
+            from stages.affinity import load_affinity_model
+            affinity = upstream["affinity"]
+            validate_propagation(self.config, affinity.affinity_method)
+            model = load_affinity_model(affinity.config, affinity.stage_dir, device)
+            inputs = affinity_net_inputs(model, device, self.propagation)
         return propagate_images(self.config, manifest, ids, shard_store(self.input_dir("cams")),
-                                self.input_dir("seeds"), model, out_dir, writer, device, progress=progress)
+                                self.input_dir("seeds"), inputs, out_dir, writer, device, progress=progress,
+                                supervision=upstream["seeds"].supervision)
 
 
 class PropagateShard(ShardTask):
@@ -679,8 +778,8 @@ class EvalPseudoLabels(StageTask):
     code = ("stages.eval_pseudo",)
 
     def upstream(self) -> dict[str, StageTask]:
-        return {"dataset": PrepareDataset(), "cam_eval": EvalCAM(), "seeds": ExtractSeeds(),
-                "labels": Propagate(), "refined": RefineCRF()}
+        return {"dataset": self.stage(PrepareDataset), "cam_eval": self.stage(EvalCAM),
+                "seeds": self.stage(ExtractSeeds), "labels": self.stage(Propagate), "refined": self.stage(RefineCRF)}
 
     def compute(self, out_dir: Path) -> dict:
         from stages.eval_pseudo import evaluate_pseudo_labels
@@ -707,7 +806,7 @@ class RefineCRF(ShardedStage):
     code = ("stages.refine",)
 
     def upstream(self) -> dict[str, StageTask]:
-        return {"dataset": PrepareDataset(), "labels": Propagate()}
+        return {"dataset": self.stage(PrepareDataset), "labels": self.stage(Propagate)}
 
     def compute_shard(self, ids, out_dir, writer, manifest, progress) -> dict:
         from stages.refine import refine_pseudo_labels
@@ -737,9 +836,9 @@ class TrainSegmentation(StageTask):
         return {"labels": self.labels}
 
     def upstream(self) -> dict[str, StageTask]:
-        up: dict[str, StageTask] = {"dataset": PrepareDataset(), **pretraining_upstream(self)}
+        up: dict[str, StageTask] = {"dataset": self.stage(PrepareDataset), **pretraining_upstream(self)}
         if self.labels == "pseudo":
-            up["pseudo_labels"] = RefineCRF() if self.pseudo_labels == "crf" else Propagate()
+            up["pseudo_labels"] = self.stage(RefineCRF) if self.pseudo_labels == "crf" else self.stage(Propagate)
         return up
 
     @property
@@ -784,7 +883,7 @@ class EvalSegmentation(ShardedStage):
         return {"labels": self.labels}
 
     def upstream(self) -> dict[str, StageTask]:
-        return {"dataset": PrepareDataset(), "model": TrainSegmentation(labels=self.labels)}
+        return {"dataset": self.stage(PrepareDataset), "model": self.stage(TrainSegmentation, labels=self.labels)}
 
     def shard_members(self, manifest: Manifest) -> list[str]:
         return list(manifest.splits["val"])
@@ -835,7 +934,29 @@ class Report(StageTask):
                 "labels": Propagate(), "refined": RefineCRF(), "pseudo_eval": EvalPseudoLabels(),
                 "segmenter": TrainSegmentation(), "segmentation": EvalSegmentation(),
                 "ceiling_segmenter": TrainSegmentation(labels="gt"),
-                "ceiling": EvalSegmentation(labels="gt")}
+                "ceiling": EvalSegmentation(labels="gt"),
+                **{f"compare:{spec}": stage_in_variant(EvalPseudoLabels, C.variant_overrides(spec))
+                   for spec in self.compare}}
+
+    def comparison(self) -> list[dict]:
+        """One row per method, the main chain's first, then ``compare``'s: pseudo-label mIoU and compute time."""
+        upstream = self.upstream()
+        rows = []
+        for spec in ("", *self.compare):
+            evaluation = upstream[f"compare:{spec}" if spec else "pseudo_eval"]
+            chain = evaluation.upstream()
+            propagate, seeds = chain["labels"], chain["seeds"]
+            trainer = propagate.upstream().get("affinity") or propagate.upstream()["seed_net"]
+            records = {name: read_json(task.stage_dir / PROVENANCE) for name, task in
+                       (("trainer", trainer), ("propagate", propagate), ("crf", chain["refined"]))}
+            rows.append({"method": spec or f"{propagate.propagation}/{seeds.supervision} (main chain)",
+                         "trainer": trainer.stage_name, **read_json(evaluation.stage_dir / "metrics.json")["chain"],
+                         "train_seconds": records["trainer"]["seconds"],
+                         # summed over shards: the compute time whatever the number of workers
+                         "propagate_seconds": records["propagate"]["metrics"].get("shard_seconds"),
+                         "crf_seconds": records["crf"]["metrics"].get("shard_seconds"),
+                         "propagated_images": records["propagate"]["metrics"].get("images")})
+        return rows
 
     def compute(self, out_dir: Path) -> dict:
         from stages.run_report import build_report
@@ -848,7 +969,7 @@ class Report(StageTask):
         return build_report(self.config, manifest_of(self), dirs, config, provenance,
                             segmenter_config=upstream["segmenter"].config,
                             eval_config=upstream["segmentation"].config, device=resolve_device(runtime().device),
-                            out_dir=out_dir)
+                            out_dir=out_dir, comparison=self.comparison())
 
 
 class FullWSSS(luigi.WrapperTask):
@@ -863,8 +984,8 @@ class FullWSSS(luigi.WrapperTask):
 
 # Order matters for status/clean: upstream first.
 STAGES: tuple[type[StageTask], ...] = (PrepareDataset, PretrainBackbone, TrainCAM, MakeCAM, EvalCAM, ExtractSeeds,
-                                       TrainAffinity, Propagate, RefineCRF, EvalPseudoLabels, TrainSegmentation,
-                                       EvalSegmentation, Report)
+                                       TrainAffinity, TrainSeedNet, Propagate, RefineCRF, EvalPseudoLabels,
+                                       TrainSegmentation, EvalSegmentation, Report)
 
 
 def stage_graph() -> dict[str, StageTask]:

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from data.io import BadInputError, write_csv
 from data.manifest import Manifest
 from data.transforms import normalize, rescale
+from models.a2gnn import A2GNNAffinityNet
 from models.affinity import AffinityNet, IRNet, pair_partners, source_window
 from models.registry import Registry
 from models.resnet import BACKBONES, ResNet, create_backbone
@@ -104,6 +105,18 @@ def build_affinitynet(cfg: TrainAffinityConfig, cam_backbone_state: dict | None,
     if cfg.displacement:
         raise ValueError("TrainAffinity.displacement applies to affinity_method = irnet only")
     return AffinityNet(_build_backbone(cfg, cam_backbone_state, pretrained), freeze_backbone=cfg.freeze_backbone)
+
+
+@AFFINITY_METHODS.register("a2gnn")
+def build_a2gnn(cfg: TrainAffinityConfig, cam_backbone_state: dict | None,
+                pretrained: bool = True) -> A2GNNAffinityNet:
+    """A2GNN's affinity CNN: AffinityNet's head over a square window of radius ``window_radius``
+    (stages/a2gnn.py)."""
+    if cfg.displacement:
+        raise ValueError("TrainAffinity.displacement applies to affinity_method = irnet only")
+    return A2GNNAffinityNet(_build_backbone(cfg, cam_backbone_state, pretrained), window_radius=cfg.window_radius,
+                            gated_weight=cfg.gated_weight, gated_sigma_rgb=cfg.gated_sigma_rgb,
+                            gated_sigma_xy=cfg.gated_sigma_xy, freeze_backbone=cfg.freeze_backbone)
 
 
 @AFFINITY_METHODS.register("irnet")
@@ -214,7 +227,10 @@ def irnet_loss(affinity: torch.Tensor, masks: dict[str, torch.Tensor], displacem
 
 def training_loss(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                   radius: int) -> tuple[torch.Tensor, dict, dict]:
-    """(loss, loss parts, pair masks) of one batch for either net."""
+    """(loss, loss parts, pair masks) of one batch for any of the nets (a2gnn: its own window radius)."""
+    if isinstance(model, A2GNNAffinityNet):
+        from stages.a2gnn import affinity_loss
+        return affinity_loss(model, images, labels)
     out = model.pair_affinity(images, radius)
     masks = pair_label_masks(labels, radius)
     if masks["bg"].shape != out["affinity"].shape:
@@ -376,7 +392,8 @@ def train_affinity(cfg: TrainAffinityConfig, manifest: Manifest, ids: Sequence[s
     generator = seed_everything(cfg.seed)
     model = AFFINITY_METHODS.get(cfg.affinity_method)(cfg, cam_backbone_state).to(device)
     grid = math.ceil(cfg.crop_size / model.label_stride)
-    source_window(grid, grid, cfg.radius)  # fails early, naming crop_size and radius, if no pair fits a crop
+    if not isinstance(model, A2GNNAffinityNet):  # a2gnn's window pads at the border: any grid works
+        source_window(grid, grid, cfg.radius)  # fails early, naming crop_size and radius, if no pair fits a crop
     dataset = AffinitySet(manifest, ids, cfg, model.label_stride, seed_label, seed_scores)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                         num_workers=loader_workers, generator=generator, persistent_workers=False)
@@ -480,12 +497,16 @@ def infer_features(model: AffinityNet, rgb: np.ndarray, device: torch.device) ->
 
 def infer_affinity_input(model: torch.nn.Module, rgb: np.ndarray, device: torch.device,
                          boundary_features: bool = False) -> dict[str, np.ndarray]:
-    """What the random walk needs from either net: {"boundary": B} (IRNet) or {"features": f} (AffinityNet);
+    """What the random walk needs from the net: {"boundary": B} (IRNet), {"features": f} (AffinityNet) or the
+    window graph (A2GNN: {"window_affinity", "node_features", "affinity_stride"}, stages.a2gnn);
     ``boundary_features`` adds IRNet's weighted boundary features (the GCN's node features)."""
     if isinstance(model, IRNet):
         if boundary_features:
             return infer_boundary_features(model, rgb, device)
         return {"boundary": infer_boundary(model, rgb, device)}
+    if isinstance(model, A2GNNAffinityNet):
+        from stages.a2gnn import infer_window_graph
+        return infer_window_graph(model, rgb, device)
     if isinstance(model, AffinityNet):
         return {"features": infer_features(model, rgb, device)}
     raise TypeError(f"no affinity inference for {type(model).__name__}; expected IRNet or AffinityNet")

@@ -32,6 +32,7 @@ class RuntimeConfig:
     gpu_wait_s: float = 3600.0    # how long a task waits for free devices before failing
     submit_stages: str = ""       # task families run as submitit jobs, e.g. TrainCAM,MakeCAMShard ([submitit])
     crf_backend: str = "auto"     # dense CRF: pydensecrf | torch | auto (torch on CUDA, else pydensecrf); stages.crf
+    cut_processes: int = 1        # TrainSeedNet graphcut: worker processes for the per-image s-t cuts
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,37 @@ class DatasetConfig:
     eval_seg_dir: str = "SegmentationClass"   # GT used for every evaluation
     image_labels_from: str = "xml"            # xml | mask
     on_bad_input: str = "error"               # error | quarantine (skip and list bad images in the report)
+
+
+# Which trained net each propagation method reads: the affinity net it needs (TrainAffinity.affinity_method), or
+# a segmentation net trained from the seeds while they regrow (TrainSeedNet.method = the propagation's name).
+REQUIRED_AFFINITY = {"rw_irn": "irnet", "rw_psa": "affinitynet", "gcn": "irnet", "a2gnn": "a2gnn"}
+SEED_NET_PROPAGATIONS = ("graphcut", "dsrg")
+SUPERVISIONS = ("image", "point", "scribble", "box")   # ExtractSeeds.supervision (stages.supervision)
+
+
+
+def variant_overrides(spec: str) -> dict[str, dict[str, object]]:
+    """A compared method (``Report.compare``), ``propagation[/supervision]``, as per-stage parameter overrides:
+    the propagation, the affinity net it needs, and the seeds' supervision (A2GNN's wider window for box and
+    scribble seeds)."""
+    propagation, _, supervision = spec.partition("/")
+    known = (*REQUIRED_AFFINITY, *SEED_NET_PROPAGATIONS)
+    if propagation not in known:
+        raise ValueError(f"Report.compare entry {spec!r}: unknown propagation {propagation!r}; "
+                         f"available: {', '.join(known)}")
+    overrides: dict[str, dict[str, object]] = {"Propagate": {"propagation": propagation}}
+    if propagation in REQUIRED_AFFINITY:
+        overrides["TrainAffinity"] = {"affinity_method": REQUIRED_AFFINITY[propagation]}
+    else:
+        overrides["TrainSeedNet"] = {"method": propagation}
+    if supervision:
+        if supervision not in SUPERVISIONS:
+            raise ValueError(f"Report.compare entry {spec!r}: supervision must be one of {', '.join(SUPERVISIONS)}")
+        overrides["ExtractSeeds"] = {"supervision": supervision}
+        if propagation == "a2gnn" and supervision in ("box", "scribble"):
+            overrides["TrainAffinity"]["window_radius"] = 4  # A2GNN: radius 4 for box and scribble seeds
+    return overrides
 
 
 # ``pretrained`` takes a weights path, or this value for the PretrainBackbone stage's synthetic weights.
@@ -143,6 +175,22 @@ class ExtractSeedsConfig:
     crf_confidence: float = 0.8
     crf_gaussian: tuple[float, float] = (3.0, 3.0)                       # sxy, compat
     crf_iterations: int = 10
+    # Extra supervision merged into the CAM seeds (stages.supervision; A2GNN's SEAM_{Point,Scribble,Box}):
+    # image (CAM seeds as they are) | point | scribble | box
+    supervision: str = "image"
+    superpixels: int = 300                    # SLIC segments per image (point superpixel stamps, scribble growth)
+    superpixel_compactness: float = 10.0      # SLIC: Lab distance worth one grid step of distance
+    superpixel_iterations: int = 10           # SLIC assignment/update rounds
+    point_stamp: str = "superpixel"           # each click labels its superpixel | a disk of point_radius
+    point_radius: int = 3                     # disk radius in pixels (point_stamp = disk)
+    # scribble: which map becomes labels/: grown (scribbles grown over superpixels, A2GNN's GNN supervision) |
+    # affinity (CAM seeds with the scribbles on top); the other one is written to scribble_<other>/<id>.png
+    scribble_label: str = "grown"
+    box_grabcut_iterations: int = 3           # cv2.grabCut rounds per box
+    box_cam_threshold: float = 0.5            # in-box foreground needs CAM seed = c or CAM_c >= this (and GrabCut)
+    box_ring: float = 0.05                    # ignore ring along each box edge, fraction of its shorter side
+    box_inside_background: bool = True        # in-box background where GrabCut says bg and the CAM agrees
+    box_bg_cam: float = 0.1                   # "the CAM agrees": CAM seed = bg, or every CAM plane below this
     shard_size: int = 256
 
 
@@ -169,6 +217,11 @@ class TrainAffinityConfig:
     crop_size: int = 112                      # IRN 512, PSA/SEAM 448
     color_jitter: float = 0.0                 # PSA/SEAM 0.3
     displacement: bool = False                # IRNet's displacement branch (instances only)
+    # a2gnn (A2GNN's affinity CNN, stages/a2gnn.py): a dense square window replaces the half disc of `radius`.
+    window_radius: int = 3                    # A2GNN: 3 (image, point seeds), 4 (box, scribble seeds)
+    gated_weight: float = 3.0                 # A2GNN: 3 x the RGB-XY gated feature-distance penalty
+    gated_sigma_rgb: float = 0.1              # A2GNN: 0.1 on the ImageNet-normalised image
+    gated_sigma_xy: float = 6.0               # A2GNN: 6 grid cells
     seed: int = 0
 
 
@@ -208,6 +261,29 @@ class PropagateConfig:
     gcn_entropy_weight: float = 10.0          # x entropy on unlabelled nodes
     gcn_smooth_weight: float = 0.01           # x tr(Z^T L Z) / N on the log-probabilities
     gcn_seed: int = 42                        # per-image seed = hash(gcn_seed, image id); WSGCN seeds once with 42
+    # a2gnn (A2GNN, stages/a2gnn.py): the reference's values; 0 = the reference value for the image's supervision.
+    a2gnn_hidden: int = 256                   # A2GNN: 256 hidden units
+    a2gnn_layers: int = 3                     # A2GNN: 3 affinity-attention layers
+    a2gnn_dropout: float = 0.5                # A2GNN: 0.5 on the embedding
+    a2gnn_affinity_weight: float = 10.0       # A2GNN: attention logit beta cos + 10 A
+    a2gnn_lr: float = 0.0                     # Adam; 0 = A2GNN's 0.03 (image, point, scribble) | 0.035 (box)
+    a2gnn_weight_decay: float = 5e-4          # A2GNN: 5e-4
+    a2gnn_seed_epochs: int = 0                # phase 1 (seed loss); 0 = A2GNN's 50 | 150 (box)
+    a2gnn_gcrf_epochs: int = 0                # phase 2 (+ Gated CRF); 0 = A2GNN's 50 | 150 (box)
+    a2gnn_gcrf_weight: float = 0.0            # 0 = A2GNN's 0.3 | 0.01 (box)
+    a2gnn_gcrf_radius: int = 5                # A2GNN: 5 (grid cells)
+    a2gnn_gcrf_sigma_xy: float = 6.0          # A2GNN: 6 (grid cells)
+    a2gnn_gcrf_sigma_rgb: float = 0.1         # A2GNN: 0.1 (ImageNet-normalised image)
+    a2gnn_mp_weight: float = 1.0              # box multi-point loss; A2GNN 1
+    a2gnn_rw: bool = True                     # fuse the random walk (image and point supervision only); A2GNN on
+    a2gnn_rw_weight: float = 3.0              # A2GNN: p = softmax + 3 rw
+    a2gnn_rw_beta: float = 8.0                # A2GNN: A^8
+    a2gnn_rw_logt: int = 6                    # A2GNN: 2^6 = 64 steps
+    a2gnn_rw_alpha: float = 6.0               # A2GNN: background (1 - max CAM)^6
+    # A2GNN ends with a dense CRF (a2gnn_final); in the pipeline RefineCRF applies it (its default preset), so that
+    # the report shows the labels before and after it. A preset name here applies it inside the method too.
+    a2gnn_crf_preset: str = ""                # stages.crf.CRF_PRESETS name; "" = none (RefineCRF does it)
+    a2gnn_seed: int = 42                      # per-image seed = hash(a2gnn_seed, image id); A2GNN does not seed
 
 
 @dataclass(frozen=True)
@@ -266,10 +342,59 @@ class EvalSegmentationConfig:
 
 
 @dataclass(frozen=True)
+class TrainSeedNetConfig:
+    """``[TrainSeedNet]``: a segmentation net trained from the seeds while its supervision is regrown every
+    iteration (stages.seed_training): DGCN (``graphcut``, hustvl/DGCN) or DSRG (``dsrg``, speedinghzl/DSRG).
+    Its multi-scale predictions on the training images become the pseudo labels.
+
+    The references' values are in the comments; the defaults size it for the demo.
+    """
+
+    method: str = "graphcut"                  # graphcut (DGCN: per-class s-t cut on a kNN graph) | dsrg
+    model: str = "deeplabv2"                  # registry: models.deeplab.SEGMENTERS; graphcut needs deeplabv2
+    #                                           (DGCN: one dilation-12 classifier; DSRG: ASPP 6/12/18/24, ours)
+    backbone: str = "resnet_mini"             # DGCN, DSRG: resnet101 (DSRG's paper also VGG16)
+    pretrained: str = ""                      # ImageNet weights (.pth, torchvision layout) | synthetic
+    init_checkpoint: str = ""                 # a whole segmenter's weights, loaded where they fit
+    freeze_bn: bool = True                    # DGCN: BN frozen
+    iterations: int = 450                     # DGCN: 7 epochs x 662 = 4,634; DSRG: 8,000
+    batch_size: int = 10                      # DGCN: 16 (2 GPUs x 8); DSRG: 20
+    crop_size: int = 112                      # both: 321 (41x41 output grid)
+    scales: tuple[float, ...] = (1.0,)        # random rescale before the crop; DGCN: none (scale=False)
+    lr: float = 0.001                         # DGCN, DSRG: 5e-4 (from ImageNet ResNet-101); demo value untuned
+    momentum: float = 0.9                     # both: 0.9
+    weight_decay: float = 5e-4                # both: 5e-4
+    head_bias_20x: bool = False               # false: DGCN, head 10x with its bias, decayed; true: deeplab-pytorch
+    #                                           / DSRG caffe, head weights 10x, biases 20x without decay
+    schedule: str = "step"                    # step (DGCN, DSRG) | poly
+    warmup_iterations: int = 20               # linear warm-up; DGCN: 200; DSRG: 0
+    step_gamma: float = 0.3                   # step: DGCN 0.3; DSRG 0.33
+    step_epochs: int = 3                      # step: x gamma every 3 epochs (DGCN)
+    step_iterations: int = 0                  # step: > 0 = every that many iterations instead (DSRG: 1000)
+    poly_power: float = 0.9                   # poly: (1 - t/T)^0.9
+    dsrg_bg_threshold: float = 0.99           # DSRG th1: background candidates need CRF q > 0.99
+    dsrg_fg_threshold: float = 0.85           # DSRG th2: foreground candidates need q > 0.85
+    dsrg_connectivity: int = 8                # DSRG: 8-connected growth
+    dgcn_k: int = 10                          # DGCN: kNN graph, k = 10 (self included)
+    dgcn_seed_capacity: float = 10.0          # DGCN: terminal capacity of seed nodes
+    dgcn_update_threshold: float = 0.7        # DGCN: a cut relabels a node only where p_c > 0.7
+    crf_gaussian: tuple[float, float] = (3.0 / 12, 3.0)              # both: sxy 3 / scale 12, compat 3
+    crf_bilateral: tuple[float, float, float] = (80.0 / 12, 13.0, 10.0)  # both: sxy 80 / 12, srgb 13, compat 10
+    crf_iterations: int = 10                  # both: 10
+    crf_unary: str = "auto"                   # auto = the method's: DSRG linear (-p), DGCN log (-log p)
+    predict_scales: tuple[float, ...] = (0.75, 1.0, 1.25)   # DGCN make_pred: summed logits at 0.75/1/1.25
+    checkpoint_every: int = 100               # iterations between resume checkpoints
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class ReportConfig:
     """``[Report]``: the run's HTML report."""
 
     gallery_images: int = 6                   # eval images shown side by side through every stage
+    # Propagation methods run beside the main chain (same CAMs) and compared side by side in the report, each
+    # "propagation" or "propagation/supervision", e.g. ["gcn", "a2gnn", "a2gnn/box", "graphcut", "dsrg"]
+    compare: tuple[str, ...] = ()
 
 
 STAGE_CONFIGS = {
@@ -285,6 +410,7 @@ STAGE_CONFIGS = {
     "RefineCRF": RefineCRFConfig,
     "TrainSegmentation": TrainSegmentationConfig,
     "EvalSegmentation": EvalSegmentationConfig,
+    "TrainSeedNet": TrainSeedNetConfig,
     "Report": ReportConfig,
 }
 
@@ -292,6 +418,9 @@ CHOICES = {
     ("DatasetConfig", "kind"): ("synthetic", "voc"),
     ("DatasetConfig", "image_labels_from"): ("xml", "mask"),
     ("DatasetConfig", "on_bad_input"): ("error", "quarantine"),
+    ("ExtractSeedsConfig", "supervision"): SUPERVISIONS,
+    ("ExtractSeedsConfig", "point_stamp"): ("superpixel", "disk"),
+    ("ExtractSeedsConfig", "scribble_label"): ("grown", "affinity"),
     ("EvalCAMConfig", "pred_ignore"): ("background", "exclude"),
     ("TrainCAMConfig", "optimizer"): ("sgd", "adamw"),
     ("TrainAffinityConfig", "optimizer"): ("sgd", "adamw"),
@@ -299,6 +428,9 @@ CHOICES = {
     ("PropagateConfig", "gcn_adjacency"): ("dense", "topk"),
     ("EvalPseudoLabelsConfig", "pred_ignore"): ("background", "exclude"),
     ("TrainSegmentationConfig", "pseudo_labels"): ("crf", "propagated"),
+    ("TrainSeedNetConfig", "method"): ("graphcut", "dsrg"),
+    ("TrainSeedNetConfig", "schedule"): ("step", "poly"),
+    ("TrainSeedNetConfig", "crf_unary"): ("auto", "linear", "log"),
 }
 
 
@@ -357,8 +489,13 @@ def validate(cfg: object) -> None:
             raise ValueError(f"EvalSegmentation: positive scales and shard_size >= 1 required: {cfg}")
     if isinstance(cfg, RefineCRFConfig) and cfg.shard_size < 1:
         raise ValueError("RefineCRF.shard_size must be at least 1")
-    if isinstance(cfg, ReportConfig) and cfg.gallery_images < 0:
-        raise ValueError("Report.gallery_images must be >= 0")
+    if isinstance(cfg, ReportConfig):
+        if cfg.gallery_images < 0:
+            raise ValueError("Report.gallery_images must be >= 0")
+        for spec in cfg.compare:
+            variant_overrides(spec)  # raises, naming the entry
+        if len(set(cfg.compare)) != len(cfg.compare):
+            raise ValueError(f"Report.compare lists a method twice: {list(cfg.compare)}")
     _check_registered(cfg)
 
 
@@ -372,7 +509,9 @@ def _check_registered(cfg: object) -> None:
         CAM_METHODS.get(cfg.cam_method, key="TrainCAM.cam_method")
     elif isinstance(cfg, ExtractSeedsConfig):
         from stages.seeds import validate_seed_config
+        from stages.supervision import validate_supervision_config
         validate_seed_config(cfg)
+        validate_supervision_config(cfg)
     elif isinstance(cfg, TrainAffinityConfig):
         from stages.affinity import AFFINITY_METHODS
         AFFINITY_METHODS.get(cfg.affinity_method, key="TrainAffinity.affinity_method")
@@ -390,6 +529,9 @@ def _check_registered(cfg: object) -> None:
         from models.resnet import BACKBONES
         SEGMENTERS.get(cfg.model, key="TrainSegmentation.model")
         BACKBONES.get(cfg.backbone, key="TrainSegmentation.backbone")
+    elif isinstance(cfg, TrainSeedNetConfig):
+        from stages.seed_training import validate_seed_net
+        validate_seed_net(cfg)
 
 
 def all_knobs() -> dict[str, dict[str, object]]:

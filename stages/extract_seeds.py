@@ -12,6 +12,7 @@ from data.io import BadInputError, write_label_png
 from data.manifest import Manifest
 from stages.config import ExtractSeedsConfig
 from stages.seeds import SEED_METHODS, validate_seed_config
+from stages.supervision import extra_label_file, merge_supervision, validate_supervision_config
 
 LABELS = "labels"
 
@@ -37,6 +38,7 @@ def extract_seeds(cfg: ExtractSeedsConfig, manifest: Manifest, ids: Sequence[str
                   progress: Callable[[float, str], None] | None = None) -> dict:
     """Seeds of ``ids`` as ``labels/<id>.png`` under ``out_dir``; CRF score maps (if any) through ``writer``."""
     validate_seed_config(cfg)
+    validate_supervision_config(cfg)
     rule = SEED_METHODS.get(cfg.seed_method)
     layout, palette = manifest.layout, manifest.label_space.palette
     empty = []
@@ -45,11 +47,20 @@ def extract_seeds(cfg: ExtractSeedsConfig, manifest: Manifest, ids: Sequence[str
         cam, keys = read_cam(cams, image_id, "high_res", rgb.shape[:2])
         try:
             seeds = rule(rgb, cam, keys, cfg)
+            # points / scribbles / boxes on top of the CAM seeds (a no-op for supervision = image)
+            merged = merge_supervision(cfg, layout, image_id, rgb, cam, keys, seeds.label)
+        except BadInputError:  # already names the annotation file
+            raise
         except ValueError as err:  # the rules check shapes and ranges but do not know the image
             raise ValueError(f"ExtractSeeds, image {image_id!r}: {err}") from err
+        seeds.label = merged.label
         path = label_file(out_dir, image_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_label_png(path, seeds.label, palette)
+        for name, extra in merged.extra.items():
+            extra_path = extra_label_file(out_dir, name, image_id)
+            extra_path.parent.mkdir(parents=True, exist_ok=True)
+            write_label_png(extra_path, extra, palette)
         if seeds.scores:
             writer.write(image_id, seeds.scores, {"keys": np.asarray(keys, np.int32)})
         if np.all(seeds.label == 255):

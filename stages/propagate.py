@@ -17,7 +17,8 @@ from data.dense import DenseMapReader, DenseMapWriter
 from data.io import read_label_png, write_label_png
 from data.manifest import Manifest
 from models.registry import Registry
-from stages.config import PropagateConfig
+from stages.a2gnn import A2GNN_INPUTS, propagate_a2gnn, validate_a2gnn_config
+from stages.config import REQUIRED_AFFINITY, SEED_NET_PROPAGATIONS, PropagateConfig, TrainSeedNetConfig
 from stages.evaluate import with_background
 from stages.extract_seeds import label_file, read_cam
 from stages.gcn import propagate_gcn, validate_gcn_config
@@ -25,11 +26,9 @@ from stages.random_walk import propagate_irn, propagate_psa
 
 PROPAGATION_METHODS: Registry = Registry("propagation method")
 
-# Which affinity net produces what each method walks on.
-REQUIRED_AFFINITY = {"rw_irn": "irnet", "rw_psa": "affinitynet", "gcn": "irnet"}
 # Methods that also read IRNet's "boundary_features", the image ("rgb", uint8 (H, W, 3)), its "image_id" and the
 # label space's class count ("num_labels") from the affinity dict.
-IMAGE_INPUT_METHODS = {"gcn"}
+IMAGE_INPUT_METHODS = {"gcn", "a2gnn"}
 
 
 @PROPAGATION_METHODS.register("rw_irn")
@@ -61,7 +60,39 @@ def gcn(cfg: PropagateConfig, cams: dict[str, np.ndarray], affinity: dict[str, n
                          affinity["rgb"], str(affinity["image_id"]), size, device, entropy_classes=num_labels)
 
 
-def validate_propagation(cfg: PropagateConfig, affinity_method: str | None = None) -> None:
+@PROPAGATION_METHODS.register("a2gnn")
+def a2gnn(cfg: PropagateConfig, cams: dict[str, np.ndarray], affinity: dict[str, np.ndarray],
+          size: tuple[int, int], device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """A2GNN: a fresh affinity-attention GNN per image on the a2gnn net's window graph, trained on the seeds
+    (stages/a2gnn.py). Reads "seeds" (label ids), "keys", "supervision" and "boxes" from ``affinity`` too."""
+    missing = set(A2GNN_INPUTS) - set(affinity)
+    if missing:
+        raise ValueError(f"propagation a2gnn needs {', '.join(sorted(missing))} in its inputs (the a2gnn affinity "
+                         "net's window graph, the image, its seeds and class keys, as propagate_images passes them)")
+    stride = affinity.get("affinity_stride")
+    return propagate_a2gnn(cfg, cams["high_res"], affinity["window_affinity"], affinity["node_features"],
+                           affinity["rgb"], affinity["seeds"], affinity["keys"], str(affinity["image_id"]), size,
+                           device, supervision=str(affinity.get("supervision", "image")),
+                           boxes=affinity.get("boxes"), stride=None if stride is None else int(stride))
+
+
+def _seed_net_prediction(cfg: PropagateConfig, cams: dict[str, np.ndarray], inputs: dict[str, np.ndarray],
+                         size: tuple[int, int], device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    probs = inputs["probs"]
+    if probs.shape[1:] != tuple(size) or probs.shape[0] != cams["high_res"].shape[0] + 1:
+        raise ValueError(f"seed net probabilities {probs.shape} do not match the image's background + "
+                         f"{cams['high_res'].shape[0]} classes at {tuple(size)}")
+    return probs, probs.argmax(0)
+
+
+# DGCN's graph cut and DSRG's region growing regrow the seeds while a segmentation net trains (TrainSeedNet); its
+# predictions are the pseudo labels.
+for _name in SEED_NET_PROPAGATIONS:
+    PROPAGATION_METHODS.register(_name)(_seed_net_prediction)
+
+
+def validate_propagation(cfg: PropagateConfig, affinity_method: str | None = None,
+                         seed_net_method: str | None = None) -> None:
     PROPAGATION_METHODS.get(cfg.propagation, key="Propagate.propagation")
     if cfg.beta <= 0 or cfg.alpha <= 0:
         raise ValueError(f"Propagate.beta and Propagate.alpha must be > 0, got {cfg.beta} and {cfg.alpha}")
@@ -70,18 +101,48 @@ def validate_propagation(cfg: PropagateConfig, affinity_method: str | None = Non
     if not 0 <= cfg.bg_threshold <= 1 or not 0 <= cfg.cam_bg_threshold <= 1:
         raise ValueError("Propagate.bg_threshold and Propagate.cam_bg_threshold must lie in [0, 1]")
     validate_gcn_config(cfg)
+    validate_a2gnn_config(cfg)
     needed = REQUIRED_AFFINITY.get(cfg.propagation)
     if affinity_method and needed and affinity_method != needed:
         raise ValueError(f"Propagate.propagation = {cfg.propagation} walks on {needed}'s output, but "
                          f"TrainAffinity.affinity_method = {affinity_method}")
+    if seed_net_method and cfg.propagation in SEED_NET_PROPAGATIONS and seed_net_method != cfg.propagation:
+        raise ValueError(f"Propagate.propagation = {cfg.propagation} predicts with the net TrainSeedNet trains, but "
+                         f"TrainSeedNet.method = {seed_net_method}; set both to the same method")
+
+
+ModelInputs = Callable[[np.ndarray, Sequence[int]], dict]
+
+
+def affinity_net_inputs(model: torch.nn.Module, device: torch.device, propagation: str) -> ModelInputs:
+    """``inputs(rgb, keys)``: what ``propagation`` reads from an affinity net (boundary, features, window graph)."""
+    from stages.affinity import infer_affinity_input
+
+    def inputs(rgb: np.ndarray, keys: Sequence[int]) -> dict:
+        with torch.no_grad():
+            return infer_affinity_input(model, rgb, device, boundary_features=propagation in IMAGE_INPUT_METHODS)
+    return inputs
+
+
+def seed_net_inputs(cfg: TrainSeedNetConfig, model: torch.nn.Module, device: torch.device) -> ModelInputs:
+    """``inputs(rgb, keys)``: a seed-trained net's multi-scale class probabilities (``dsrg`` / ``graphcut``)."""
+    from stages.seed_training import predict_seed_net
+
+    def inputs(rgb: np.ndarray, keys: Sequence[int]) -> dict:
+        return {"probs": predict_seed_net(cfg, model, rgb, keys, device)}
+    return inputs
 
 
 def propagate_images(cfg: PropagateConfig, manifest: Manifest, ids: Sequence[str], cams: DenseMapReader,
-                     seeds_dir: Path, affinity_model: torch.nn.Module, out_dir: Path, writer: DenseMapWriter,
-                     device: torch.device, progress: Callable[[float, str], None] | None = None) -> dict:
-    """Pseudo labels ``labels/<id>.png`` and class scores ``probs`` (background first) for ``ids``."""
-    from stages.affinity import infer_affinity_input
+                     seeds_dir: Path, model_inputs: ModelInputs, out_dir: Path, writer: DenseMapWriter,
+                     device: torch.device, progress: Callable[[float, str], None] | None = None,
+                     supervision: str = "image") -> dict:
+    """Pseudo labels ``labels/<id>.png`` and class scores ``probs`` (background first) for ``ids``.
 
+    ``model_inputs(rgb, keys)`` runs the trained net the method needs (:func:`affinity_net_inputs`,
+    :func:`seed_net_inputs`); ``supervision`` is the seeds' (ExtractSeeds.supervision): box supervision also
+    hands the image's boxes to the methods that use them.
+    """
     validate_propagation(cfg)
     method = PROPAGATION_METHODS.get(cfg.propagation)
     layout, space = manifest.layout, manifest.label_space
@@ -97,12 +158,13 @@ def propagate_images(cfg: PropagateConfig, manifest: Manifest, ids: Sequence[str
             fallback.append(image_id)
         else:
             low, _ = read_cam(cams, image_id, "cam", size)
-            with_image = cfg.propagation in IMAGE_INPUT_METHODS
-            with torch.no_grad():
-                affinity = infer_affinity_input(affinity_model, rgb, device, boundary_features=with_image)
-            if with_image:
-                affinity.update(rgb=rgb, image_id=np.asarray(image_id), num_labels=np.asarray(space.num_classes))
-            probs, index = method(cfg, {"cam": low, "high_res": high}, affinity, size, device)
+            inputs = model_inputs(rgb, keys)
+            if cfg.propagation in IMAGE_INPUT_METHODS:
+                boxes = layout.read_boxes(image_id, size) if supervision == "box" else np.zeros((0, 5), np.int64)
+                inputs.update(rgb=rgb, image_id=np.asarray(image_id), num_labels=np.asarray(space.num_classes),
+                              seeds=seeds, keys=np.asarray(keys, np.int64), supervision=np.asarray(supervision),
+                              boxes=boxes)
+            probs, index = method(cfg, {"cam": low, "high_res": high}, inputs, size, device)
         label = np.asarray([0, *keys], np.uint8)[index]
         path = label_file(out_dir, image_id)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,8 @@ PANEL_TITLES = {
 LABEL_PANELS = ("seeds", "pseudo", "crf", "prediction", "gt")
 
 SECTIONS = (
-    ("headline", "Headline results"), ("per-class", "Per-class IoU"), ("cam-curve", "CAM threshold curve"),
+    ("headline", "Headline results"), ("methods", "Propagation methods compared"),
+    ("per-class", "Per-class IoU"), ("cam-curve", "CAM threshold curve"),
     ("training", "Training curves"), ("gallery", "Gallery"), ("configuration", "Configuration"),
     ("provenance", "Provenance"), ("notes", "Notes"),
 )
@@ -89,6 +90,9 @@ class ReportInputs:
     training_curves: dict[str, list[dict]]  # run name -> rows: epoch, iteration, loss, lr, val_miou, seconds
     gallery: list[tuple[str, dict[str, np.ndarray]]]  # (image id, {panel kind: array})
     notes: list[str] = field(default_factory=list)  # free-text warnings
+    # Report.compare: one row per method (the main chain's first): EvalPseudoLabels' chain figures plus
+    # "method", "trainer", "train_seconds", "propagate_seconds", "crf_seconds", "propagated_images"
+    comparison: list[dict] = field(default_factory=list)
     generated: str | None = None           # the header's date; None = now
 
 
@@ -259,6 +263,31 @@ def headline_rows(inputs: ReportInputs) -> list[tuple[str, str, str]]:
         both_ran = bool(inputs.segmentation_metrics) and bool(inputs.ceiling_metrics)
         rows.append(("DeepLab / ceiling", "-", "undefined (a mIoU is missing or the ceiling's is 0)" if both_ran
                      else "not run"))
+    return rows
+
+
+COMPARISON_NOTE = ("Pseudo-label mIoU (%) on the eval images of each method run from the same CAMs "
+                   "(method/supervision); 'vs CAM' = the best of before/after CRF minus the CAM's mIoU. Training = "
+                   "the net the method needs (affinity or seed-trained segmenter); propagation = compute time per "
+                   "image summed over workers.")
+COMPARISON_HEADER = ("method", "CAM", "seeds", "pseudo labels", "after CRF", "vs CAM", "training",
+                     "propagation per image", "trained net")
+
+
+def comparison_rows(inputs: ReportInputs) -> list[tuple[str, ...]]:
+    """The compared methods, formatted: mIoU at each step (%), the gain over the CAM, compute times."""
+    rows = []
+    for row in inputs.comparison:
+        best = row.get("refined_miou") if row.get("refined_miou") is not None else row.get("pseudo_label_miou")
+        gain = _finite_or_none(best) is not None and _finite_or_none(row.get("cam_miou")) is not None
+        per_image = None
+        if row.get("propagate_seconds") is not None and row.get("propagated_images"):
+            per_image = row["propagate_seconds"] / row["propagated_images"]
+        rows.append((str(row.get("method")), format_percent(row.get("cam_miou")), format_percent(row.get("seed_miou")),
+                     format_percent(row.get("pseudo_label_miou")), format_percent(row.get("refined_miou")),
+                     f"{100 * (_as_float(best) - _as_float(row['cam_miou'])):+.1f}" if gain else "-",
+                     format_duration(row["train_seconds"]) if row.get("train_seconds") is not None else "-",
+                     f"{1000 * per_image:.0f} ms" if per_image is not None else "-", str(row.get("trainer", ""))))
     return rows
 
 
@@ -655,7 +684,8 @@ def _render_html(inputs: ReportInputs, names: list[str], palette: np.ndarray, fi
     versions = _merged_versions(inputs.provenance)
     if versions:
         out.append('<p class="meta">Versions: ' + "; ".join(f"{_esc(k)} {_esc(v)}" for k, v in versions) + "</p>")
-    out.append("<nav>" + "".join(f'<a href="#{sid}">{_esc(title)}</a>' for sid, title in SECTIONS) + "</nav>")
+    shown = [(sid, title) for sid, title in SECTIONS if sid != "methods" or inputs.comparison]
+    out.append("<nav>" + "".join(f'<a href="#{sid}">{_esc(title)}</a>' for sid, title in shown) + "</nav>")
     titles = dict(SECTIONS)
 
     def heading(section_id: str) -> None:
@@ -666,6 +696,10 @@ def _render_html(inputs: ReportInputs, names: list[str], palette: np.ndarray, fi
     out.append(_table(["stage", "mIoU (%)", "details"], headline, numeric=[False, True, False]))
     out.append('<p class="meta">CAMs, seeds and pseudo labels are scored on the eval (training) images, DeepLab '
                "and the ceiling on val; one dataset-level confusion matrix, background included, GT 255 ignored.</p>")
+    if inputs.comparison:
+        heading("methods")
+        out.append(f"<p>{_esc(COMPARISON_NOTE)}</p>")
+        out.append(_table(COMPARISON_HEADER, comparison_rows(inputs), numeric=[False] + [True] * 7))
 
     heading("per-class")
     stages = per_class_stages(inputs, names)
@@ -778,6 +812,9 @@ def _render_markdown(inputs: ReportInputs, names: list[str], compute_seconds: fl
              f"Percentages; '-' = not run or undefined. Full report with figures: {HTML_NAME}.", "",
              "## Headline results", ""]
     lines += _md_table(["stage", "mIoU (%)", "details"], headline_rows(inputs), numeric=[False, True, False])
+    if inputs.comparison:
+        lines += ["", "## Propagation methods compared", "", COMPARISON_NOTE, ""]
+        lines += _md_table(COMPARISON_HEADER, comparison_rows(inputs), numeric=[False] + [True] * 7)
     lines += ["", "## Per-class IoU", ""]
     stages = per_class_stages(inputs, names)
     if stages:

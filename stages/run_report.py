@@ -55,7 +55,8 @@ def gallery_panels(manifest: Manifest, dirs: dict[str, Path], image_ids: list[st
 
 def build_report(cfg: ReportConfig, manifest: Manifest, dirs: dict[str, Path], config: dict[str, dict],
                  provenance: dict[str, dict], segmenter_config: TrainSegmentationConfig,
-                 eval_config: EvalSegmentationConfig, device: torch.device, out_dir: Path) -> dict:
+                 eval_config: EvalSegmentationConfig, device: torch.device, out_dir: Path,
+                 comparison: list[dict] | None = None) -> dict:
     """``report.html`` and ``report.md`` in ``out_dir`` from the stage directories ``dirs``."""
     from stages.report import ReportInputs, write_report
     from stages.segmentation import LOG, load_segmenter
@@ -84,7 +85,8 @@ def build_report(cfg: ReportConfig, manifest: Manifest, dirs: dict[str, Path], c
         segmentation_metrics=metrics("segmentation"), ceiling_metrics=metrics("ceiling"),
         training_curves={"pseudo labels": read_curve(dirs["segmenter"] / LOG),
                          "GT (ceiling)": read_curve(dirs["ceiling_segmenter"] / LOG)},
-        gallery=gallery_panels(manifest, dirs, ids, model, eval_config, device), notes=notes)
+        gallery=gallery_panels(manifest, dirs, ids, model, eval_config, device), notes=notes,
+        comparison=comparison or [])
     summary = write_report(inputs, out_dir)
     # Paths inside the temporary stage directory mean nothing once it is published.
     return {k: v for k, v in summary.items() if k not in ("html", "markdown", "figures")}

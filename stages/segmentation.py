@@ -146,8 +146,13 @@ def load_matching(model: nn.Module, path: str | os.PathLike) -> list[str]:
 
 
 def predict_probs(model: nn.Module, rgb: np.ndarray, device: torch.device, scales: Sequence[float] = (1.0,),
-                  flip: bool = False) -> np.ndarray:
-    """Class probabilities (C, H, W): softmax of the logits at each scale (and flip), upsampled, averaged."""
+                  flip: bool = False, classes: Sequence[int] | None = None, fuse: str = "probs") -> np.ndarray:
+    """Class probabilities (C, H, W): softmax of the logits at each scale (and flip), upsampled, averaged.
+
+    ``classes``: keep only these logit channels, in this order (the softmax runs over them alone).
+    ``fuse = "logits"``: softmax of the summed upsampled logits instead (hustvl/DGCN make_pred)."""
+    if fuse not in ("probs", "logits"):
+        raise ValueError(f"fuse must be 'probs' or 'logits', got {fuse!r}")
     h, w = rgb.shape[:2]
     total = None
     with torch.no_grad():
@@ -156,11 +161,17 @@ def predict_probs(model: nn.Module, rgb: np.ndarray, device: torch.device, scale
             x = torch.from_numpy(normalize(cv2.resize(rgb, size, interpolation=cv2.INTER_LINEAR)))[None].to(device)
             batch = torch.cat([x, x.flip(-1)]) if flip else x
             logits = F.interpolate(model(batch), size=(h, w), mode="bilinear", align_corners=False)
-            probs = logits.softmax(1)
+            if classes is not None:
+                if min(classes, default=0) < 0 or max(classes, default=0) >= logits.shape[1]:
+                    raise ValueError(f"classes {list(classes)} outside the model's {logits.shape[1]} outputs")
+                logits = logits[:, list(classes)]
+            maps = logits if fuse == "logits" else logits.softmax(1)
             if flip:
-                probs = torch.stack([probs[0], probs[1].flip(-1)])
-            part = probs.sum(0)
+                maps = torch.stack([maps[0], maps[1].flip(-1)])
+            part = maps.sum(0)
             total = part if total is None else total + part
+    if fuse == "logits":
+        return total.softmax(0).cpu().numpy()
     return (total / (len(scales) * (2 if flip else 1))).cpu().numpy()
 
 

@@ -140,6 +140,44 @@ def test_psa_seam_family_runs_end_to_end(luigi_config):
     assert la_ha["la"].shape[0] == 1 + len(manifest["image_labels"][some]), "PSA keeps the la/ha CRF maps"
 
 
+def test_compared_methods_run_beside_the_main_chain(luigi_config, tmp_path):
+    """Report.compare runs each graph method (and box seeds) from the same CAMs and tables them in the report."""
+    methods = ["graphcut", "dsrg", "gcn", "a2gnn/box", "rw_irn/box"]
+    luigi_config("Report", "compare", json.dumps(methods))
+    # A few epochs per image: the test checks the wiring, tests/test_gcn.py and test_a2gnn.py the methods.
+    for option, value in [("gcn_epochs", 5), ("a2gnn_seed_epochs", 3), ("a2gnn_gcrf_epochs", 3)]:
+        luigi_config("Propagate", option, value)
+    result = run_luigi(FullWSSS(), workers=1)
+    assert result.status == luigi.LuigiStatusCode.SUCCESS, result.summary_text
+    graph = stage_graph()
+    manifest = json.loads((PrepareDataset().stage_dir / "manifest.json").read_text())
+    images = set(manifest["splits"]["train"]) | set(manifest["splits"]["eval"])
+    # One seed stage serves both box-supervised methods; the main chain's stages keep their plain names.
+    assert [n for n in graph if n.startswith("ExtractSeeds")] == ["ExtractSeeds", "ExtractSeeds@supervision=box"]
+    assert {"TrainSeedNet@method=dsrg", "TrainSeedNet"} <= set(graph)
+    assert graph["TrainSeedNet"].method == "graphcut"
+    propagations = {n: t for n, t in graph.items() if t.get_task_family() == "Propagate"}
+    assert sorted(t.propagation for t in propagations.values()) == sorted(
+        ["rw_irn", "graphcut", "dsrg", "gcn", "a2gnn", "rw_irn"])
+    assert len({t.key for t in propagations.values()}) == len(propagations) == 6
+    for task in propagations.values():
+        assert {p.stem for p in (task.stage_dir / "labels").glob("*.png")} == images, task.stage_name
+    box_seeds = graph["ExtractSeeds@supervision=box"]
+    assert box_seeds.supervision == "box" and box_seeds.key != ExtractSeeds().key
+    assert graph["Propagate@supervision=box,propagation=a2gnn,affinity_method=a2gnn,window_radius=4"].upstream()[
+        "affinity"].window_radius == 4
+    summary = json.loads((Report().stage_dir / "provenance.json").read_text())["metrics"]
+    markdown = (Report().stage_dir / "report.md").read_text()
+    table = markdown.split("## Propagation methods compared")[1].split("\n## ")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert [row.split(" | ")[0].lstrip("| ") for row in rows] == ["rw_irn/image (main chain)", *methods]
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert all(cell not in ("", "-") for cell in cells[1:6]), row  # every mIoU and the gain are filled in
+    html = (Report().stage_dir / "report.html").read_text()
+    assert 'id="methods"' in html and summary  # the section and its nav entry
+
+
 @pytest.mark.parametrize(("section", "option", "value", "message"), [
     ("ExtractSeeds", "seed_method", "magic", "ExtractSeeds.seed_method"),
     ("ExtractSeeds", "alpha_low", 0, "alpha"),

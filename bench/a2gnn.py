@@ -1,0 +1,209 @@
+"""A2GNN propagation (stages/a2gnn.py): our window attention against the reference's dense N x N matrices.
+
+Two images: one of the demo profile's size (112x144, stride-8 grid 14x18 = 252 nodes) and one of VOC's typical
+500x375 (47x63 = 2,961 nodes). Each is a synthetic render (data/synthetic.py) with
+
+- window affinities (radius 3) and node features (the three taps, 224 channels for ``resnet_mini``) from a
+  randomly initialised a2gnn affinity net, through the same ``infer_window_graph`` the Propagate stage uses;
+- seeds: its ground truth with 80% of the pixels set to ignore; CAMs: its blurred masks with noise.
+
+Each (image, mode) runs, on one thread, ``propagate_a2gnn`` (image supervision: GNN training, random walk;
+the final CRF is off, it is the same in both modes) in a fresh subprocess that reports its wall time and its
+peak resident memory above the state before the call (bench/random_walk.py's ``PeakMemory``). ``dense`` swaps
+in the reference's formulation: each attention layer on N x N cosine / mask / logit / softmax matrices and
+H' = P H as a dense product, and the random walk as T^64 by six dense squarings. Figures: seconds per image,
+milliseconds per training epoch, peak MiB, and the largest difference between the two modes' scores (float
+rounding, compounded over the epochs).
+
+The VOC-size image runs 5 + 5 epochs instead of the reference's 50 + 50 (the dense mode needs minutes per
+epoch-hundred on 2 CPU cores); per-epoch times are reported so the full schedule can be extrapolated.
+Run alone with ``python -m bench.a2gnn``; ``make bench`` runs the demo image only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.random_walk import PeakMemory  # noqa: E402
+from stages.config import PropagateConfig  # noqa: E402
+
+# name -> (height, width, epochs per phase; 0 = the reference's 50)
+IMAGES = {"demo": (112, 144, 0), "voc": (375, 500, 5)}
+SEED = 5
+WINDOW_RADIUS = 3
+
+
+def make_inputs(name: str) -> dict:
+    """Image, seeds, CAMs and the a2gnn net's window graph, all deterministic."""
+    import cv2
+
+    from data.synthetic import Profile, render_sample
+    from models.a2gnn import A2GNNAffinityNet
+    from models.resnet import create_backbone
+    from stages.a2gnn import infer_window_graph
+
+    height, width, _ = IMAGES[name]
+    sample = render_sample(SEED, "train", 0, Profile(n_train=1, n_val=0, height=height, width=width))
+    rng = np.random.default_rng(SEED)
+    semantic = sample.semantic.astype(np.int32)
+    keys = np.array(sorted({o.cls + 1 for o in sample.objects}))
+    sigma = 0.03 * min(height, width)
+    cams = []
+    for c in keys:
+        blurred = cv2.GaussianBlur((semantic == c).astype(np.float32), (0, 0), sigma)
+        cams.append(np.clip(blurred + rng.normal(0, 0.05, blurred.shape), 0, None))
+    high = np.stack(cams).astype(np.float32)
+    high /= high.max(axis=(1, 2), keepdims=True)
+    seeds = sample.semantic.astype(np.uint8).copy()
+    seeds[rng.random(seeds.shape) < 0.8] = 255
+    torch.manual_seed(SEED)
+    model = A2GNNAffinityNet(create_backbone("resnet_mini"), window_radius=WINDOW_RADIUS).eval()
+    graph = infer_window_graph(model, sample.image, torch.device("cpu"))
+    return {"rgb": sample.image, "high_res": high, "keys": keys, "seeds": seeds, **graph}
+
+
+def _dense_matrices(graph) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's A (window affinities, diagonal 1) and window mask M, both N x N."""
+    n = graph.num_nodes
+    rows = torch.arange(n)[:, None].expand_as(graph.index)[graph.valid]
+    cols = graph.index[graph.valid]
+    adjacency = torch.zeros(n, n)
+    adjacency[rows, cols] = graph.affinity[graph.valid]
+    mask = torch.zeros(n, n)
+    mask[rows, cols] = 1
+    return adjacency, mask
+
+
+def use_dense_reference() -> None:
+    """Swap the window attention and walk for the reference's dense N x N versions (this process only)."""
+    import models.a2gnn
+    import stages.a2gnn
+
+    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def matrices(graph):
+        if id(graph) not in cache:
+            cache.clear()
+            cache[id(graph)] = _dense_matrices(graph)
+        return cache[id(graph)]
+
+    def dense_attention(h, beta, graph, affinity_weight=10.0):
+        adjacency, mask = matrices(graph)
+        norms = h.norm(dim=1, keepdim=True)
+        cos = (h @ h.T) / (norms @ norms.T + 1e-7)
+        penalty = torch.zeros_like(cos)
+        penalty[mask == 0] = -1e9
+        penalty[cos < 0] = -1e9
+        return torch.softmax(beta * cos + penalty + affinity_weight * adjacency, dim=1) @ h
+
+    def dense_walk(vectors, graph, beta, steps):
+        adjacency, _ = matrices(graph)
+        powered = adjacency ** beta
+        transition = powered / powered.sum(0, keepdim=True)
+        for _ in range(int(math.log2(steps))):
+            transition = transition @ transition
+        return vectors @ transition
+
+    models.a2gnn.window_attention = dense_attention
+    stages.a2gnn.window_random_walk = dense_walk
+
+
+def run_variant(name: str, mode: str, out_dir: Path) -> dict:
+    """Inside a fresh process: one propagate_a2gnn call, timed, with its peak memory."""
+    from stages import a2gnn
+
+    # One thread: on a shared, oversubscribed CPU, OpenMP spin-waits turn the window mode's many small kernels
+    # into seconds per epoch (measured 3.4 s against 15 ms with 2 threads on a loaded 2-core box).
+    torch.set_num_threads(1)
+    inputs = make_inputs(name)
+    height, width, epochs = IMAGES[name]
+    cfg = PropagateConfig(propagation="a2gnn", a2gnn_crf_preset="", a2gnn_seed_epochs=epochs,
+                          a2gnn_gcrf_epochs=epochs)
+    schedule = a2gnn.resolve_schedule(cfg, "image")
+    total_epochs = schedule.seed_epochs + schedule.gcrf_epochs
+    if mode == "dense":
+        use_dense_reference()
+    train = a2gnn.train_a2gnn
+    phases: dict[str, float] = {}
+
+    def timed_train(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return train(*args, **kwargs)
+        finally:
+            phases["train_s"] = time.perf_counter() - start
+
+    a2gnn.train_a2gnn = timed_train
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        probs, _ = a2gnn.propagate_a2gnn(cfg, inputs["high_res"], inputs["window_affinity"], inputs["node_features"],
+                                         inputs["rgb"], inputs["seeds"], inputs["keys"], name, (height, width),
+                                         "cpu", stride=int(inputs["affinity_stride"]))
+        seconds = time.perf_counter() - start
+    np.save(out_dir / f"{name}_{mode}_probs.npy", probs)
+    nodes = math.prod(inputs["window_affinity"].shape[1:])
+    return {"seconds": seconds, **phases, "epochs": total_epochs, "nodes": nodes,
+            "features": int(inputs["node_features"].shape[0]), "peak_bytes": memory.peak,
+            "memory_method": memory.method}
+
+
+def bench_a2gnn(images: tuple[str, ...] = ("demo", "voc")) -> dict:
+    """Both modes on each image, in fresh subprocesses; returns the figures per image."""
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in images:
+            measured = {}
+            for mode in ("window", "dense"):
+                done = subprocess.run([sys.executable, "-m", "bench.a2gnn", "--variant", f"{name}:{mode}",
+                                       "--out", tmp], cwd=REPO, capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise RuntimeError(f"a2gnn {name} {mode} failed:\n{done.stderr[-3000:]}")
+                measured[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+            probs = {m: np.load(Path(tmp) / f"{name}_{m}_probs.npy") for m in measured}
+            height, width, _ = IMAGES[name]
+            window, dense = measured["window"], measured["dense"]
+            results[name] = {
+                "size": f"{width}x{height}", "nodes": window["nodes"], "node_features": window["features"],
+                "window_radius": WINDOW_RADIUS, "epochs": window["epochs"], "threads": 1,
+                "window_s": window["seconds"], "dense_s": dense["seconds"],
+                "window_ms_per_epoch": 1000 * window["train_s"] / window["epochs"],
+                "dense_ms_per_epoch": 1000 * dense["train_s"] / dense["epochs"],
+                "speedup_window_vs_dense": dense["seconds"] / window["seconds"],
+                "window_peak_mib": window["peak_bytes"] / 2**20, "dense_peak_mib": dense["peak_bytes"] / 2**20,
+                "max_abs_score_diff": float(np.abs(probs["window"] - probs["dense"]).max()),
+                "label_agreement_pct": 100 * float((probs["window"].argmax(0) == probs["dense"].argmax(0)).mean()),
+                "memory_method": window["memory_method"]}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", help="internal: IMAGE:MODE to measure in this process")
+    parser.add_argument("--out", type=Path, help="internal: folder for the variant's scores")
+    parser.add_argument("--images", default="demo,voc", help="comma-separated: demo, voc")
+    args = parser.parse_args()
+    if args.variant:
+        name, mode = args.variant.split(":")
+        print(json.dumps(run_variant(name, mode, args.out)))
+        return
+    for name, figures in bench_a2gnn(tuple(args.images.split(","))).items():
+        print(name)
+        for key, value in figures.items():
+            print(f"  {key:<26} {value:.4g}" if isinstance(value, float) else f"  {key:<26} {value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,444 @@
+"""A2GNN (stages/a2gnn.py, models/a2gnn.py): window maths against dense references, losses, the per-image
+propagation on planted layouts, and the a2gnn affinity net through train_affinity."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data.manifest import Manifest
+from models.a2gnn import (
+    A2GNN,
+    A2GNNAffinityNet,
+    WindowGraph,
+    window_attention,
+    window_distance,
+    window_dot,
+    window_mix,
+    window_offsets,
+    window_valid,
+)
+from models.resnet import create_backbone
+from stages.a2gnn import (
+    GridBox,
+    affinity_loss,
+    gated_crf_loss,
+    gated_penalty,
+    grid_boxes,
+    multi_point_loss,
+    propagate_a2gnn,
+    resolve_schedule,
+    rgbxy_kernel,
+    seed_channels,
+    window_pair_masks,
+    window_random_walk,
+)
+from stages.affinity import infer_affinity_input, load_affinity_model, pair_losses, train_affinity
+from stages.config import PropagateConfig, TrainAffinityConfig
+from stages.evaluate import with_background
+from stages.propagate import IMAGE_INPUT_METHODS, PROPAGATION_METHODS, REQUIRED_AFFINITY, validate_propagation
+
+CPU = torch.device("cpu")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ------------------------------------------------------------------------------------- dense references
+
+
+def dense_window_matrices(window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, M) N x N by walking every node and offset: A_ij = window[k, i] for j = i + offset k, A_ii = 1;
+    M_ij = 1 inside i's window."""
+    d, h, w = window.shape
+    radius = math.isqrt(d) // 2
+    n = h * w
+    adjacency, mask = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64)
+    for y in range(h):
+        for x in range(w):
+            for k, (dy, dx) in enumerate(window_offsets(radius)):
+                if 0 <= y + dy < h and 0 <= x + dx < w:
+                    adjacency[y * w + x, (y + dy) * w + x + dx] = window[k, y, x]
+                    mask[y * w + x, (y + dy) * w + x + dx] = 1
+    adjacency.fill_diagonal_(1)
+    return adjacency, mask
+
+
+def dense_attention(h: torch.Tensor, beta: float, adjacency: torch.Tensor, mask: torch.Tensor,
+                    weight: float = 10.0) -> torch.Tensor:
+    """pygcn/A2GNN.py's layer, written out on N x N matrices."""
+    norms = h.norm(dim=1, keepdim=True)
+    cos = (h @ h.T) / (norms @ norms.T + 1e-7)
+    masked = torch.zeros_like(cos)
+    masked[mask == 0] = -1e9
+    masked[cos < 0] = -1e9
+    return torch.softmax(beta * cos + masked + weight * adjacency, dim=1) @ h
+
+
+def test_window_attention_matches_dense_reference():
+    gen = torch.Generator().manual_seed(0)
+    h, w, radius, channels = 4, 5, 1, 6
+    window = torch.rand((2 * radius + 1) ** 2, h, w, generator=gen, dtype=torch.float64)
+    features = torch.randn(h * w, channels, generator=gen, dtype=torch.float64)   # signed: some cos < 0
+    graph = WindowGraph.from_window_affinity(window)
+    adjacency, mask = dense_window_matrices(window)
+    got = window_attention(features, torch.tensor(0.7, dtype=torch.float64), graph)
+    want = dense_attention(features, 0.7, adjacency, mask)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    # Both masks were exercised: off-grid neighbours and negative cosines inside the window.
+    norms = features.norm(dim=1, keepdim=True)
+    cos = (features @ features.T) / (norms @ norms.T)
+    assert bool(((cos < 0) & (mask == 1)).any()) and not bool(graph.valid.all())
+
+
+def test_window_attention_gradients_match_dense_reference():
+    gen = torch.Generator().manual_seed(1)
+    window = torch.rand(25, 5, 6, generator=gen, dtype=torch.float64)
+    graph = WindowGraph.from_window_affinity(window)
+    adjacency, mask = dense_window_matrices(window)
+    base = torch.rand(30, 8, generator=gen, dtype=torch.float64)
+    grads = []
+    for layer in (lambda x, b: window_attention(x, b, graph), lambda x, b: dense_attention(x, b, adjacency, mask)):
+        features, beta = base.clone().requires_grad_(), torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+        (layer(features, beta) ** 2).sum().backward()
+        grads.append((features.grad, beta.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-9, atol=1e-12)
+
+
+def test_window_mix_is_the_window_sparse_product():
+    gen = torch.Generator().manual_seed(7)
+    graph = WindowGraph.from_window_affinity(torch.rand(49, 4, 9, generator=gen, dtype=torch.float64))
+    weights = torch.rand(36, 49, generator=gen, dtype=torch.float64)
+    h = torch.randn(36, 5, generator=gen, dtype=torch.float64)
+    want = ((weights * graph.valid)[..., None] * h[graph.index]).sum(1)
+    torch.testing.assert_close(window_mix(weights, h, 4, 9, 3), want)
+    dots = (h[:, None, :] * h[graph.index]).sum(-1) * graph.valid
+    torch.testing.assert_close(window_dot(h, 4, 9, 3), dots)
+
+
+def test_window_distance_matches_brute_force_loop():
+    gen = torch.Generator().manual_seed(2)
+    features = torch.randn(1, 3, 4, 5, generator=gen, dtype=torch.float64)
+    radius = 2
+    got = window_distance(features, radius)
+    padded = F.pad(features, (radius,) * 4)   # unfold's zero padding
+    for k, (dy, dx) in enumerate(window_offsets(radius)):
+        for y in range(4):
+            for x in range(5):
+                other = padded[0, :, y + dy + radius, x + dx + radius]
+                want = (features[0, :, y, x] - other).abs().mean()
+                assert abs(float(got[0, k, y, x] - want)) < 1e-12
+    valid = window_valid(4, 5, radius)
+    assert valid.shape == (25, 4, 5) and bool(valid[12].all()) and not bool(valid[0, 0, 0])
+
+
+def test_window_random_walk_equals_dense_transition_power():
+    gen = torch.Generator().manual_seed(3)
+    window = torch.rand(9, 3, 4, generator=gen, dtype=torch.float64)   # deliberately not symmetric
+    graph = WindowGraph.from_window_affinity(window)
+    adjacency, _ = dense_window_matrices(window)
+    powered = adjacency ** 8
+    transition = powered / powered.sum(0, keepdim=True)
+    vectors = torch.rand(3, 12, generator=gen, dtype=torch.float64)
+    want = vectors @ torch.linalg.matrix_power(transition, 16)
+    torch.testing.assert_close(window_random_walk(vectors, graph, 8.0, 16), want, rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------- affinity-net loss
+
+
+def test_window_pair_masks_on_a_hand_built_map():
+    labels = torch.tensor([[[0, 0, 1],
+                            [0, 255, 1],
+                            [2, 2, 1]]])
+    masks = window_pair_masks(labels, 1)
+    centre = 4                                    # offset (0, 0)
+    right, down = 5, 7                            # offsets (0, 1) and (1, 0)
+    assert masks["bg"][0, centre, 0, 0] == 1 and masks["bg"][0, right, 0, 0] == 1     # 0 -> 0
+    assert masks["neg"][0, right, 0, 1] == 1                                           # 0 -> 1
+    assert masks["fg"][0, down, 0, 2] == 1                                             # 1 -> 1
+    assert masks["neg"][0, right, 2, 1] == 1                                           # 2 -> 1
+    assert all(float(m[0, :, 1, 1].sum()) == 0 for m in masks.values())               # ignored centre
+    # Counts against a walk over every node and in-grid neighbour.
+    grid = labels[0].numpy()
+    counts = {"bg": 0, "fg": 0, "neg": 0}
+    for y in range(3):
+        for x in range(3):
+            for dy, dx in window_offsets(1):
+                if not (0 <= y + dy < 3 and 0 <= x + dx < 3):
+                    continue
+                a, b = grid[y, x], grid[y + dy, x + dx]
+                if 255 in (a, b):
+                    continue
+                counts["neg" if a != b else ("bg" if a == 0 else "fg")] += 1
+    assert {k: int(v.sum()) for k, v in masks.items()} == counts
+
+
+def _tiny_affinity_net(radius: int = 1) -> A2GNNAffinityNet:
+    torch.manual_seed(0)
+    return A2GNNAffinityNet(create_backbone("resnet_mini"), window_radius=radius)
+
+
+def test_affinity_loss_combines_pair_terms_and_gated_penalty(monkeypatch):
+    model = _tiny_affinity_net(radius=1)
+    labels = torch.tensor([[[0, 0, 1], [0, 255, 1], [2, 2, 1]]])
+    gen = torch.Generator().manual_seed(4)
+    distance = torch.rand(1, 9, 3, 3, generator=gen)
+    monkeypatch.setattr(model, "window_outputs",
+                        lambda images: {"distance": distance, "affinity": torch.exp(-distance)})
+    images = torch.randn(1, 3, 24, 24, generator=gen)
+    loss, parts, masks = affinity_loss(model, images, labels)
+    terms = pair_losses(torch.exp(-distance), window_pair_masks(labels, 1))
+    gated = gated_penalty(distance, images, 8, 1, 0.1, 6.0)
+    expected = terms["bg"] / 4 + terms["fg"] / 4 + terms["neg"] / 2 + 3 * gated
+    assert float(gated) > 0
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(parts["gated"], gated)
+    assert set(masks) == {"bg", "fg", "neg"}
+
+
+def test_gated_penalty_is_zero_for_identical_features_and_skips_padding():
+    gen = torch.Generator().manual_seed(5)
+    images = torch.randn(2, 3, 32, 40, generator=gen)
+    same = window_distance(torch.ones(2, 7, 4, 5), 2) * window_valid(4, 5, 2)[None]
+    assert float(gated_penalty(same, images, 8, 2)) == 0.0
+    varied = window_distance(torch.randn(2, 7, 4, 5, generator=gen), 2)
+    assert float(gated_penalty(varied, images, 8, 2)) > 0
+    # An all-padding image (zeros) has no pixel inside: nothing is penalised.
+    assert float(gated_penalty(varied, torch.zeros(2, 3, 32, 40), 8, 2)) == 0.0
+
+
+def test_gated_crf_loss_matches_pairwise_sum():
+    gen = torch.Generator().manual_seed(6)
+    rgb = torch.randn(1, 3, 3, 4, generator=gen, dtype=torch.float64)
+    probs = torch.softmax(torch.randn(3, 3, 4, generator=gen, dtype=torch.float64), 0)
+    radius, sigma_rgb, sigma_xy = 2, 0.5, 1.5
+    kernel = rgbxy_kernel(rgb, radius, sigma_rgb, sigma_xy)[0]
+    total = 0.0
+    for y in range(3):
+        for x in range(4):
+            for y2 in range(3):
+                for x2 in range(4):
+                    if (y, x) == (y2, x2) or abs(y - y2) > radius or abs(x - x2) > radius:
+                        continue
+                    colour = float((((rgb[0, :, y, x] - rgb[0, :, y2, x2]) / sigma_rgb) ** 2).sum())
+                    k = math.exp(-0.5 * colour - 0.5 * ((y - y2) ** 2 + (x - x2) ** 2) / sigma_xy ** 2)
+                    total += k * (1 - float((probs[:, y, x] * probs[:, y2, x2]).sum()))
+    assert abs(float(gated_crf_loss(probs, kernel, radius)) - total / 12) < 1e-10
+
+
+# -------------------------------------------------------------------------------------------- box losses
+
+
+def test_multi_point_loss_picks_row_and_column_maxima_and_drops_inconsistent_nodes():
+    h, w, classes = 3, 4, 3
+    logits = torch.zeros(h * w, classes)
+    class_one = torch.tensor([[9., 0., 1., 2.],
+                              [9., 5., 3., 1.],
+                              [9., 2., 4., 0.]])
+    logits[:, 1] = class_one.reshape(-1)
+    logits[:, 0] = torch.linspace(-1, 1, h * w)
+    box = GridBox(channel=1, y0=0, y1=2, x0=1, x1=3)        # column 0 (the 9s) lies outside the box
+    rows = [0 * w + 3, 1 * w + 1, 2 * w + 2]                # per row, the max of columns 1..3
+    cols = [1 * w + 1, 2 * w + 2, 0 * w + 3]                # per column, the max of rows 0..2
+    embedding = torch.ones(h * w, 4)
+    embedding[1 * w + 3] = -1                               # node (1, 3): not a point, opposite direction
+    labels = torch.full((h * w,), 255, dtype=torch.long)
+    labels[[1 * w + 3, 2 * w + 1]] = 1                      # (1, 3) should go, (2, 1) stays
+    labels[0 * w + 1] = 2                                   # another class: untouched
+    labels[0] = 1                                           # outside the box: untouched
+    loss, checked = multi_point_loss(logits, embedding, [box], labels, (h, w))
+    expected = F.cross_entropy(logits[rows + cols], torch.ones(6, dtype=torch.long))
+    torch.testing.assert_close(loss, expected)              # identical point embeddings: no spread term
+    assert int(checked[1 * w + 3]) == 255 and int(checked[2 * w + 1]) == 1
+    assert int(checked[0 * w + 1]) == 2 and int(checked[0]) == 1
+    assert int(labels[1 * w + 3]) == 1                      # the input is not modified
+
+
+def test_grid_boxes_whole_image_and_foreign_classes():
+    keys = np.array([3, 7])
+    boxes = np.array([[7, 0, 0, 79, 63], [5, 10, 10, 20, 20]])
+    (box,) = grid_boxes(boxes, keys, (64, 80), (8, 10), 8, "img")
+    assert box == GridBox(2, 0, 7, 0, 9)
+    with pytest.raises(ValueError, match="img"):
+        grid_boxes(np.array([[3, 0, 0, 80, 10]]), keys, (64, 80), (8, 10), 8, "img")
+    assert grid_boxes(np.zeros((0, 5), np.int64), keys, (64, 80), (8, 10), 8, "img") == []
+
+
+# --------------------------------------------------------------------------------------------- the method
+
+
+def test_registration_and_schedules():
+    assert "a2gnn" in PROPAGATION_METHODS and REQUIRED_AFFINITY["a2gnn"] == "a2gnn"
+    assert "a2gnn" in IMAGE_INPUT_METHODS
+    cfg = PropagateConfig(propagation="a2gnn")
+    validate_propagation(cfg, "a2gnn")
+    with pytest.raises(ValueError, match="affinity_method"):
+        validate_propagation(cfg, "irnet")
+    image, box = resolve_schedule(cfg, "image"), resolve_schedule(cfg, "box")
+    assert (image.lr, image.seed_epochs, image.gcrf_epochs, image.gcrf_weight) == (0.03, 50, 50, 0.3)
+    assert image.random_walk and not image.multi_point
+    assert (box.lr, box.seed_epochs, box.gcrf_epochs, box.gcrf_weight) == (0.035, 150, 150, 0.01)
+    assert box.multi_point and not box.random_walk and not resolve_schedule(cfg, "scribble").random_walk
+    custom = resolve_schedule(dataclasses.replace(cfg, a2gnn_lr=0.1, a2gnn_seed_epochs=3), "box")
+    assert (custom.lr, custom.seed_epochs, custom.gcrf_epochs) == (0.1, 3, 150)
+    with pytest.raises(ValueError, match="a2gnn_dropout"):
+        validate_propagation(dataclasses.replace(cfg, a2gnn_dropout=1.0))
+    with pytest.raises(ValueError, match="supervision"):
+        resolve_schedule(cfg, "mask")
+
+
+def test_seed_channels_follow_the_keys():
+    seeds = np.array([[0, 3, 7], [255, 5, 3]], np.uint8)
+    assert seed_channels(seeds, np.array([7, 3])).tolist() == [[0, 2, 1], [255, 255, 2]]
+
+
+STRIDE = 8
+
+
+def planted_inputs(height: int = 48, width: int = 64, seed: int = 0) -> dict:
+    """Two regions: class 3 on the left 3/8 of the image, background elsewhere; window affinities and node
+    features that know the regions (noisy), sparse seeds (two nodes per region), noisy weak CAMs."""
+    rng = np.random.default_rng(seed)
+    grid = (math.ceil(height / STRIDE), math.ceil(width / STRIDE))
+    truth = np.zeros((height, width), np.uint8)
+    truth[:, : 3 * width // 8] = 3
+    cells = truth[STRIDE // 2::STRIDE, STRIDE // 2::STRIDE][: grid[0], : grid[1]]
+    radius = 1
+    window = np.zeros(((2 * radius + 1) ** 2, *grid), np.float32)
+    padded = np.pad(cells.astype(np.int32), radius, constant_values=-1)
+    for k, (dy, dx) in enumerate(window_offsets(radius)):
+        other = padded[radius + dy:radius + dy + grid[0], radius + dx:radius + dx + grid[1]]
+        window[k] = np.where(other == cells, 0.9, 0.05) * (other >= 0)
+    features = np.abs(rng.normal(0, 0.3, (6, *grid))).astype(np.float32)
+    features[0] += (cells == 3) * 1.0
+    features[1] += (cells == 0) * 1.0
+    seeds = np.full((height, width), 255, np.uint8)
+    last_y, last_x = grid[0] - 1, grid[1] - 1
+    for y, x in ((1, 0), (last_y - 1, 1), (1, last_x - 1), (last_y - 1, last_x)):   # cells; centres are sampled
+        seeds[y * STRIDE + STRIDE // 2, x * STRIDE + STRIDE // 2] = cells[y, x]
+    rgb = np.where(truth[..., None] == 3, 200, 40).astype(np.uint8).repeat(3, 2)
+    rgb = np.clip(rgb + rng.integers(-10, 10, rgb.shape), 0, 255).astype(np.uint8)
+    assert {int(cells[1, 0]), int(cells[1, last_x - 1])} == {0, 3}                # a seed in each region
+    cam = np.clip(0.15 + 0.6 * (truth == 3) + rng.normal(0, 0.1, truth.shape), 0, 1).astype(np.float32)[None]
+    return {"window_affinity": window, "node_features": features, "rgb": rgb, "seeds": seeds,
+            "keys": np.array([3]), "high_res": cam, "truth": truth,
+            "image_id": f"planted{seed}", "affinity_stride": np.asarray(STRIDE)}
+
+
+FAST = PropagateConfig(propagation="a2gnn", a2gnn_hidden=32, a2gnn_seed_epochs=15, a2gnn_gcrf_epochs=15)
+
+
+def run_method(cfg: PropagateConfig, inputs: dict, **extra) -> tuple[np.ndarray, np.ndarray]:
+    affinity = {k: v for k, v in inputs.items() if k not in ("high_res", "truth")}
+    affinity.update(num_labels=np.asarray(21), **extra)
+    cams = {"cam": inputs["high_res"][:, ::4, ::4], "high_res": inputs["high_res"]}
+    return PROPAGATION_METHODS.get("a2gnn")(cfg, cams, affinity, inputs["truth"].shape, CPU)
+
+
+def test_propagation_recovers_a_planted_layout_from_sparse_seeds():
+    inputs = planted_inputs()
+    probs, index = run_method(FAST, inputs)
+    assert probs.shape == (2, 48, 64) and probs.dtype == np.float32 and index.dtype == np.uint8
+    np.testing.assert_allclose(probs.sum(0), 1, atol=1e-4)
+    accuracy = float((np.array([0, 3])[index] == inputs["truth"]).mean())
+    assert accuracy > 0.9, accuracy                         # chance is ~0.5
+    # The GNN alone (no random walk, no CRF) does it too: the seeds, not the CAM, carry the layout.
+    _, alone = run_method(dataclasses.replace(FAST, a2gnn_rw=False, a2gnn_crf_preset=""), inputs)
+    assert float((np.array([0, 3])[alone] == inputs["truth"]).mean()) > 0.9
+
+
+def test_propagation_is_deterministic_per_image():
+    inputs = planted_inputs(seed=1)
+    cfg = dataclasses.replace(FAST, a2gnn_crf_preset="")
+    first, second = run_method(cfg, inputs), run_method(cfg, inputs)
+    assert np.array_equal(first[0], second[0]) and np.array_equal(first[1], second[1])
+    other = run_method(dataclasses.replace(cfg, a2gnn_seed=7), inputs)
+    assert not np.array_equal(first[0], other[0])          # the seed does reach the weights
+
+
+def test_empty_seeds_give_the_cam_scores():
+    inputs = planted_inputs()
+    inputs["seeds"][:] = 255
+    probs, index = run_method(FAST, inputs)
+    expected = with_background(inputs["high_res"], FAST.cam_bg_threshold)
+    np.testing.assert_array_equal(probs, expected)
+    np.testing.assert_array_equal(index, expected.argmax(0))
+
+
+def test_whole_image_box_supervision():
+    inputs = planted_inputs()
+    cfg = dataclasses.replace(FAST, a2gnn_seed_epochs=5, a2gnn_gcrf_epochs=5, a2gnn_crf_preset="")
+    boxes = np.array([[3, 0, 0, 63, 47]])
+    probs, index = run_method(cfg, inputs, supervision="box", boxes=boxes)
+    assert probs.shape == (2, 48, 64) and np.isfinite(probs).all() and index.shape == (48, 64)
+    np.testing.assert_allclose(probs.sum(0), 1, atol=1e-5)
+    without, _ = run_method(cfg, inputs, supervision="box", boxes=np.zeros((0, 5), np.int64))
+    assert not np.allclose(probs, without)                  # the multi-point loss took part
+
+
+def test_bad_inputs_are_named():
+    inputs = planted_inputs()
+    with pytest.raises(ValueError, match="keys"):
+        run_method(FAST, {k: v for k, v in inputs.items() if k != "keys"})
+    with pytest.raises(ValueError, match="planted0"):
+        propagate_a2gnn(FAST, inputs["high_res"], inputs["window_affinity"], inputs["node_features"], inputs["rgb"],
+                        inputs["seeds"][:10], inputs["keys"], "planted0", (48, 64))
+
+
+def test_a2gnn_module_returns_logits_and_embedding():
+    graph = WindowGraph.from_window_affinity(torch.rand(9, 3, 4))
+    gen = torch.Generator().manual_seed(0)
+    model = A2GNN(5, 3, hidden=8, generator=gen).eval()
+    logits, embedding = model(torch.rand(12, 5), graph)
+    assert logits.shape == (12, 3) and embedding.shape == (12, 8)
+    assert 0 <= float(model.betas.detach().min()) and float(model.betas.detach().max()) <= 1
+
+
+# ------------------------------------------------------------------------------------ affinity training
+
+
+def gt_seed_label(manifest: Manifest, drop: float = 0.3):
+    def seed_label(image_id: str) -> np.ndarray:
+        label = manifest.layout.read_label(image_id).copy()
+        rng = np.random.default_rng(zlib.crc32(image_id.encode()))
+        label[rng.random(label.shape) < drop] = 255
+        return label
+    return seed_label
+
+
+def test_train_affinity_a2gnn_and_reload(tiny_manifest, tmp_path):
+    cfg = TrainAffinityConfig(affinity_method="a2gnn", window_radius=3, num_epochs=1, batch_size=4, crop_size=64,
+                              scale_range=(1.0, 1.0), freeze_backbone=False, init_from_cam=False, lr=0.01)
+    ids = tiny_manifest.splits["train"][:4]
+    metrics = train_affinity(cfg, tiny_manifest, ids, gt_seed_label(tiny_manifest), None, tmp_path, CPU)
+    assert math.isfinite(metrics["final_loss"]) and metrics["steps"] == 1
+    log = (tmp_path / "log.csv").read_text()
+    assert "gated" in log.splitlines()[0]
+    model = load_affinity_model(cfg, tmp_path, CPU)
+    assert isinstance(model, A2GNNAffinityNet) and model.window_radius == 3
+    rgb = tiny_manifest.layout.read_image(ids[0])
+    out = infer_affinity_input(model, rgb, CPU)
+    grid = (math.ceil(rgb.shape[0] / 8), math.ceil(rgb.shape[1] / 8))
+    assert out["window_affinity"].shape == (49, *grid) and int(out["affinity_stride"]) == 8
+    assert out["node_features"].shape == (sum(model.backbone.tap_channels[-3:]), *grid)
+    np.testing.assert_allclose(out["window_affinity"][24], 1.0, rtol=0, atol=1e-6)   # a_ii = exp(0)
+    assert float(out["window_affinity"][0, 0, 0]) == 0.0                                # off the grid
+    assert (out["window_affinity"] <= 1).all() and (out["window_affinity"] >= 0).all()
+
+
+@pytest.mark.parametrize("supervision", ["image", "box"])
+def test_reference_schedule_on_a_demo_size_image(supervision):
+    """Every a2gnn_* knob at its reference value (50 + 50 epochs, or 150 + 150 for boxes; 256 hidden; random
+    walk and CRF) on a 112x144 planted image."""
+    inputs = planted_inputs(112, 144, seed=2)
+    boxes = np.array([[3, 0, 0, 3 * 144 // 8 - 1, 111]])
+    probs, index = run_method(PropagateConfig(propagation="a2gnn"), inputs, supervision=supervision, boxes=boxes)
+    assert probs.shape == (2, 112, 144)
+    assert float((np.array([0, 3])[index] == inputs["truth"]).mean()) > 0.9
