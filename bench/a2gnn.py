@@ -18,6 +18,12 @@ rounding, compounded over the epochs).
 The VOC-size image runs 5 + 5 epochs instead of the reference's 50 + 50 (the dense mode needs minutes per
 epoch-hundred on 2 CPU cores); per-epoch times are reported so the full schedule can be extrapolated.
 Run alone with ``python -m bench.a2gnn``; ``make bench`` runs the demo image only.
+
+``python -m bench.a2gnn --batch`` measures training many images' GNNs at once (``propagate_a2gnn_many``,
+``Propagate.a2gnn_batch_images``): 16 demo-size renders (same affinity net, seeds and CAMs as above), the reference
+schedule for image supervision (50 + 50 epochs, random walk on, final CRF off), one thread, each mode in a fresh
+process after a short warm-up call: ``propagate_a2gnn`` image by image (batch 1) against all 16 in one call
+(batch 16). Figures: seconds per image, the speed-up, and the largest score difference between the two.
 """
 
 from __future__ import annotations
@@ -46,18 +52,17 @@ SEED = 5
 WINDOW_RADIUS = 3
 
 
-def make_inputs(name: str) -> dict:
-    """Image, seeds, CAMs and the a2gnn net's window graph, all deterministic."""
+def make_inputs(name: str, index: int = 0, model: torch.nn.Module | None = None) -> dict:
+    """Image ``index``'s render, seeds, CAMs and the a2gnn net's window graph, all deterministic; ``model`` (the
+    randomly initialised affinity net every image shares) is built when not given."""
     import cv2
 
     from data.synthetic import Profile, render_sample
-    from models.a2gnn import A2GNNAffinityNet
-    from models.resnet import create_backbone
     from stages.a2gnn import infer_window_graph
 
     height, width, _ = IMAGES[name]
-    sample = render_sample(SEED, "train", 0, Profile(n_train=1, n_val=0, height=height, width=width))
-    rng = np.random.default_rng(SEED)
+    sample = render_sample(SEED, "train", index, Profile(n_train=index + 1, n_val=0, height=height, width=width))
+    rng = np.random.default_rng(SEED if index == 0 else [SEED, index])
     semantic = sample.semantic.astype(np.int32)
     keys = np.array(sorted({o.cls + 1 for o in sample.objects}))
     sigma = 0.03 * min(height, width)
@@ -69,10 +74,17 @@ def make_inputs(name: str) -> dict:
     high /= high.max(axis=(1, 2), keepdims=True)
     seeds = sample.semantic.astype(np.uint8).copy()
     seeds[rng.random(seeds.shape) < 0.8] = 255
-    torch.manual_seed(SEED)
-    model = A2GNNAffinityNet(create_backbone("resnet_mini"), window_radius=WINDOW_RADIUS).eval()
-    graph = infer_window_graph(model, sample.image, torch.device("cpu"))
+    graph = infer_window_graph(model if model is not None else affinity_net(), sample.image, torch.device("cpu"))
     return {"rgb": sample.image, "high_res": high, "keys": keys, "seeds": seeds, **graph}
+
+
+def affinity_net() -> torch.nn.Module:
+    """The randomly initialised a2gnn affinity net (resnet_mini) the inputs come from."""
+    from models.a2gnn import A2GNNAffinityNet
+    from models.resnet import create_backbone
+
+    torch.manual_seed(SEED)
+    return A2GNNAffinityNet(create_backbone("resnet_mini"), window_radius=WINDOW_RADIUS).eval()
 
 
 def _dense_matrices(graph) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,15 +201,94 @@ def bench_a2gnn(images: tuple[str, ...] = ("demo", "voc")) -> dict:
     return results
 
 
+BATCH_IMAGES = 16
+
+
+def run_batch_variant(batch_images: int, count: int, out_dir: Path) -> dict:
+    """Inside a fresh process: ``count`` demo images, per image (``batch_images`` = 1) or in batches, timed."""
+    from stages import a2gnn
+
+    torch.set_num_threads(1)   # as run_variant: one thread is the fast setting on a shared CPU
+    height, width, _ = IMAGES["demo"]
+    model = affinity_net()
+    inputs = [make_inputs("demo", index, model) for index in range(count)]
+    items = [{"high_res": x["high_res"], "window_affinity": x["window_affinity"],
+              "node_features": x["node_features"], "rgb": x["rgb"], "seeds": x["seeds"], "keys": x["keys"],
+              "image_id": f"demo{index}", "size": (height, width), "stride": int(x["affinity_stride"])}
+             for index, x in enumerate(inputs)]
+    cfg = PropagateConfig(propagation="a2gnn", a2gnn_crf_preset="", a2gnn_batch_images=batch_images)
+    # Warm-up (lazy kernel and allocator set-up, ~1 s on the first call) on a short schedule, not timed.
+    a2gnn.propagate_a2gnn_many(PropagateConfig(propagation="a2gnn", a2gnn_crf_preset="", a2gnn_seed_epochs=2,
+                                               a2gnn_gcrf_epochs=2), items[:batch_images], "cpu")
+    start = time.perf_counter()
+    if batch_images == 1:
+        results = [a2gnn.propagate_a2gnn(cfg, **item, device="cpu") for item in items]
+    else:
+        results = []
+        for first in range(0, count, batch_images):
+            results += a2gnn.propagate_a2gnn_many(cfg, items[first:first + batch_images], "cpu")
+    seconds = time.perf_counter() - start
+    np.savez(out_dir / f"batch{batch_images}_probs.npz", *[probs for probs, _ in results])
+    schedule = a2gnn.resolve_schedule(cfg, "image")
+    return {"seconds": seconds, "epochs": schedule.seed_epochs + schedule.gcrf_epochs,
+            "nodes": math.prod(inputs[0]["window_affinity"].shape[1:]),
+            "classes": [len(x["keys"]) for x in inputs]}
+
+
+def bench_a2gnn_batch(count: int = BATCH_IMAGES, batch_sizes: tuple[int, ...] = (1, BATCH_IMAGES)) -> dict:
+    """Per-image seconds of ``count`` demo images for each batch size (the first is the baseline), in fresh
+    subprocesses; plus the largest score difference and the argmax agreement against the baseline."""
+    measured = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for batch_images in batch_sizes:
+            done = subprocess.run([sys.executable, "-m", "bench.a2gnn", "--batch-variant", str(batch_images),
+                                   "--count", str(count), "--out", tmp], cwd=REPO, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"a2gnn batch {batch_images} failed:\n{done.stderr[-3000:]}")
+            measured[batch_images] = json.loads(done.stdout.strip().splitlines()[-1])
+        probs = {}
+        for b in batch_sizes:
+            with np.load(Path(tmp) / f"batch{b}_probs.npz") as stored:
+                probs[b] = [stored[f"arr_{i}"] for i in range(count)]
+    base = batch_sizes[0]
+    height, width, _ = IMAGES["demo"]
+    results = {"size": f"{width}x{height}", "nodes": measured[base]["nodes"], "images": count,
+               "epochs": measured[base]["epochs"], "threads": 1,
+               "classes_per_image": ",".join(str(c) for c in measured[base]["classes"])}
+    for batch_images in batch_sizes:
+        results[f"batch{batch_images}_s_per_image"] = measured[batch_images]["seconds"] / count
+    for b in batch_sizes[1:]:
+        pairs = list(zip(probs[b], probs[base]))
+        results[f"speedup_batch{b}_vs_{base}"] = measured[base]["seconds"] / measured[b]["seconds"]
+        results[f"batch{b}_max_abs_score_diff"] = max(float(np.abs(got - want).max()) for got, want in pairs)
+        results[f"batch{b}_same_argmax_images"] = sum(bool((got.argmax(0) == want.argmax(0)).all())
+                                                      for got, want in pairs)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", help="internal: IMAGE:MODE to measure in this process")
+    parser.add_argument("--batch-variant", type=int, help="internal: batch size to measure in this process")
+    parser.add_argument("--count", type=int, default=BATCH_IMAGES, help="images for --batch (default 16)")
+    parser.add_argument("--batch-sizes", default=f"1,{BATCH_IMAGES}",
+                        help="comma-separated batch sizes for --batch; the first is the baseline (default 1,16)")
     parser.add_argument("--out", type=Path, help="internal: folder for the variant's scores")
     parser.add_argument("--images", default="demo,voc", help="comma-separated: demo, voc")
+    parser.add_argument("--batch", action="store_true",
+                        help="measure many images' GNNs trained at once (batch 1 vs 16) instead")
     args = parser.parse_args()
     if args.variant:
         name, mode = args.variant.split(":")
         print(json.dumps(run_variant(name, mode, args.out)))
+        return
+    if args.batch_variant:
+        print(json.dumps(run_batch_variant(args.batch_variant, args.count, args.out)))
+        return
+    if args.batch:
+        sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+        for key, value in bench_a2gnn_batch(args.count, sizes).items():
+            print(f"  {key:<34} {value:.4g}" if isinstance(value, float) else f"  {key:<34} {value}")
         return
     for name, figures in bench_a2gnn(tuple(args.images.split(","))).items():
         print(name)

@@ -12,6 +12,11 @@ The attention's two products (cosines, P H) run per row offset on dense (w x w) 
   head reads, resized to the affinity grid: ResNet-38's conv4/5/6 = 5,632 channels in the reference).
 - :class:`A2GNN`: H0 = Dropout(ReLU(X W_in)), three affinity-attention layers H' = softmax(beta cos(h_i, h_j)
   + 10 A_ij) H restricted to the window (entries with cos < 0 masked), logits Z = H3 W_out; no biases.
+- :class:`A2GNNBatch`: B independent A2GNNs on B graphs of one grid size, trained as one: every parameter has a
+  leading image dimension, so each kernel is launched once per batch instead of once per image (what pays off
+  where launches dominate, e.g. on a GPU; on one CPU thread a demo-size epoch is already BLAS-bound, see
+  ``bench/a2gnn.py --batch``). The window maths (:func:`window_dot`, :func:`window_mix`, :func:`window_attention`)
+  take any leading batch dimensions.
 """
 
 from __future__ import annotations
@@ -77,14 +82,17 @@ def window_distance(features: Tensor, radius: int) -> Tensor:
 class WindowGraph:
     """One image's graph on an (h, w) grid: for node i and offset k, ``index[i, k]`` is the neighbour's node id
     (i itself where the neighbour is off the grid), ``valid[i, k]`` whether it is on the grid, and
-    ``affinity[i, k]`` the CNN's a_ij (1 at the centre, 0 off the grid). Nodes are row-major."""
+    ``affinity[i, k]`` the CNN's a_ij (1 at the centre, 0 off the grid). Nodes are row-major.
+
+    A batch of graphs on one grid (:meth:`stack`) shares ``index`` and ``valid`` (they depend on the grid only)
+    and has a (B, N, D) ``affinity``."""
 
     height: int
     width: int
     radius: int
     index: Tensor      # (N, D) int64
     valid: Tensor      # (N, D) bool
-    affinity: Tensor   # (N, D) float
+    affinity: Tensor   # (N, D) float; (B, N, D) for a stacked batch
 
     @property
     def num_nodes(self) -> int:
@@ -106,8 +114,23 @@ class WindowGraph:
         affinity[:, d // 2] = 1.0  # the reference resets the diagonal of A to 1
         return cls(h, w, radius, index, valid, affinity.contiguous())
 
+    @classmethod
+    def stack(cls, graphs: list[WindowGraph]) -> WindowGraph:
+        """B graphs on one (h, w) grid and window radius as one graph with a (B, N, D) affinity."""
+        if not graphs:
+            raise ValueError("cannot stack an empty list of window graphs")
+        first = graphs[0]
+        for graph in graphs[1:]:
+            if (graph.height, graph.width, graph.radius) != (first.height, first.width, first.radius):
+                raise ValueError(f"stacked window graphs must share grid and radius: {first.height}x{first.width} "
+                                 f"r={first.radius} vs {graph.height}x{graph.width} r={graph.radius}")
+        return cls(first.height, first.width, first.radius, first.index, first.valid,
+                   torch.stack([graph.affinity for graph in graphs]))
+
     def transposed_affinity(self) -> Tensor:
         """A_ji for each (i, offset k): node j = index[i, k] looks back at i through the opposite offset."""
+        if self.affinity.dim() != 2:
+            raise ValueError("transposed_affinity works on one graph, not a stacked batch")
         d = self.index.shape[1]
         opposite = self.affinity[self.index, torch.arange(d - 1, -1, -1, device=self.index.device)]
         return opposite * self.valid
@@ -127,23 +150,24 @@ def _row_spans(height: int, radius: int) -> list[tuple[int, int, int]]:
 
 def window_dot(h: Tensor, height: int, width: int, radius: int, valid: Tensor | None = None) -> Tensor:
     """h_i . h_j for every node i (row-major on the (h, w) grid) and window offset: (N, D), 0 off the grid.
+    ``h`` (..., N, C) with any leading batch dimensions gives (..., N, D).
 
     Per row offset dy the rows y and y + dy are multiplied as dense (w x C) (C x w) blocks and the band
     |x' - x| <= r is kept: O(N w C) work in a few matrix products and O(N w) memory, never N x N.
     """
-    channels = h.shape[1]
-    grid = h.reshape(height, width, channels)
+    lead, channels = h.shape[:-2], h.shape[-1]
+    grid = h.reshape(*lead, height, width, channels)
     columns = _band_columns(width, radius, h.device)
     side = 2 * radius + 1
     parts = []
     for dy, y0, y1 in _row_spans(height, radius):
         if y1 <= y0:
-            parts.append(h.new_zeros(height, width, side))
+            parts.append(h.new_zeros(*lead, height, width, side))
             continue
-        block = torch.bmm(grid[y0:y1], grid[y0 + dy:y1 + dy].transpose(1, 2))            # (m, w, w)
-        band = torch.gather(block, 2, columns.expand(y1 - y0, width, side))
+        block = torch.matmul(grid[..., y0:y1, :, :], grid[..., y0 + dy:y1 + dy, :, :].transpose(-1, -2))  # (m, w, w)
+        band = torch.gather(block, -1, columns.expand(*lead, y1 - y0, width, side))
         parts.append(F.pad(band, (0, 0, 0, 0, y0, height - y1)))
-    dots = torch.stack(parts, 2).reshape(height * width, side * side)
+    dots = torch.stack(parts, -2).reshape(*lead, height * width, side * side)
     if valid is None:
         valid = window_valid(height, width, radius, h.device).reshape(side * side, -1).T
     return dots * valid
@@ -152,33 +176,36 @@ def window_dot(h: Tensor, height: int, width: int, radius: int, valid: Tensor | 
 def window_mix(weights: Tensor, h: Tensor, height: int, width: int, radius: int,
                valid: Tensor | None = None) -> Tensor:
     """sum_k weights[i, k] h[j(i, k)]: the product P H of a window-sparse P given as (N, D) with H (N, C)
-    (weights of off-grid neighbours are ignored); same banded blocks as :func:`window_dot`."""
-    channels = h.shape[1]
-    grid = h.reshape(height, width, channels)
+    (weights of off-grid neighbours are ignored); same banded blocks as :func:`window_dot`. Leading batch
+    dimensions (..., N, D) x (..., N, C) -> (..., N, C) are mapped over."""
+    lead, channels = h.shape[:-2], h.shape[-1]
+    grid = h.reshape(*lead, height, width, channels)
     columns = _band_columns(width, radius, h.device)
     side = 2 * radius + 1
     if valid is None:
         valid = window_valid(height, width, radius, h.device).reshape(side * side, -1).T
-    banded = (weights * valid).reshape(height, width, side, side)
+    banded = (weights * valid).reshape(*lead, height, width, side, side)
     out = None
     for row, (dy, y0, y1) in enumerate(_row_spans(height, radius)):
         if y1 <= y0:
             continue
-        block = h.new_zeros(y1 - y0, width, width).scatter_add(2, columns.expand(y1 - y0, width, side),
-                                                                banded[y0:y1, :, row])
-        part = F.pad(torch.bmm(block, grid[y0 + dy:y1 + dy]), (0, 0, 0, 0, y0, height - y1))
+        block = h.new_zeros(*lead, y1 - y0, width, width).scatter_add(
+            -1, columns.expand(*lead, y1 - y0, width, side), banded[..., y0:y1, :, row, :])
+        part = F.pad(torch.matmul(block, grid[..., y0 + dy:y1 + dy, :, :]), (0, 0, 0, 0, y0, height - y1))
         out = part if out is None else out + part
-    return out.reshape(height * width, channels)
+    return out.reshape(*lead, height * width, channels)
 
 
 def window_attention(h: Tensor, beta: Tensor, graph: WindowGraph, affinity_weight: float = 10.0) -> Tensor:
     """One affinity-attention layer: e_ij = beta cos(h_i, h_j) + w A_ij over the window, -1e9 where the
-    neighbour is off the grid or cos < 0, P = row softmax(e), returns P H (N, C)."""
+    neighbour is off the grid or cos < 0, P = row softmax(e), returns P H (N, C).
+
+    Batched: ``h`` (B, N, C), ``beta`` (B,) and a stacked graph (affinity (B, N, D)) give (B, N, C)."""
     shape = (graph.height, graph.width, graph.radius)
-    norms = h.norm(dim=1)
-    cos = window_dot(h, *shape, graph.valid) / (norms[:, None] * norms[graph.index] + COS_EPS)
-    logits = beta * cos + affinity_weight * graph.affinity
-    weights = torch.softmax(logits.masked_fill(~graph.valid | (cos < 0), MASKED), dim=1)
+    norms = h.norm(dim=-1)
+    cos = window_dot(h, *shape, graph.valid) / (norms[..., :, None] * norms[..., graph.index] + COS_EPS)
+    logits = beta[..., None, None] * cos + affinity_weight * graph.affinity
+    weights = torch.softmax(logits.masked_fill(~graph.valid | (cos < 0), MASKED), dim=-1)
     return window_mix(weights, h, *shape, graph.valid)
 
 
@@ -267,3 +294,51 @@ class A2GNN(nn.Module):
         for beta in self.betas:
             h = window_attention(h, beta, graph, self.affinity_weight)
         return h @ self.w_out, h
+
+
+class A2GNNBatch(nn.Module):
+    """B independent :class:`A2GNN` s on B graphs of one grid, as one module: ``forward(x (B, N, F), graph)``
+    with a stacked graph (:meth:`WindowGraph.stack`) -> (logits (B, N, C_max), embeddings (B, N, hidden)).
+
+    Image b starts from exactly the weights ``A2GNN(..., generators[b])`` would draw and takes its dropout masks
+    from ``generators[b]`` in the same order, so with a loss that is a sum of per-image losses (each image's
+    gradients are its own) and an elementwise optimiser (Adam) every image trains as it would alone, up to float
+    summation order. Images with fewer classes than ``C_max = max(class_counts)`` get zero W_out columns and
+    logits of -1e9 there: softmax and cross-entropy give those classes exactly 0 and they receive no gradient.
+    """
+
+    def __init__(self, in_features: int, class_counts: list[int], hidden: int = 256, layers: int = 3,
+                 dropout: float = 0.5, affinity_weight: float = 10.0,
+                 generators: list[torch.Generator] | None = None):
+        super().__init__()
+        if not class_counts:
+            raise ValueError("A2GNNBatch needs at least one image")
+        if generators is not None and len(generators) != len(class_counts):
+            raise ValueError(f"A2GNNBatch: {len(generators)} generators for {len(class_counts)} images")
+        generators = generators if generators is not None else [None] * len(class_counts)
+        singles = [A2GNN(in_features, classes, hidden, layers, dropout, affinity_weight, generator=generator)
+                   for classes, generator in zip(class_counts, generators)]
+        widest = max(class_counts)
+        self.dropout = dropout
+        self.affinity_weight = affinity_weight
+        self.generators = generators
+        self.class_counts = list(class_counts)
+        self.w_in = nn.Parameter(torch.stack([single.w_in.detach() for single in singles]))
+        self.betas = nn.Parameter(torch.stack([single.betas.detach() for single in singles]))
+        self.w_out = nn.Parameter(torch.stack([F.pad(single.w_out.detach(), (0, widest - single.w_out.shape[1]))
+                                               for single in singles]))
+        counts = torch.tensor(class_counts, device=self.w_out.device)
+        self.register_buffer("class_valid", torch.arange(widest, device=counts.device)[None] < counts[:, None],
+                             persistent=False)
+
+    def forward(self, x: Tensor, graph: WindowGraph) -> tuple[Tensor, Tensor]:
+        h = torch.relu(torch.matmul(x, self.w_in))
+        if self.training and self.dropout > 0:
+            shape = h.shape[1:]
+            draws = torch.stack([torch.rand(shape, generator=generator, device=h.device) if generator is not None
+                                 else torch.rand(shape, device=h.device) for generator in self.generators])
+            h = h * (draws >= self.dropout).to(h.dtype) / (1 - self.dropout)
+        for beta in self.betas.unbind(1):
+            h = window_attention(h, beta, graph, self.affinity_weight)
+        logits = torch.matmul(h, self.w_out).masked_fill(~self.class_valid[:, None, :], MASKED)
+        return logits, h

@@ -32,6 +32,12 @@ Two parts, both on the affinity net's stride-s grid (s = 8 for ResNet-38; ``resn
    [(1 - max)^6; CAMs] average-pooled s x s, walked 2^6 = 64 steps (:func:`window_random_walk`: one window
    gather per step, never N x N), upsampled; p = softmax + 3 rw, renormalised per pixel. Last, the dense CRF
    (``Propagate.a2gnn_crf_preset``, A2GNN's ``a2gnn_final`` by default) gives the returned marginals.
+3. **Many images at once** (:func:`propagate_a2gnn_many`): images of one grid size and supervision train as one
+   batch (:class:`models.a2gnn.A2GNNBatch`, :func:`train_a2gnn_batch`), one kernel launch per batch instead of per
+   image: the loss is the sum of the images' own losses, so each image gets exactly its own gradients, and Adam
+   is elementwise; weights and dropout masks come from each image's own generator in the per-image order. The
+   result equals :func:`propagate_a2gnn`'s (the reference path) up to float summation order, which 100 epochs
+   amplify to ~1e-4 in the scores (as a 1e-7 relative change of the inputs does; labels agree).
 
 Deviations from the reference (all incidental per the study's section 6.2, or forced by our data):
 
@@ -53,7 +59,9 @@ Deviations from the reference (all incidental per the study's section 6.2, or fo
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,7 +69,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from data.transforms import normalize
-from models.a2gnn import A2GNN, A2GNNAffinityNet, WindowGraph, window_offsets, window_shifts, window_valid
+from models.a2gnn import (
+    A2GNN,
+    A2GNNAffinityNet,
+    A2GNNBatch,
+    WindowGraph,
+    window_offsets,
+    window_shifts,
+    window_valid,
+)
 from stages.config import PropagateConfig
 from stages.crf import CRF_PRESETS, refine
 from stages.evaluate import with_background
@@ -189,6 +205,25 @@ def gated_crf_loss(probs: Tensor, kernel: Tensor, radius: int) -> Tensor:
     neighbours = F.unfold(probs[None], diameter, padding=radius).view(c, diameter * diameter, h, w)
     agreement = (neighbours * probs[:, None]).sum(0)
     return (kernel * (1 - agreement)).sum() / (h * w)
+
+
+def seed_losses(logits: Tensor, labels: Tensor) -> Tensor:
+    """:func:`seed_loss` of every image of a batch: logits (B, N, C), labels (B, N) -> (B,)."""
+    per_node = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")   # (B, N)
+    loss = per_node.new_zeros(labels.shape[0])
+    for chosen in (labels == 0, (labels != IGNORE) & (labels > 0)):
+        # An empty set adds 0 / 1 = nothing, as in seed_loss.
+        loss = loss + (per_node * chosen).sum(1) / chosen.sum(1).clamp(min=1)
+    return loss
+
+
+def gated_crf_losses(probs: Tensor, kernel: Tensor, radius: int) -> Tensor:
+    """:func:`gated_crf_loss` of every image of a batch: probs (B, C, h, w), kernels (B, D, h, w) -> (B,)."""
+    b, c, h, w = probs.shape
+    diameter = 2 * radius + 1
+    neighbours = F.unfold(probs, diameter, padding=radius).view(b, c, diameter * diameter, h, w)
+    agreement = (neighbours * probs[:, :, None]).sum(1)
+    return (kernel * (1 - agreement)).sum((1, 2, 3)) / (h * w)
 
 
 @dataclass(frozen=True)
@@ -322,6 +357,66 @@ def train_a2gnn(features: Tensor, graph: WindowGraph, labels: Tensor, num_classe
         return model(features, graph)
 
 
+def train_a2gnn_batch(features: Tensor, graph: WindowGraph, labels: Tensor, class_counts: list[int],
+                      cfg: PropagateConfig, schedule: Schedule, rgb_grids: Tensor,
+                      boxes: Sequence[list[GridBox]] | None = None, seeds: Sequence[int] | None = None
+                      ) -> tuple[Tensor, Tensor]:
+    """:func:`train_a2gnn` for B images of one grid at once: (logits (B, N, max C), embeddings (B, N, hidden)).
+
+    ``features`` (B, N, F), ``graph`` stacked (:meth:`WindowGraph.stack`), ``labels`` (B, N), ``class_counts``
+    the images' C, ``rgb_grids`` (B, 3, h, w), ``boxes`` and ``seeds`` per image. Image b's logits beyond its
+    C are -1e9 (slice them off). Each image's result equals its own :func:`train_a2gnn` run with its seed, up to
+    float summation order: the loss is the sum of the per-image losses and Adam is elementwise.
+    """
+    count = features.shape[0]
+    boxes = list(boxes) if boxes is not None else [[] for _ in range(count)]
+    seeds = list(seeds) if seeds is not None else [0] * count
+    if not (len(class_counts) == len(boxes) == len(seeds) == labels.shape[0] == rgb_grids.shape[0] == count):
+        raise ValueError(f"train_a2gnn_batch: {count} feature sets but {labels.shape[0]} label maps, "
+                         f"{len(class_counts)} class counts, {rgb_grids.shape[0]} images, {len(boxes)} box lists "
+                         f"and {len(seeds)} seeds")
+    dev = features.device
+    generators = [torch.Generator(device=dev) for _ in seeds]
+    for generator, seed in zip(generators, seeds):
+        generator.manual_seed(seed)
+    model = A2GNNBatch(features.shape[-1], class_counts, cfg.a2gnn_hidden, cfg.a2gnn_layers, cfg.a2gnn_dropout,
+                       cfg.a2gnn_affinity_weight, generators=generators)
+    optimizer = torch.optim.Adam(model.parameters(), lr=schedule.lr, weight_decay=cfg.a2gnn_weight_decay)
+    grid = (graph.height, graph.width)
+    labels = labels.to(dev).long().clone()
+    kernel = None
+    if schedule.gcrf_epochs > 0 and schedule.gcrf_weight > 0:
+        kernel = rgbxy_kernel(rgb_grids.to(dev), cfg.a2gnn_gcrf_radius, cfg.a2gnn_gcrf_sigma_rgb,
+                              cfg.a2gnn_gcrf_sigma_xy)
+    multi_point = schedule.multi_point and any(boxes)
+    for epoch in range(schedule.seed_epochs + schedule.gcrf_epochs):
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        logits, embedding = model(features, graph)
+        loss = logits.new_zeros(())
+        if multi_point:
+            # Per image, as train_a2gnn: points, consistency check, then this epoch's seed loss sees the drops.
+            checked = []
+            for image, image_boxes in enumerate(boxes):
+                if image_boxes:
+                    mp, image_labels = multi_point_loss(logits[image], embedding[image], image_boxes, labels[image],
+                                                        grid)
+                    loss = loss + cfg.a2gnn_mp_weight * mp
+                    checked.append(image_labels)
+                else:
+                    checked.append(labels[image])
+            labels = torch.stack(checked)
+        loss = loss + seed_losses(logits, labels).sum()
+        if kernel is not None and epoch >= schedule.seed_epochs:
+            probs = torch.softmax(logits, dim=-1).transpose(1, 2).reshape(count, -1, *grid)
+            loss = loss + schedule.gcrf_weight * gated_crf_losses(probs, kernel, cfg.a2gnn_gcrf_radius).sum()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        return model(features, graph)
+
+
 # --------------------------------------------------------------------------------------------- inference
 
 
@@ -398,17 +493,39 @@ def grid_stride(size: tuple[int, int], grid: tuple[int, int], stride: int | None
                      f"{size[0]}x{size[1]} image")
 
 
-def propagate_a2gnn(cfg: PropagateConfig, high_res: np.ndarray, window_affinity: np.ndarray,
-                    node_features: np.ndarray, rgb: np.ndarray, seeds: np.ndarray, keys: np.ndarray,
-                    image_id: str, size: tuple[int, int], device: torch.device | str | None = None,
-                    supervision: str = "image", boxes: np.ndarray | None = None, stride: int | None = None
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """A2GNN on one image: (scores (1+K, H, W) float32, background first then ``keys``' classes; argmax uint8).
+@dataclass
+class _A2GNNJob:
+    """One image ready for GNN training (:func:`_prepare_a2gnn`) and what its inference needs afterwards."""
 
-    ``high_res`` (K, H, W) CAMs of the image's classes ``keys`` (label ids); ``window_affinity`` (D, h, w) and
-    ``node_features`` (F, h, w) from :func:`infer_window_graph`; ``seeds`` (H, W) label ids, 255 = ignore;
-    ``boxes`` (M, 5) for box supervision. Seeds that are all ignore on the grid: the CAM label's scores.
-    """
+    image_id: str
+    size: tuple[int, int]
+    stride: int
+    supervision: str
+    schedule: Schedule
+    high_res: np.ndarray
+    rgb: np.ndarray
+    graph: WindowGraph
+    features: Tensor      # (N, F), L1 rows
+    labels: Tensor        # (N,) int64, 255 = ignore
+    rgb_grid: Tensor      # (3, h, w)
+    boxes: list[GridBox]
+    seed: int
+
+    @property
+    def num_classes(self) -> int:
+        return self.high_res.shape[0] + 1
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.graph.height, self.graph.width
+
+
+def _prepare_a2gnn(cfg: PropagateConfig, high_res: np.ndarray, window_affinity: np.ndarray,
+                   node_features: np.ndarray, rgb: np.ndarray, seeds: np.ndarray, keys: np.ndarray,
+                   image_id: str, size: tuple[int, int], device: torch.device | str | None = None,
+                   supervision: str = "image", boxes: np.ndarray | None = None, stride: int | None = None
+                   ) -> _A2GNNJob | tuple[np.ndarray, np.ndarray]:
+    """Check one image's inputs; the final (scores, index) where no GNN is trained, else its training job."""
     height, width = size
     high_res = np.asarray(high_res, np.float32)
     keys = np.asarray(keys).reshape(-1)
@@ -443,24 +560,84 @@ def propagate_a2gnn(cfg: PropagateConfig, high_res: np.ndarray, window_affinity:
     padded = F.pad(torch.from_numpy(normalize(rgb)), (0, grid[1] * stride - width, 0, grid[0] * stride - height))
     rgb_grid = F.interpolate(padded[None], size=grid, mode="bilinear", align_corners=False)[0].to(dev)
     cells = grid_boxes(boxes, keys, size, grid, stride, image_id) if schedule.multi_point else []
-    logits, _ = train_a2gnn(features, graph, labels.reshape(-1).long().to(dev), len(keys) + 1, cfg, schedule,
-                            rgb_grid, cells, seed=image_seed(cfg.a2gnn_seed, image_id))
+    return _A2GNNJob(image_id, (height, width), stride, supervision, schedule, high_res, rgb, graph, features,
+                     labels.reshape(-1).long().to(dev), rgb_grid, cells, image_seed(cfg.a2gnn_seed, image_id))
+
+
+def _finish_a2gnn(cfg: PropagateConfig, job: _A2GNNJob, logits: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and argmax from a trained GNN's logits (N, C): upsampling, random-walk fusion, optional CRF."""
+    grid, stride, size, dev = job.grid, job.stride, job.size, job.features.device
     with torch.no_grad():
         probs = torch.softmax(upsample_grid(logits.T.reshape(-1, *grid), stride, size), dim=0)
-        if schedule.random_walk:
-            vectors = cam_walk_vectors(high_res, cfg.a2gnn_rw_alpha, stride, grid).to(dev).reshape(len(keys) + 1, -1)
-            walked = window_random_walk(vectors, graph, cfg.a2gnn_rw_beta, 2 ** cfg.a2gnn_rw_logt)
+        if job.schedule.random_walk:
+            vectors = cam_walk_vectors(job.high_res, cfg.a2gnn_rw_alpha, stride, grid).to(dev)
+            walked = window_random_walk(vectors.reshape(job.num_classes, -1), job.graph, cfg.a2gnn_rw_beta,
+                                        2 ** cfg.a2gnn_rw_logt)
             probs = probs + cfg.a2gnn_rw_weight * upsample_grid(walked.reshape(-1, *grid), stride, size)
             probs = probs / probs.sum(0, keepdim=True).clamp(min=1e-12)
     scores = probs.float().cpu().numpy()
     if cfg.a2gnn_crf_preset:
-        scores = refine(rgb, scores, cfg.a2gnn_crf_preset, device=dev, marginals=True)
+        scores = refine(job.rgb, scores, cfg.a2gnn_crf_preset, device=dev, marginals=True)
     return scores.astype(np.float32), scores.argmax(0).astype(np.uint8)
+
+
+def propagate_a2gnn(cfg: PropagateConfig, high_res: np.ndarray, window_affinity: np.ndarray,
+                    node_features: np.ndarray, rgb: np.ndarray, seeds: np.ndarray, keys: np.ndarray,
+                    image_id: str, size: tuple[int, int], device: torch.device | str | None = None,
+                    supervision: str = "image", boxes: np.ndarray | None = None, stride: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """A2GNN on one image: (scores (1+K, H, W) float32, background first then ``keys``' classes; argmax uint8).
+
+    ``high_res`` (K, H, W) CAMs of the image's classes ``keys`` (label ids); ``window_affinity`` (D, h, w) and
+    ``node_features`` (F, h, w) from :func:`infer_window_graph`; ``seeds`` (H, W) label ids, 255 = ignore;
+    ``boxes`` (M, 5) for box supervision. Seeds that are all ignore on the grid: the CAM label's scores.
+    The per-image reference path of :func:`propagate_a2gnn_many`.
+    """
+    job = _prepare_a2gnn(cfg, high_res, window_affinity, node_features, rgb, seeds, keys, image_id, size, device,
+                         supervision, boxes, stride)
+    if not isinstance(job, _A2GNNJob):
+        return job
+    logits, _ = train_a2gnn(job.features, job.graph, job.labels, job.num_classes, cfg, job.schedule, job.rgb_grid,
+                            job.boxes, seed=job.seed)
+    return _finish_a2gnn(cfg, job, logits)
+
+
+def propagate_a2gnn_many(cfg: PropagateConfig, items: Sequence[Mapping[str, Any]],
+                         device: torch.device | str | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`propagate_a2gnn` on many images, training the GNNs of images that share grid size and supervision
+    as one batch; returns each item's (scores, argmax) in order, equal to the per-image path's up to float
+    summation order.
+
+    Each item holds one image's keyword arguments of :func:`propagate_a2gnn` (``high_res``, ``window_affinity``,
+    ``node_features``, ``rgb``, ``seeds``, ``keys``, ``image_id``, ``size`` and optionally ``supervision``,
+    ``boxes``, ``stride``). All of an image group's graphs and features are held at once: the caller bounds the
+    batch (``Propagate.a2gnn_batch_images``).
+    """
+    results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(items)
+    groups: dict[tuple, list[tuple[int, _A2GNNJob]]] = {}
+    for position, item in enumerate(items):
+        job = _prepare_a2gnn(cfg, **item, device=device)
+        if isinstance(job, _A2GNNJob):
+            # Node-feature and window sizes come from one affinity net, but a group must share them to stack.
+            key = (*job.grid, job.supervision, job.features.shape[1], job.graph.radius)
+            groups.setdefault(key, []).append((position, job))
+        else:
+            results[position] = job
+    for members in groups.values():
+        jobs = [job for _, job in members]
+        logits, _ = train_a2gnn_batch(torch.stack([job.features for job in jobs]),
+                                      WindowGraph.stack([job.graph for job in jobs]),
+                                      torch.stack([job.labels for job in jobs]), [job.num_classes for job in jobs],
+                                      cfg, jobs[0].schedule, torch.stack([job.rgb_grid for job in jobs]),
+                                      [job.boxes for job in jobs], [job.seed for job in jobs])
+        for (position, job), image_logits in zip(members, logits):
+            results[position] = _finish_a2gnn(cfg, job, image_logits[:, :job.num_classes])
+    return results
 
 
 def validate_a2gnn_config(cfg: PropagateConfig) -> None:
     """Reject ``a2gnn_*`` knobs no run can use, naming the key."""
-    for key in ("a2gnn_hidden", "a2gnn_layers", "a2gnn_gcrf_radius"):
+    for key in ("a2gnn_hidden", "a2gnn_layers", "a2gnn_gcrf_radius", "a2gnn_batch_images"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"Propagate.{key} must be >= 1, got {getattr(cfg, key)}")
     for key in ("a2gnn_lr", "a2gnn_seed_epochs", "a2gnn_gcrf_epochs", "a2gnn_gcrf_weight", "a2gnn_weight_decay",

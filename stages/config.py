@@ -284,6 +284,7 @@ class PropagateConfig:
     # the report shows the labels before and after it. A preset name here applies it inside the method too.
     a2gnn_crf_preset: str = ""                # stages.crf.CRF_PRESETS name; "" = none (RefineCRF does it)
     a2gnn_seed: int = 42                      # per-image seed = hash(a2gnn_seed, image id); A2GNN does not seed
+    a2gnn_batch_images: int = 16              # images trained together in one process; results do not depend on it
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from data.dense import DenseMapReader, DenseMapWriter
 from data.io import read_label_png, write_label_png
 from data.manifest import Manifest
 from models.registry import Registry
-from stages.a2gnn import A2GNN_INPUTS, propagate_a2gnn, validate_a2gnn_config
+from stages.a2gnn import A2GNN_INPUTS, propagate_a2gnn, propagate_a2gnn_many, validate_a2gnn_config
 from stages.config import REQUIRED_AFFINITY, SEED_NET_PROPAGATIONS, PropagateConfig, TrainSeedNetConfig
 from stages.evaluate import with_background
 from stages.extract_seeds import label_file, read_cam
@@ -60,20 +60,37 @@ def gcn(cfg: PropagateConfig, cams: dict[str, np.ndarray], affinity: dict[str, n
                          affinity["rgb"], str(affinity["image_id"]), size, device, entropy_classes=num_labels)
 
 
-@PROPAGATION_METHODS.register("a2gnn")
-def a2gnn(cfg: PropagateConfig, cams: dict[str, np.ndarray], affinity: dict[str, np.ndarray],
-          size: tuple[int, int], device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """A2GNN: a fresh affinity-attention GNN per image on the a2gnn net's window graph, trained on the seeds
-    (stages/a2gnn.py). Reads "seeds" (label ids), "keys", "supervision" and "boxes" from ``affinity`` too."""
+def _a2gnn_arguments(cams: dict[str, np.ndarray], affinity: dict[str, np.ndarray], size: tuple[int, int]) -> dict:
+    """propagate_a2gnn's per-image keyword arguments from the method's inputs."""
     missing = set(A2GNN_INPUTS) - set(affinity)
     if missing:
         raise ValueError(f"propagation a2gnn needs {', '.join(sorted(missing))} in its inputs (the a2gnn affinity "
                          "net's window graph, the image, its seeds and class keys, as propagate_images passes them)")
     stride = affinity.get("affinity_stride")
-    return propagate_a2gnn(cfg, cams["high_res"], affinity["window_affinity"], affinity["node_features"],
-                           affinity["rgb"], affinity["seeds"], affinity["keys"], str(affinity["image_id"]), size,
-                           device, supervision=str(affinity.get("supervision", "image")),
-                           boxes=affinity.get("boxes"), stride=None if stride is None else int(stride))
+    return {"high_res": cams["high_res"], "window_affinity": affinity["window_affinity"],
+            "node_features": affinity["node_features"], "rgb": affinity["rgb"], "seeds": affinity["seeds"],
+            "keys": affinity["keys"], "image_id": str(affinity["image_id"]), "size": size,
+            "supervision": str(affinity.get("supervision", "image")), "boxes": affinity.get("boxes"),
+            "stride": None if stride is None else int(stride)}
+
+
+@PROPAGATION_METHODS.register("a2gnn")
+def a2gnn(cfg: PropagateConfig, cams: dict[str, np.ndarray], affinity: dict[str, np.ndarray],
+          size: tuple[int, int], device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """A2GNN: a fresh affinity-attention GNN per image on the a2gnn net's window graph, trained on the seeds
+    (stages/a2gnn.py). Reads "seeds" (label ids), "keys", "supervision" and "boxes" from ``affinity`` too."""
+    return propagate_a2gnn(cfg, **_a2gnn_arguments(cams, affinity, size), device=device)
+
+
+def a2gnn_many(cfg: PropagateConfig, batch: Sequence[tuple[dict, dict, tuple[int, int]]],
+               device: torch.device) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`a2gnn` on a batch of (cams, inputs, size): images of one grid size train their GNNs together."""
+    return propagate_a2gnn_many(cfg, [_a2gnn_arguments(*args) for args in batch], device)
+
+
+# Methods that can also run on a batch of images, fn(cfg, [(cams, inputs, size), ...], device) -> [(probs, index)],
+# with the per-image method's results; propagate_images hands them up to Propagate.a2gnn_batch_images at a time.
+BATCHED_METHODS: dict[str, Callable[..., list[tuple[np.ndarray, np.ndarray]]]] = {"a2gnn": a2gnn_many}
 
 
 def _seed_net_prediction(cfg: PropagateConfig, cams: dict[str, np.ndarray], inputs: dict[str, np.ndarray],
@@ -145,16 +162,42 @@ def propagate_images(cfg: PropagateConfig, manifest: Manifest, ids: Sequence[str
     """
     validate_propagation(cfg)
     method = PROPAGATION_METHODS.get(cfg.propagation)
+    batched = BATCHED_METHODS.get(cfg.propagation)
+    batch_size = cfg.a2gnn_batch_images if batched else 1
     layout, space = manifest.layout, manifest.label_space
     fallback = []
-    for n, image_id in enumerate(ids, start=1):
+    written = 0
+    # Images in input order: (id, keys, (probs, index) or None, the batched method's (cams, inputs, size) or None).
+    pending: list[tuple[str, list[int], tuple | None, tuple | None]] = []
+
+    def write(image_id: str, keys: list[int], probs: np.ndarray, index: np.ndarray) -> None:
+        nonlocal written
+        label = np.asarray([0, *keys], np.uint8)[index]
+        path = label_file(out_dir, image_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_label_png(path, label, space.palette)
+        writer.write(image_id, {"probs": probs}, {"keys": np.asarray(keys, np.int32)})
+        written += 1
+        if progress and (written % 20 == 0 or written == len(ids)):
+            progress(100.0 * written / len(ids), f"{written}/{len(ids)} images")
+
+    def flush() -> None:
+        """Run the batched method on the pending images that need it, then write all pending in order."""
+        arguments = [args for *_, args in pending if args is not None]
+        computed = iter(batched(cfg, arguments, device) if arguments else [])
+        for image_id, keys, result, args in pending:
+            write(image_id, keys, *(result if args is None else next(computed)))
+        pending.clear()
+
+    for image_id in ids:
         rgb = layout.read_image(image_id)
         size = rgb.shape[:2]
         high, keys = read_cam(cams, image_id, "high_res", size)
         seeds = read_label_png(label_file(seeds_dir, image_id), space)
+        result = args = None
         if cfg.empty_seeds == "cam" and np.all(seeds == space.ignore_index):
             probs = with_background(high, cfg.cam_bg_threshold)  # the CAM label's own scores
-            index = probs.argmax(0)
+            result = probs, probs.argmax(0)
             fallback.append(image_id)
         else:
             low, _ = read_cam(cams, image_id, "cam", size)
@@ -164,12 +207,11 @@ def propagate_images(cfg: PropagateConfig, manifest: Manifest, ids: Sequence[str
                 inputs.update(rgb=rgb, image_id=np.asarray(image_id), num_labels=np.asarray(space.num_classes),
                               seeds=seeds, keys=np.asarray(keys, np.int64), supervision=np.asarray(supervision),
                               boxes=boxes)
-            probs, index = method(cfg, {"cam": low, "high_res": high}, inputs, size, device)
-        label = np.asarray([0, *keys], np.uint8)[index]
-        path = label_file(out_dir, image_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_label_png(path, label, space.palette)
-        writer.write(image_id, {"probs": probs}, {"keys": np.asarray(keys, np.int32)})
-        if progress and (n % 20 == 0 or n == len(ids)):
-            progress(100.0 * n / len(ids), f"{n}/{len(ids)} images")
+            args = ({"cam": low, "high_res": high}, inputs, size)
+            if batched is None:
+                result, args = method(cfg, *args, device), None
+        pending.append((image_id, keys, result, args))
+        if len(pending) >= batch_size:
+            flush()
+    flush()
     return {"cam_fallback_images": fallback}

@@ -7,15 +7,21 @@ import dataclasses
 import math
 import zlib
 
+import cv2
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import stages.a2gnn
+import stages.propagate
+from data.dense import DenseMapReader, DenseMapWriter
+from data.io import read_label_png, write_label_png
 from data.manifest import Manifest
 from models.a2gnn import (
     A2GNN,
     A2GNNAffinityNet,
+    A2GNNBatch,
     WindowGraph,
     window_attention,
     window_distance,
@@ -33,6 +39,7 @@ from stages.a2gnn import (
     grid_boxes,
     multi_point_loss,
     propagate_a2gnn,
+    propagate_a2gnn_many,
     resolve_schedule,
     rgbxy_kernel,
     seed_channels,
@@ -42,7 +49,16 @@ from stages.a2gnn import (
 from stages.affinity import infer_affinity_input, load_affinity_model, pair_losses, train_affinity
 from stages.config import PropagateConfig, TrainAffinityConfig
 from stages.evaluate import with_background
-from stages.propagate import IMAGE_INPUT_METHODS, PROPAGATION_METHODS, REQUIRED_AFFINITY, validate_propagation
+from stages.extract_seeds import label_file
+from stages.propagate import (
+    BATCHED_METHODS,
+    IMAGE_INPUT_METHODS,
+    PROPAGATION_METHODS,
+    REQUIRED_AFFINITY,
+    affinity_net_inputs,
+    propagate_images,
+    validate_propagation,
+)
 
 CPU = torch.device("cpu")
 
@@ -290,6 +306,8 @@ def test_registration_and_schedules():
     assert (custom.lr, custom.seed_epochs, custom.gcrf_epochs) == (0.1, 3, 150)
     with pytest.raises(ValueError, match="a2gnn_dropout"):
         validate_propagation(dataclasses.replace(cfg, a2gnn_dropout=1.0))
+    with pytest.raises(ValueError, match="a2gnn_batch_images"):
+        validate_propagation(dataclasses.replace(cfg, a2gnn_batch_images=0))
     with pytest.raises(ValueError, match="supervision"):
         resolve_schedule(cfg, "mask")
 
@@ -399,6 +417,146 @@ def test_a2gnn_module_returns_logits_and_embedding():
     logits, embedding = model(torch.rand(12, 5), graph)
     assert logits.shape == (12, 3) and embedding.shape == (12, 8)
     assert 0 <= float(model.betas.detach().min()) and float(model.betas.detach().max()) <= 1
+
+
+# ------------------------------------------------------------------------------------ many images at once
+
+
+def test_batched_window_attention_and_model_match_single_images():
+    gen = torch.Generator().manual_seed(8)
+    graphs = [WindowGraph.from_window_affinity(torch.rand(25, 4, 6, generator=gen, dtype=torch.float64))
+              for _ in range(3)]
+    h = torch.randn(3, 24, 5, generator=gen, dtype=torch.float64)
+    betas = torch.rand(3, generator=gen, dtype=torch.float64)
+    stacked = WindowGraph.stack(graphs)
+    want = torch.stack([window_attention(h[b], betas[b], graphs[b]) for b in range(3)])
+    torch.testing.assert_close(window_attention(h, betas, stacked), want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="grid"):
+        WindowGraph.stack([graphs[0], WindowGraph.from_window_affinity(torch.rand(25, 4, 5))])
+    # Initial weights and dropout masks per image from its own generator; padded classes masked out.
+    features = torch.rand(2, 24, 7, generator=gen)
+    model_graphs = [WindowGraph.from_window_affinity(torch.rand(25, 4, 6, generator=gen)) for _ in range(2)]
+    batch = A2GNNBatch(7, [3, 2], hidden=8, generators=[torch.Generator().manual_seed(s) for s in (1, 2)])
+    logits, embedding = batch(features, WindowGraph.stack(model_graphs))    # training mode: dropout is drawn
+    for b, classes in enumerate((3, 2)):
+        single = A2GNN(7, classes, hidden=8, generator=torch.Generator().manual_seed(b + 1))
+        torch.testing.assert_close(batch.w_in[b], single.w_in)
+        torch.testing.assert_close(batch.w_out[b, :, :classes], single.w_out)
+        want_logits, want_embedding = single(features[b], model_graphs[b])
+        torch.testing.assert_close(logits[b, :, :classes], want_logits, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(embedding[b], want_embedding, rtol=1e-5, atol=1e-6)
+    assert bool((logits[1, :, 2] == -1e9).all())
+
+
+def two_class_inputs(height: int, width: int, seed: int) -> dict:
+    """planted_inputs with a second class (label 5) in the right quarter: its CAM plane, seeds and features."""
+    inputs = planted_inputs(height, width, seed)
+    grid = inputs["window_affinity"].shape[1:]
+    inputs["truth"][:, 3 * width // 4:] = 5
+    inputs["keys"] = np.array([3, 5])
+    inputs["high_res"] = np.concatenate([inputs["high_res"], (inputs["truth"] == 5)[None].astype(np.float32)])
+    inputs["node_features"][2, :, 3 * grid[1] // 4:] += 1.0
+    inputs["node_features"][1, :, 3 * grid[1] // 4:] = 0.0
+    seeds = inputs["seeds"]
+    seeds[:, width // 2:] = 255                             # background and class-5 seeds on the right instead
+    for y, x in ((1, grid[1] - 1), (grid[0] - 2, grid[1] - 2), (1, grid[1] // 2), (grid[0] - 2, grid[1] // 2)):
+        seeds[y * STRIDE + STRIDE // 2, x * STRIDE + STRIDE // 2] = inputs["truth"][y * STRIDE, x * STRIDE]
+    return inputs
+
+
+def method_arguments(inputs: dict, supervision: str = "image", boxes: np.ndarray | None = None) -> dict:
+    names = ("high_res", "window_affinity", "node_features", "rgb", "seeds", "keys", "image_id")
+    return {**{k: inputs[k] for k in names}, "size": inputs["truth"].shape, "supervision": supervision,
+            "boxes": boxes, "stride": int(inputs["affinity_stride"])}
+
+
+def test_many_images_train_together_and_match_the_per_image_path(monkeypatch):
+    """Two grid sizes, image and box supervision, different class counts in one batch, an empty-seed image."""
+    empty = planted_inputs(48, 64, seed=3)
+    empty["seeds"][:] = 255
+    items = [method_arguments(planted_inputs(48, 64, seed=0)),
+             method_arguments(planted_inputs(40, 56, seed=1), "box", np.array([[3, 0, 0, 20, 39]])),
+             method_arguments(empty),
+             method_arguments(two_class_inputs(48, 64, seed=2)),
+             method_arguments(planted_inputs(40, 56, seed=4), "box", np.array([[3, 0, 0, 55, 39]]))]
+    cfg = dataclasses.replace(FAST, a2gnn_crf_preset="")
+    batch_sizes = []
+    train_batch = stages.a2gnn.train_a2gnn_batch
+
+    def counted(features, *args, **kwargs):
+        batch_sizes.append(features.shape[0])
+        return train_batch(features, *args, **kwargs)
+
+    monkeypatch.setattr(stages.a2gnn, "train_a2gnn_batch", counted)
+    together = propagate_a2gnn_many(cfg, items, CPU)
+    assert sorted(batch_sizes) == [2, 2]                    # (48x64, image) and (40x56, box); the empty one: none
+    alone = [propagate_a2gnn(cfg, **item, device=CPU) for item in items]
+    for item, (probs, index), (want_probs, want_index) in zip(items, together, alone):
+        assert probs.shape == want_probs.shape == (len(item["keys"]) + 1, *item["size"])
+        np.testing.assert_allclose(probs, want_probs, rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(index, want_index)
+    np.testing.assert_array_equal(together[2][0], with_background(empty["high_res"], cfg.cam_bg_threshold))
+    # The images did train (not a trivial agreement): the two-class image finds its second class.
+    assert {0, 1, 2} <= set(np.unique(together[3][1]).tolist())
+
+
+def cam_maps(label: np.ndarray, keys: list[int], rng: np.random.Generator) -> np.ndarray:
+    """MakeCAM-like scores: each class's blurred mask plus noise, scaled to a maximum of 1."""
+    planes = []
+    for key in keys:
+        blurred = cv2.GaussianBlur((label == key).astype(np.float32), (0, 0), 3.0)
+        plane = np.clip(blurred + rng.normal(0, 0.05, blurred.shape), 0, None)
+        planes.append(plane / max(float(plane.max()), 1e-6))
+    return np.stack(planes).astype(np.float32) if planes else np.zeros((0, *label.shape), np.float32)
+
+
+def test_propagate_images_batch_size_does_not_change_the_labels(tiny_manifest, tmp_path, monkeypatch):
+    space, layout = tiny_manifest.label_space, tiny_manifest.layout
+    ids = tiny_manifest.splits["train"][:5]
+    rng = np.random.default_rng(0)
+    with DenseMapWriter(tmp_path / "cams.h5") as cam_writer:
+        for image_id in ids:
+            label = layout.read_label(image_id)
+            keys = sorted(int(k) for k in np.unique(label) if 0 < k < space.ignore_index)
+            high = cam_maps(label, keys, rng)
+            cam_writer.write(image_id, {"high_res": high, "cam": high[:, ::4, ::4]}, {"keys": np.asarray(keys)})
+    seeds_dir = tmp_path / "seeds"
+    for n, image_id in enumerate(ids):
+        seeds = layout.read_label(image_id).copy()
+        seeds[rng.random(seeds.shape) < 0.7] = space.ignore_index
+        if n == 2:
+            seeds[:] = space.ignore_index                   # the CAM fallback, between batched images
+        path = label_file(seeds_dir, image_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_label_png(path, seeds, space.palette)
+    cfg = PropagateConfig(propagation="a2gnn", a2gnn_hidden=32, a2gnn_seed_epochs=5, a2gnn_gcrf_epochs=5)
+    inputs = affinity_net_inputs(_tiny_affinity_net(radius=2).eval(), CPU, "a2gnn")   # untrained: fine here
+
+    def run(name: str, batch_images: int) -> tuple[list[np.ndarray], dict[str, np.ndarray], list[str]]:
+        out = tmp_path / name
+        with DenseMapWriter(out / "probs.h5") as writer:
+            meta = propagate_images(dataclasses.replace(cfg, a2gnn_batch_images=batch_images), tiny_manifest, ids,
+                                    DenseMapReader([tmp_path / "cams.h5"]), seeds_dir, inputs, out, writer, CPU)
+        assert meta["cam_fallback_images"] == [ids[2]]
+        reader = DenseMapReader([out / "probs.h5"])
+        labels = [read_label_png(label_file(out, image_id), space) for image_id in ids]
+        return labels, {i: reader.read(i, ["probs"])[0]["probs"] for i in ids}, reader.ids()
+
+    calls = []
+    many = BATCHED_METHODS["a2gnn"]
+    monkeypatch.setitem(BATCHED_METHODS, "a2gnn", lambda c, batch, d: calls.append(len(batch)) or many(c, batch, d))
+    one_labels, one_probs, one_order = run("one", 1)
+    four_labels, four_probs, four_order = run("four", 4)
+    assert calls == [1, 1, 1, 1, 3, 1]                      # batch 4: the fallback image takes a slot
+    monkeypatch.delitem(BATCHED_METHODS, "a2gnn")
+    ref_labels, ref_probs, ref_order = run("reference", 4)  # the per-image method
+    assert one_order == four_order == ref_order == list(ids)
+    for labels, probs in ((one_labels, one_probs), (four_labels, four_probs)):
+        for got, want in zip(labels, ref_labels):
+            np.testing.assert_array_equal(got, want)
+        for image_id in ids:
+            np.testing.assert_allclose(probs[image_id], ref_probs[image_id], rtol=0, atol=2e-3)  # stored float16
+    assert any(len(np.unique(label)) > 1 for label in ref_labels)
 
 
 # ------------------------------------------------------------------------------------ affinity training
