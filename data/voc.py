@@ -70,15 +70,19 @@ class VOCLayout:
     def read_label(self, image_id: str, evaluation: bool = False) -> np.ndarray:
         return read_label_png(self.label_path(image_id, evaluation), self.label_space)
 
-    def labels_from_xml(self, image_id: str) -> np.ndarray:
-        """Multi-hot foreground vector (without background) from the object names in the XML."""
+    def _read_xml(self, image_id: str) -> tuple[ElementTree.Element, Path]:
+        """The parsed ``Annotations/<id>.xml`` and its path; a missing or malformed file names itself."""
         path = self.xml_path(image_id)
         if not path.is_file():
             raise BadInputError(path, "annotation XML is missing")
         try:
-            root = ElementTree.parse(path).getroot()
+            return ElementTree.parse(path).getroot(), path
         except ElementTree.ParseError as err:
             raise BadInputError(path, f"cannot parse XML ({err})") from None
+
+    def labels_from_xml(self, image_id: str) -> np.ndarray:
+        """Multi-hot foreground vector (without background) from the object names in the XML."""
+        root, path = self._read_xml(image_id)
         vec = np.zeros(self.label_space.num_classes - 1, np.float32)
         for obj in root.iter("object"):
             name = (obj.findtext("name") or "").strip()
@@ -130,13 +134,7 @@ class VOCLayout:
         fractional values rounded), clipped to the image. ``size`` = (height, width); without it the XML's
         ``<size>`` is used, or, where that is missing or zero, the image file's header.
         """
-        path = self.xml_path(image_id)
-        if not path.is_file():
-            raise BadInputError(path, "annotation XML is missing")
-        try:
-            root = ElementTree.parse(path).getroot()
-        except ElementTree.ParseError as err:
-            raise BadInputError(path, f"cannot parse XML ({err})") from None
+        root, path = self._read_xml(image_id)
         if size is None:
             size = self._xml_size(root, path) or self._image_size(image_id)
         height, width = size

@@ -691,8 +691,21 @@ class TrainAffinity(StageTask):
                               loader_workers=rt.loader_workers, progress=self.progress)
 
 
+class TrainingStage(StageTask):
+    """A stage that trains a net with resume checkpoints in ``<key>.resume/``, removed once the model is out."""
+
+    @property
+    def resume_dir(self) -> Path:
+        """Outside the temporary stage directory, which a failed run deletes: a killed run resumes from here."""
+        return self.stage_dir.with_name(self.key + RESUME_SUFFIX)
+
+    def run(self) -> None:
+        super().run()
+        remove_path(self.resume_dir)  # only once the trained model is published
+
+
 @with_config(C.TrainSeedNetConfig)
-class TrainSeedNet(StageTask):
+class TrainSeedNet(TrainingStage):
     """DGCN / DSRG: a segmentation net trained from the seeds while they regrow (graph cut or region growing)
     every iteration; Propagate (``propagation = graphcut | dsrg``) predicts the pseudo labels with it."""
 
@@ -702,10 +715,6 @@ class TrainSeedNet(StageTask):
     def upstream(self) -> dict[str, StageTask]:
         return {"dataset": self.stage(PrepareDataset), "seeds": self.stage(ExtractSeeds),
                 **pretraining_upstream(self)}
-
-    @property
-    def resume_dir(self) -> Path:
-        return self.stage_dir.with_name(self.key + RESUME_SUFFIX)
 
     def compute(self, out_dir: Path) -> dict:
         from data.io import read_label_png
@@ -721,10 +730,6 @@ class TrainSeedNet(StageTask):
         return train_seed_net(with_weights_path(self), manifest, manifest.splits["train"], seed_label, out_dir,
                               resolve_device(rt.device), resume_dir=self.resume_dir, loader_workers=rt.loader_workers,
                               processes=rt.cut_processes, progress=self.progress)
-
-    def run(self) -> None:
-        super().run()
-        remove_path(self.resume_dir)  # only once the trained model is published
 
 
 @with_config(C.PropagateConfig)
@@ -825,7 +830,7 @@ LABEL_SOURCES = ("pseudo", "gt")
 
 
 @with_config(C.TrainSegmentationConfig)
-class TrainSegmentation(StageTask):
+class TrainSegmentation(TrainingStage):
     """DeepLab trained on the pseudo labels, or (``--labels gt``) on GT: the fully supervised ceiling."""
 
     code = ("stages.segmentation",)
@@ -840,11 +845,6 @@ class TrainSegmentation(StageTask):
         if self.labels == "pseudo":
             up["pseudo_labels"] = self.stage(RefineCRF) if self.pseudo_labels == "crf" else self.stage(Propagate)
         return up
-
-    @property
-    def resume_dir(self) -> Path:
-        """Outside the temporary stage directory, which a failed run deletes: a killed run resumes from here."""
-        return self.stage_dir.with_name(self.key + RESUME_SUFFIX)
 
     def compute(self, out_dir: Path) -> dict:
         from data.io import read_label_png
@@ -865,10 +865,6 @@ class TrainSegmentation(StageTask):
                                      resume_dir=self.resume_dir, loader_workers=rt.loader_workers,
                                      progress=self.progress)
         return metrics
-
-    def run(self) -> None:
-        super().run()
-        remove_path(self.resume_dir)  # only once the trained model is published
 
 
 @with_config(C.EvalSegmentationConfig)
