@@ -5,8 +5,9 @@
    (float32, IRN's habit): bytes on disk and read time.
 3. No-op rerun of ``luigi --module pipeline FullWSSS`` over a 1,000-image dataset, against the bare cost
    of starting Python and importing the pipeline.
-4. Random walk (bench/random_walk.py): sparse x <- x T steps against the references' dense squaring on one
-   500x375 image: speed-up, peak memory %, label agreement % (the dense side takes a few minutes).
+4. Propagation methods (bench/propagation.py; alone: ``python -m bench.propagation``): per-image seconds and
+   peak MiB of rw_irn, gcn, a2gnn, graphcut and dsrg against a straightforward dense implementation of each, on
+   a demo-size and a 500x375 image, with label agreement (the dense sides take minutes at 500x375).
 5. Pseudo-label stages on the demo profile (bench/pseudo_labels.py): seed extraction per rule, affinity-net
    inference and the whole per-image propagation, images/s.
 6. Scheduling (bench/scheduling.py): no-op and cold-graph scheduling of a 10,000-image dataset at the default
@@ -17,8 +18,6 @@
 8. DeepLab training (bench/segmentation.py): images/s of DeepLab-v2/v3+ on ``resnet_mini`` against the CAM
    net's training step on the same backbone; on CUDA, DeepLab-v2 ResNet-101 MSC with AMP + channels-last
    against float32.
-9. A2GNN propagation (bench/a2gnn.py; both images: ``python -m bench.a2gnn``): our window attention against
-   the reference's dense N x N matrices on the demo-size image: seconds, ms per epoch and peak MiB per image.
 
 Results go to ``bench/results/latest.json`` and are printed as a table.
 """
@@ -40,11 +39,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.a2gnn import bench_a2gnn  # noqa: E402
 from bench.crf import bench_crf  # noqa: E402
 from bench.maps import smooth_cam_stack  # noqa: E402
+from bench.propagation import bench_propagation, table  # noqa: E402
 from bench.pseudo_labels import bench_pseudo_labels  # noqa: E402
-from bench.random_walk import bench_random_walk  # noqa: E402
 from bench.scheduling import bench_scheduling  # noqa: E402
 from bench.segmentation import bench_segmentation  # noqa: E402
 from data.dense import DenseMapReader, DenseMapWriter  # noqa: E402
@@ -170,14 +168,16 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
                "cam_inference": bench_cam_inference(), "storage": bench_storage(), "noop_rerun": bench_noop_rerun(),
-               "pseudo_labels": bench_pseudo_labels(), "random_walk": bench_random_walk(),
-               "scheduling": bench_scheduling(), "crf": bench_crf(), "segmentation": bench_segmentation(),
-               "a2gnn": bench_a2gnn(("demo",))["demo"]}
+               "pseudo_labels": bench_pseudo_labels(), "propagation": bench_propagation(),
+               "scheduling": bench_scheduling(), "crf": bench_crf(), "segmentation": bench_segmentation()}
     out = REPO / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=1))
     for section, values in results.items():
         print(f"\n[{section}]")
+        if section == "propagation":
+            print(table(values["rows"]))
+            continue
         for key, value in values.items():
             print(f"  {key:<30} {value:.4g}" if isinstance(value, float) else f"  {key:<30} {value}")
 

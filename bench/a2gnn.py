@@ -9,7 +9,7 @@ Two images: one of the demo profile's size (112x144, stride-8 grid 14x18 = 252 n
 
 Each (image, mode) runs, on one thread, ``propagate_a2gnn`` (image supervision: GNN training, random walk;
 the final CRF is off, it is the same in both modes) in a fresh subprocess that reports its wall time and its
-peak resident memory above the state before the call (bench/random_walk.py's ``PeakMemory``). ``dense`` swaps
+peak resident memory above the state before the call (bench/measure.py's ``PeakMemory``). ``dense`` swaps
 in the reference's formulation: each attention layer on N x N cosine / mask / logit / softmax matrices and
 H' = P H as a dense product, and the random walk as T^64 by six dense squarings. Figures: seconds per image,
 milliseconds per training epoch, peak MiB, and the largest difference between the two modes' scores (float
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +42,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.random_walk import PeakMemory  # noqa: E402
+from bench.maps import render_with_cams  # noqa: E402
+from bench.measure import PeakMemory, in_fresh_process  # noqa: E402
 from stages.config import PropagateConfig  # noqa: E402
 
 # name -> (height, width, epochs per phase; 0 = the reference's 50)
@@ -55,23 +55,11 @@ WINDOW_RADIUS = 3
 def make_inputs(name: str, index: int = 0, model: torch.nn.Module | None = None) -> dict:
     """Image ``index``'s render, seeds, CAMs and the a2gnn net's window graph, all deterministic; ``model`` (the
     randomly initialised affinity net every image shares) is built when not given."""
-    import cv2
-
-    from data.synthetic import Profile, render_sample
     from stages.a2gnn import infer_window_graph
 
     height, width, _ = IMAGES[name]
-    sample = render_sample(SEED, "train", index, Profile(n_train=index + 1, n_val=0, height=height, width=width))
     rng = np.random.default_rng(SEED if index == 0 else [SEED, index])
-    semantic = sample.semantic.astype(np.int32)
-    keys = np.array(sorted({o.cls + 1 for o in sample.objects}))
-    sigma = 0.03 * min(height, width)
-    cams = []
-    for c in keys:
-        blurred = cv2.GaussianBlur((semantic == c).astype(np.float32), (0, 0), sigma)
-        cams.append(np.clip(blurred + rng.normal(0, 0.05, blurred.shape), 0, None))
-    high = np.stack(cams).astype(np.float32)
-    high /= high.max(axis=(1, 2), keepdims=True)
+    sample, keys, high = render_with_cams(SEED, index, height, width, rng)
     seeds = sample.semantic.astype(np.uint8).copy()
     seeds[rng.random(seeds.shape) < 0.8] = 255
     graph = infer_window_graph(model if model is not None else affinity_net(), sample.image, torch.device("cpu"))
@@ -179,11 +167,7 @@ def bench_a2gnn(images: tuple[str, ...] = ("demo", "voc")) -> dict:
         for name in images:
             measured = {}
             for mode in ("window", "dense"):
-                done = subprocess.run([sys.executable, "-m", "bench.a2gnn", "--variant", f"{name}:{mode}",
-                                       "--out", tmp], cwd=REPO, capture_output=True, text=True)
-                if done.returncode != 0:
-                    raise RuntimeError(f"a2gnn {name} {mode} failed:\n{done.stderr[-3000:]}")
-                measured[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+                measured[mode] = in_fresh_process("bench.a2gnn", "--variant", f"{name}:{mode}", "--out", tmp)
             probs = {m: np.load(Path(tmp) / f"{name}_{m}_probs.npy") for m in measured}
             height, width, _ = IMAGES[name]
             window, dense = measured["window"], measured["dense"]
@@ -241,11 +225,8 @@ def bench_a2gnn_batch(count: int = BATCH_IMAGES, batch_sizes: tuple[int, ...] = 
     measured = {}
     with tempfile.TemporaryDirectory() as tmp:
         for batch_images in batch_sizes:
-            done = subprocess.run([sys.executable, "-m", "bench.a2gnn", "--batch-variant", str(batch_images),
-                                   "--count", str(count), "--out", tmp], cwd=REPO, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"a2gnn batch {batch_images} failed:\n{done.stderr[-3000:]}")
-            measured[batch_images] = json.loads(done.stdout.strip().splitlines()[-1])
+            measured[batch_images] = in_fresh_process("bench.a2gnn", "--batch-variant", str(batch_images),
+                                                      "--count", str(count), "--out", tmp)
         probs = {}
         for b in batch_sizes:
             with np.load(Path(tmp) / f"batch{b}_probs.npz") as stored:

@@ -12,7 +12,7 @@ a synthetic render (data/synthetic.py) with
 
 Each (image, mode) runs the whole ``propagate_gcn`` (partial labels, adjacency, 250-epoch GCN) in a fresh
 subprocess that reports its wall time, split into graph building and training, and its peak resident memory
-above the state before the call (bench/random_walk.py's ``PeakMemory``). Figures: seconds and peak MiB per
+above the state before the call (bench/measure.py's ``PeakMemory``). Figures: seconds and peak MiB per
 image for dense and topk, and the percentage of pixels whose label agrees between them.
 
 On 2 CPU cores the 500x375 image takes minutes in either mode: T^256 costs ~26 TFLOP by squaring (dense) or
@@ -26,7 +26,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +37,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.random_walk import PeakMemory  # noqa: E402
+from bench.maps import render_with_cams  # noqa: E402
+from bench.measure import PeakMemory, in_fresh_process  # noqa: E402
 from stages.config import PropagateConfig  # noqa: E402
 
 # name -> (height, width, walk steps)
@@ -51,24 +51,15 @@ def make_inputs(name: str) -> dict:
     """The image, its CAMs (stride 4 and full), boundary map and IRNet features, all deterministic."""
     import cv2
 
-    from data.synthetic import Profile, render_sample
     from models.affinity import IRNet
     from models.resnet import create_backbone
     from stages.affinity import infer_boundary_features
 
     height, width, _ = IMAGES[name]
-    sample = render_sample(SEED, "train", 0, Profile(n_train=1, n_val=0, height=height, width=width))
     rng = np.random.default_rng(SEED)
-    grid = (math.ceil(height / 4), math.ceil(width / 4))
+    sample, classes, high = render_with_cams(SEED, 0, height, width, rng)
     semantic = sample.semantic.astype(np.int32)
-    classes = sorted({o.cls + 1 for o in sample.objects})
-    sigma = 0.03 * min(height, width)
-    high = []
-    for c in classes:
-        blurred = cv2.GaussianBlur((semantic == c).astype(np.float32), (0, 0), sigma)
-        high.append(np.clip(blurred + rng.normal(0, 0.05, blurred.shape), 0, None))
-    high = np.stack(high).astype(np.float32)
-    high /= high.max(axis=(1, 2), keepdims=True)
+    grid = (math.ceil(height / 4), math.ceil(width / 4))
     cam = np.stack([cv2.resize(c, (grid[1], grid[0]), interpolation=cv2.INTER_AREA) for c in high])
     cam /= cam.max(axis=(1, 2), keepdims=True)
     small = cv2.resize(semantic, (grid[1], grid[0]), interpolation=cv2.INTER_NEAREST)
@@ -122,11 +113,7 @@ def bench_gcn(images: tuple[str, ...] = ("demo", "voc")) -> dict:
         for name in images:
             measured = {}
             for mode in ("dense", "topk"):
-                done = subprocess.run([sys.executable, "-m", "bench.gcn", "--variant", f"{name}:{mode}",
-                                       "--out", tmp], cwd=REPO, capture_output=True, text=True)
-                if done.returncode != 0:
-                    raise RuntimeError(f"{name} {mode} failed:\n{done.stderr[-3000:]}")
-                measured[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+                measured[mode] = in_fresh_process("bench.gcn", "--variant", f"{name}:{mode}", "--out", tmp)
             labels = {m: np.load(Path(tmp) / f"{name}_{m}_label.npy") for m in measured}
             height, width, steps = IMAGES[name]
             dense, topk = measured["dense"], measured["topk"]

@@ -13,7 +13,7 @@ Grids: 14x14 (112 crop, stride 8; the demo profile), 41x41 (321 crop, DGCN/DSRG)
 layer1 + layer3 width) on the small grids, 3-d on 375x500.
 
 Each (stage, variant, grid) runs single-threaded in a fresh subprocess that reports the peak resident memory of
-its first call above the state before it (bench.random_walk.PeakMemory) and the best per-image time of a few calls.
+its first call above the state before it (bench.measure.PeakMemory) and the best per-image time of a few calls.
 
 At 375x500 (N = 187,500 nodes) the kNN is O(N²) for both variants (~35e9 distances). It is timed on a sample of
 rows and extrapolated (linear in rows), saying so; the baseline's N x N matrices (float64 distances + bool kNN,
@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.maps import smooth_cam_stack  # noqa: E402
-from bench.random_walk import PeakMemory  # noqa: E402
+from bench.measure import PeakMemory, in_fresh_process  # noqa: E402
 from stages.graphcut import DGCNConfig, class_cut, graphcut_labels, knn_edges, knn_rows  # noqa: E402
 from stages.seed_growing import IGNORE, DSRGConfig, grow_seeds  # noqa: E402
 
@@ -307,11 +306,7 @@ def measure(stage: str, variant: str, grid: str, out_dir: Path) -> dict:
 
 
 def _run(stage: str, variant: str, grid: str, out: str) -> dict:
-    done = subprocess.run([sys.executable, "-m", "bench.graph_labels", "--measure", stage, variant, grid,
-                           "--out", out], cwd=REPO, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{stage}/{variant}/{grid} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return in_fresh_process("bench.graph_labels", "--measure", stage, variant, grid, "--out", out)
 
 
 def bench_graph_labels(grids: tuple[str, ...] = tuple(GRIDS)) -> dict:

@@ -168,7 +168,8 @@ class StageTask(luigi.Task):
     @cached_property
     def params_dict(self) -> dict:
         cfg = self.config
-        params = dataclasses.asdict(cfg) if cfg is not None else {}
+        # A config may leave out knobs its stage does not read in this configuration (PropagateConfig.key_params).
+        params = {} if cfg is None else cfg.key_params() if hasattr(cfg, "key_params") else dataclasses.asdict(cfg)
         params.update(self.fingerprint())
         return params
 

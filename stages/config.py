@@ -286,6 +286,19 @@ class PropagateConfig:
     a2gnn_seed: int = 42                      # per-image seed = hash(a2gnn_seed, image id); A2GNN does not seed
     a2gnn_batch_images: int = 16              # images trained together in one process; results do not depend on it
 
+    def key_params(self) -> dict:
+        """The knobs that make this stage's output (its cache key and provenance): all but the ``gcn_*`` and
+        ``a2gnn_*`` ones when another method runs, so that tuning one method never recomputes another's labels."""
+        params = dataclasses.asdict(self)
+        for method in PROPAGATION_KNOB_PREFIXES:
+            if method != self.propagation:
+                params = {k: v for k, v in params.items() if not k.startswith(f"{method}_")}
+        return params
+
+
+# Propagation methods whose own knobs carry their name as a prefix (PropagateConfig.key_params).
+PROPAGATION_KNOB_PREFIXES = ("gcn", "a2gnn")
+
 
 @dataclass(frozen=True)
 class EvalPseudoLabelsConfig:

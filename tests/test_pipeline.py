@@ -343,3 +343,17 @@ def test_failed_pipeline_exits_nonzero_and_cli_verbs(tmp_path):
     help_text = run_cli([sys.executable, "-m", "pipeline", "--help"], cwd).stdout
     for verb in ("status", "clean", "gc", "make-dataset", "summary"):
         assert verb in help_text
+
+
+def test_a_method_s_own_knobs_enter_only_its_propagate_key(luigi_config):
+    """gcn_* / a2gnn_* knobs are in the key (and provenance) of Propagate only when that method runs."""
+    base = {method: Propagate(propagation=method).key for method in ("rw_irn", "gcn", "a2gnn")}
+    luigi_config("Propagate", "a2gnn_rw_logt", 5)
+    after = {method: Propagate(propagation=method).key for method in ("rw_irn", "gcn", "a2gnn")}
+    assert after["rw_irn"] == base["rw_irn"] and after["gcn"] == base["gcn"]
+    assert after["a2gnn"] != base["a2gnn"]
+    luigi_config("Propagate", "gcn_epochs", 7)
+    assert Propagate(propagation="gcn").key != base["gcn"] and Propagate(propagation="rw_irn").key == base["rw_irn"]
+    params = Propagate(propagation="a2gnn").params_dict
+    assert params["a2gnn_rw_logt"] == 5 and not any(k.startswith("gcn_") for k in params)
+    assert "beta" in params and "gcn_epochs" in Propagate(propagation="gcn").params_dict
