@@ -8,7 +8,8 @@ Baselines:
   ``add_tedge`` per node and one ``add_edge`` per kNN pair found with ``np.where`` on the node's dense row
   (hustvl/DGCN ``generate_supervision``).
 
-Grids: 14x14 (112 crop, stride 8; the demo profile), 41x41 (321 crop, DGCN/DSRG), 375x500 (a whole VOC image).
+Grids: 14x14 (112 crop, stride 8; the demo profile), 41x41 (321 crop, DGCN/DSRG), 47x63 (a whole 500x375 image at
+stride 8), 375x500 (a whole VOC image at full resolution).
 21 channels, 3 present classes (background + 2), seeds on eroded object cores. Node features: 1,280-d (DGCN's
 layer1 + layer3 width) on the small grids, 3-d on 375x500.
 
@@ -54,7 +55,9 @@ from stages.seed_growing import IGNORE, DSRGConfig, grow_seeds  # noqa: E402
 NUM_CLASSES = 21
 PRESENT_FG = (5, 12)
 # name: (h, w, images per batch, feature dim)
-GRIDS = {"14x14": (14, 14, 8, 1280), "41x41": (41, 41, 4, 1280), "375x500": (375, 500, 1, 3)}
+# 47x63: a whole 500x375 image at the seed net's stride 8, where DGCN builds its graph for one image.
+GRIDS = {"14x14": (14, 14, 8, 1280), "41x41": (41, 41, 4, 1280), "47x63": (47, 63, 1, 1280),
+         "375x500": (375, 500, 1, 3)}
 BIG = "375x500"
 KNN_SAMPLE_ROWS = 178      # rows of the 375x500 distance matrix actually computed (2 of our blocks)
 SCAN_SAMPLE_ROWS = 2000    # dense-row np.where scans timed for the 375x500 baseline

@@ -15,12 +15,12 @@ method's own bench, which builds deterministic synthetic inputs and measures eac
 - dsrg (bench/graph_labels.py): DSRG's growing, vectorised, against a per-pixel Python loop and a Python BFS per
   class (speedinghzl/DSRG).
 
-The demo rows of graphcut/dsrg are one image of a batch of 8 at the seed net's 14x14 output grid (112 crop,
-stride 8); the 500x375 rows are a whole image at full resolution (187,500 nodes, 3-d features), where the
-baseline's O(N^2) kNN and per-node row scans are timed on sample rows and extrapolated, and its N x N matrices
-(hundreds of GB) given analytically: those rows say "extrapolated". a2gnn at 500x375 runs 5 + 5 epochs instead of
-50 + 50 (the dense side needs minutes per epoch-hundred); its seconds are extrapolated to the full schedule from
-the measured ms per epoch. Agreement: % of pixels with the same label (graphcut: of the cut's segments).
+graphcut/dsrg work on the seed net's stride-8 output with 1,280-d features (DGCN's layer1 + layer3): the demo
+rows are one image of a batch of 8 at 14x14 (112 crop; peak memory is the batch's), the 500x375 rows one whole
+image at 47x63 (``python -m bench.graph_labels`` also runs a full-resolution 375x500 grid). a2gnn at 500x375
+runs 5 + 5 epochs instead of 50 + 50 (the dense side needs minutes per epoch-hundred); its seconds are
+extrapolated to the full schedule from the measured ms per epoch. Agreement: % of pixels with the same label
+(graphcut: of the cut's segments).
 
 ``python -m bench.propagation`` (``--images demo`` for the quick half) prints the table and writes
 ``bench/results/propagation.json``; ``make bench`` includes it.
@@ -38,12 +38,12 @@ sys.path.insert(0, str(REPO))
 
 from bench.a2gnn import bench_a2gnn  # noqa: E402
 from bench.gcn import bench_gcn  # noqa: E402
-from bench.graph_labels import BIG, bench_graph_labels  # noqa: E402
+from bench.graph_labels import bench_graph_labels  # noqa: E402
 from bench.random_walk import bench_random_walk  # noqa: E402
 
 IMAGES = ("demo", "voc")
-# graph_labels' grid for each image: the seed net's demo output grid, and a whole 500x375 image.
-GRAPH_GRIDS = {"demo": "14x14", "voc": BIG}
+# graph_labels' grid for each image: the seed net's output grid (stride 8) on a demo crop and on a 500x375 image.
+GRAPH_GRIDS = {"demo": "14x14", "voc": "47x63"}
 # A2GNN's reference schedule for image labels: 50 + 50 epochs.
 A2GNN_EPOCHS = 100
 
