@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.maps import render_with_cams  # noqa: E402
-from bench.measure import PeakMemory, in_fresh_process  # noqa: E402
+from bench.measure import PeakMemory, in_fresh_process, timed_phase  # noqa: E402
 from stages.config import PropagateConfig  # noqa: E402
 
 # name -> (height, width, epochs per phase; 0 = the reference's 50)
@@ -87,6 +87,18 @@ def _dense_matrices(graph) -> tuple[torch.Tensor, torch.Tensor]:
     return adjacency, mask
 
 
+def dense_attention(h: torch.Tensor, beta: float, adjacency: torch.Tensor, mask: torch.Tensor,
+                    affinity_weight: float = 10.0) -> torch.Tensor:
+    """The reference's attention layer (pygcn/A2GNN.py) on N x N matrices: softmax over j of beta cos(h_i, h_j)
+    + affinity_weight A_ij, with -1e9 outside i's window (``mask`` 0) and where the cosine is negative; times H."""
+    norms = h.norm(dim=1, keepdim=True)
+    cos = (h @ h.T) / (norms @ norms.T + 1e-7)
+    penalty = torch.zeros_like(cos)
+    penalty[mask == 0] = -1e9
+    penalty[cos < 0] = -1e9
+    return torch.softmax(beta * cos + penalty + affinity_weight * adjacency, dim=1) @ h
+
+
 def use_dense_reference() -> None:
     """Swap the window attention and walk for the reference's dense N x N versions (this process only)."""
     import models.a2gnn
@@ -100,14 +112,8 @@ def use_dense_reference() -> None:
             cache[id(graph)] = _dense_matrices(graph)
         return cache[id(graph)]
 
-    def dense_attention(h, beta, graph, affinity_weight=10.0):
-        adjacency, mask = matrices(graph)
-        norms = h.norm(dim=1, keepdim=True)
-        cos = (h @ h.T) / (norms @ norms.T + 1e-7)
-        penalty = torch.zeros_like(cos)
-        penalty[mask == 0] = -1e9
-        penalty[cos < 0] = -1e9
-        return torch.softmax(beta * cos + penalty + affinity_weight * adjacency, dim=1) @ h
+    def graph_attention(h, beta, graph, affinity_weight=10.0):
+        return dense_attention(h, beta, *matrices(graph), affinity_weight)
 
     def dense_walk(vectors, graph, beta, steps):
         adjacency, _ = matrices(graph)
@@ -117,7 +123,7 @@ def use_dense_reference() -> None:
             transition = transition @ transition
         return vectors @ transition
 
-    models.a2gnn.window_attention = dense_attention
+    models.a2gnn.window_attention = graph_attention
     stages.a2gnn.window_random_walk = dense_walk
 
 
@@ -136,17 +142,8 @@ def run_variant(name: str, mode: str, out_dir: Path) -> dict:
     total_epochs = schedule.seed_epochs + schedule.gcrf_epochs
     if mode == "dense":
         use_dense_reference()
-    train = a2gnn.train_a2gnn
     phases: dict[str, float] = {}
-
-    def timed_train(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return train(*args, **kwargs)
-        finally:
-            phases["train_s"] = time.perf_counter() - start
-
-    a2gnn.train_a2gnn = timed_train
+    a2gnn.train_a2gnn = timed_phase(phases, "train_s", a2gnn.train_a2gnn)
     with PeakMemory() as memory:
         start = time.perf_counter()
         probs, _ = a2gnn.propagate_a2gnn(cfg, inputs["high_res"], inputs["window_affinity"], inputs["node_features"],

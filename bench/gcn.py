@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.maps import render_with_cams  # noqa: E402
-from bench.measure import PeakMemory, in_fresh_process  # noqa: E402
+from bench.measure import PeakMemory, in_fresh_process, timed_phase  # noqa: E402
 from stages.config import PropagateConfig  # noqa: E402
 
 # name -> (height, width, walk steps)
@@ -84,18 +84,8 @@ def run_variant(name: str, mode: str, out_dir: Path) -> dict:
     cfg = dataclasses.replace(PropagateConfig(propagation="gcn"), gcn_adjacency=mode, gcn_topk=TOPK,
                               gcn_walk_steps=steps, gcn_dense_max_mib=1e6)
     phases: dict[str, float] = {}
-    build, train = gcn.build_graph, gcn.train_gcns
-
-    def timed(phase, fn):
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                phases[phase] = time.perf_counter() - start
-        return wrapper
-
-    gcn.build_graph, gcn.train_gcns = timed("graph_s", build), timed("train_s", train)
+    gcn.build_graph = timed_phase(phases, "graph_s", gcn.build_graph)
+    gcn.train_gcns = timed_phase(phases, "train_s", gcn.train_gcns)
     with PeakMemory() as memory:
         start = time.perf_counter()
         _, label = gcn.propagate_gcn(cfg, inputs["cam"], inputs["high_res"], inputs["boundary"],

@@ -10,6 +10,8 @@ import json
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -54,6 +56,17 @@ class PeakMemory:
         else:
             self.peak = _rss_kib("VmHWM") * 1024 - self.base
         self.method = "VmHWM" if self.sampler is None else "rss-sampling"
+
+
+def timed_phase(phases: dict[str, float], name: str, fn: Callable) -> Callable:
+    """``fn`` wrapped to record its wall time in ``phases[name]`` (the last call's), also when it raises."""
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            phases[name] = time.perf_counter() - start
+    return wrapper
 
 
 def in_fresh_process(module: str, *args: str) -> dict:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import stages.a2gnn
 import stages.propagate
+from bench.a2gnn import dense_attention
 from data.dense import DenseMapReader, DenseMapWriter
 from data.io import read_label_png, write_label_png
 from data.manifest import Manifest
@@ -83,17 +84,6 @@ def dense_window_matrices(window: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
                     mask[y * w + x, (y + dy) * w + x + dx] = 1
     adjacency.fill_diagonal_(1)
     return adjacency, mask
-
-
-def dense_attention(h: torch.Tensor, beta: float, adjacency: torch.Tensor, mask: torch.Tensor,
-                    weight: float = 10.0) -> torch.Tensor:
-    """pygcn/A2GNN.py's layer, written out on N x N matrices."""
-    norms = h.norm(dim=1, keepdim=True)
-    cos = (h @ h.T) / (norms @ norms.T + 1e-7)
-    masked = torch.zeros_like(cos)
-    masked[mask == 0] = -1e9
-    masked[cos < 0] = -1e9
-    return torch.softmax(beta * cos + masked + weight * adjacency, dim=1) @ h
 
 
 def test_window_attention_matches_dense_reference():
