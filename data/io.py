@@ -141,10 +141,11 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def read_label_png(path: str | os.PathLike, label_space: LabelSpace | None = None,
-                   num_values: int | None = None) -> np.ndarray:
-    """Read a label map as class indices (uint8), checking mode and value range.
+                   num_values: int | None = None, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a label map as class indices (uint8), checking mode, value range and (given ``shape``) size.
 
-    ``num_values`` bounds the valid non-ignore values (defaults to the label space's class count).
+    ``num_values`` bounds the valid non-ignore values (defaults to the label space's class count); ``shape``
+    is the (H, W) of the image the labels belong to.
     """
     path = Path(path)
     if not path.is_file():
@@ -159,6 +160,9 @@ def read_label_png(path: str | os.PathLike, label_space: LabelSpace | None = Non
     if mode not in ("P", "L"):
         raise BadInputError(path, f"label PNG must be palette (P) or grey (L) mode, found {mode}: "
                                   "colour label images cannot be decoded into class indices")
+    if shape is not None and labels.shape != tuple(shape):
+        raise BadInputError(path, f"label map is {labels.shape[0]}x{labels.shape[1]} (HxW) but its image is "
+                                  f"{shape[0]}x{shape[1]}")
     if num_values is None and label_space is not None:
         num_values = label_space.num_classes
     if num_values is not None:

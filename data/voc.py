@@ -67,8 +67,10 @@ class VOCLayout:
     def read_image(self, image_id: str) -> np.ndarray:
         return read_image(self.image_path(image_id))
 
-    def read_label(self, image_id: str, evaluation: bool = False) -> np.ndarray:
-        return read_label_png(self.label_path(image_id, evaluation), self.label_space)
+    def read_label(self, image_id: str, evaluation: bool = False,
+                   shape: tuple[int, int] | None = None) -> np.ndarray:
+        """Ground-truth class indices; ``shape`` (H, W), when given, must match the PNG's."""
+        return read_label_png(self.label_path(image_id, evaluation), self.label_space, shape=shape)
 
     def _read_xml(self, image_id: str) -> tuple[ElementTree.Element, Path]:
         """The parsed ``Annotations/<id>.xml`` and its path; a missing or malformed file names itself."""

@@ -855,13 +855,13 @@ class TrainSegmentation(TrainingStage):
         rt = runtime()
         manifest = manifest_of(self)
         if self.labels == "gt":
-            def label_of(image_id: str):
-                return manifest.layout.read_label(image_id)
+            def label_of(image_id: str, shape: tuple[int, int]):
+                return manifest.layout.read_label(image_id, shape=shape)
         else:
             labels_dir = self.input_dir("pseudo_labels")
 
-            def label_of(image_id: str):
-                return read_label_png(label_file(labels_dir, image_id), manifest.label_space)
+            def label_of(image_id: str, shape: tuple[int, int]):
+                return read_label_png(label_file(labels_dir, image_id), manifest.label_space, shape=shape)
         metrics = train_segmentation(with_weights_path(self), manifest, label_of, out_dir, resolve_device(rt.device),
                                      resume_dir=self.resume_dir, loader_workers=rt.loader_workers,
                                      progress=self.progress)

@@ -41,7 +41,9 @@ CHECKPOINT = "model.pt"
 LOG = "log.csv"
 RESUME = "last.pt"
 
-LabelSource = Callable[[str], np.ndarray]
+# (image_id, the image's (H, W)) -> its label map; a source reading a file checks the size so that its error
+# names the file.
+LabelSource = Callable[[str, tuple[int, int]], np.ndarray]
 
 
 def nearest_resize(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -86,8 +88,8 @@ class SegmentationSet(Dataset):
         epoch, index = key
         image_id = self.ids[index]
         rgb = self.layout.read_image(image_id)
-        label = self.labels(image_id)
-        if label.shape != rgb.shape[:2]:
+        label = self.labels(image_id, rgb.shape[:2])
+        if label.shape != rgb.shape[:2]:  # a source that does not check the size itself
             raise ValueError(f"label of image {image_id!r} is {label.shape}, the image is {rgb.shape[:2]}")
         x, y = augment(rgb, label, self.cfg, np.random.default_rng([self.cfg.seed, epoch, index]))
         return torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))

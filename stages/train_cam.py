@@ -250,3 +250,5 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    if distributed.launched_by_torchrun():
+        distributed.exit_rank(0)

@@ -36,6 +36,8 @@ def test_label_png_roundtrip_and_checks(tmp_path):
     write_label_png(path, np.array([[0, 21]], np.uint8), voc_palette())
     with pytest.raises(BadInputError, match=r"a\.png.*\[21\].*outside the label space"):
         read_label_png(path, VOC_LABEL_SPACE)
+    with pytest.raises(BadInputError, match=r"a\.png: label map is 1x2 \(HxW\) but its image is 2x1"):
+        read_label_png(path, VOC_LABEL_SPACE, shape=(2, 1))
     Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(tmp_path / "rgb.png")
     with pytest.raises(BadInputError, match="rgb.png.*mode"):
         read_label_png(tmp_path / "rgb.png", VOC_LABEL_SPACE)

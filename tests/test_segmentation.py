@@ -13,6 +13,7 @@ from models.resnet import create_backbone
 from stages.config import EvalSegmentationConfig, TrainSegmentationConfig, validate
 from stages.evaluate import segmentation_scores
 from stages.segmentation import (
+    SegmentationSet,
     augment,
     batch_schedule,
     load_matching,
@@ -142,7 +143,30 @@ def test_bad_config_names_the_key():
 
 
 def _gt(manifest):
-    return lambda image_id: manifest.layout.read_label(image_id)
+    return lambda image_id, shape: manifest.layout.read_label(image_id, shape=shape)
+
+
+def test_a_label_of_the_wrong_size_names_its_png(tiny_manifest, tmp_path):
+    """The dataset hands each label source its image's size, so a source reading PNGs names the bad file;
+    a source that ignores the size is still caught, by image id."""
+    from data.io import BadInputError, read_label_png, write_label_png
+    from data.labelspace import voc_palette
+
+    image_id = tiny_manifest.splits["train"][0]
+    h, w = tiny_manifest.layout.read_image(image_id).shape[:2]
+    small = tmp_path / f"{image_id}.png"
+    write_label_png(small, np.zeros((h // 2, w), np.uint8), voc_palette())
+    space = tiny_manifest.label_space
+    from_png = SegmentationSet(tiny_manifest, [image_id], lambda i, shape: read_label_png(small, space, shape=shape),
+                               TINY)
+    with pytest.raises(BadInputError, match=rf"{small.name}: label map is {h // 2}x{w} \(HxW\) but its image is "
+                                            rf"{h}x{w}"):
+        from_png[0, 0]
+    unchecked = SegmentationSet(tiny_manifest, [image_id], lambda i, shape: np.zeros((h // 2, w), np.uint8), TINY)
+    with pytest.raises(ValueError, match=rf"label of image '{image_id}' is \({h // 2}, {w}\)"):
+        unchecked[0, 0]
+    _, label = SegmentationSet(tiny_manifest, [image_id], _gt(tiny_manifest), TINY)[0, 0]
+    assert label.shape == (TINY.crop_size, TINY.crop_size)
 
 
 def test_trains_logs_and_resumes_exactly_after_a_kill(tiny_manifest, tmp_path, one_thread):
