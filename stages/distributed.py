@@ -8,7 +8,6 @@ same interpreter (``sys.executable``), with its output streamed to a log file.
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import subprocess
@@ -121,21 +120,19 @@ def barrier() -> None:
 
 
 def teardown() -> None:
-    """Leave the process group, stopping its backend threads."""
     if is_distributed():
-        # A DistributedDataParallel wrapper caught in a reference cycle holds the group, so without a collection
-        # destroy_process_group would only unregister it and gloo's worker threads would outlive it.
-        gc.collect()
         dist.destroy_process_group()
 
 
 def exit_rank(status: int = 0) -> NoReturn:
     """End a torchrun rank now, without interpreter finalisation.
 
-    Once the main thread starts finalising, a gloo worker thread that still drops the last reference to a
-    tensor asks for the GIL, is made to exit instead, and that exit inside a C++ destructor is std::terminate:
-    SIGABRT, and torchrun fails a run whose every file is already in place (seen in CI and in about one run of
-    twenty on a loaded 2-core machine). Call this only after :func:`teardown` and the final barrier.
+    The gloo group's worker threads can outlive :func:`teardown` (a core dump of the failure shows them still
+    running). Once the main thread starts finalising, such a thread that drops the last reference to a tensor
+    asks for the GIL, is made to exit instead, and that exit inside a C++ destructor is std::terminate: SIGABRT,
+    and torchrun fails a run whose every file is already in place (seen in CI, and in 2 of 23 runs of the
+    two-process test on a loaded 2-core machine; none in 60 since). Call this only after :func:`teardown` and
+    the final barrier.
     """
     sys.stdout.flush()
     sys.stderr.flush()
