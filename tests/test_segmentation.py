@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from data.io import BadInputError, read_label_png, write_label_png
+from data.labelspace import voc_palette
 from models.deeplab import MultiScaleInputs, create_segmenter
 from models.resnet import create_backbone
 from stages.config import EvalSegmentationConfig, TrainSegmentationConfig, validate
@@ -149,9 +151,6 @@ def _gt(manifest):
 def test_a_label_of_the_wrong_size_names_its_png(tiny_manifest, tmp_path):
     """The dataset hands each label source its image's size, so a source reading PNGs names the bad file;
     a source that ignores the size is still caught, by image id."""
-    from data.io import BadInputError, read_label_png, write_label_png
-    from data.labelspace import voc_palette
-
     image_id = tiny_manifest.splits["train"][0]
     h, w = tiny_manifest.layout.read_image(image_id).shape[:2]
     small = tmp_path / f"{image_id}.png"
