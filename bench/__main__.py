@@ -49,7 +49,7 @@ from data.dense import DenseMapReader, DenseMapWriter  # noqa: E402
 from data.synthetic import PROFILES, Profile, render_sample, write_dataset  # noqa: E402
 from models.cam import CAMNet  # noqa: E402
 from models.resnet import create_backbone  # noqa: E402
-from stages.make_cam import multiscale_cam  # noqa: E402
+from stages.cam.infer import multiscale_cam  # noqa: E402
 
 
 def timed(fn, repeat: int = 1) -> float:

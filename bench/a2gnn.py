@@ -1,4 +1,4 @@
-"""A2GNN propagation (stages/a2gnn.py): our window attention against the reference's dense N x N matrices.
+"""A2GNN propagation (stages/propagation/a2gnn.py): our window attention against the reference's dense N x N matrices.
 
 Two images: one of the demo profile's size (112x144, stride-8 grid 14x18 = 252 nodes) and one of VOC's typical
 500x375 (47x63 = 2,961 nodes). Each is a synthetic render (data/synthetic.py) with
@@ -55,7 +55,7 @@ WINDOW_RADIUS = 3
 def make_inputs(name: str, index: int = 0, model: torch.nn.Module | None = None) -> dict:
     """Image ``index``'s render, seeds, CAMs and the a2gnn net's window graph, all deterministic; ``model`` (the
     randomly initialised affinity net every image shares) is built when not given."""
-    from stages.a2gnn import infer_window_graph
+    from stages.propagation.a2gnn import infer_window_graph
 
     height, width, _ = IMAGES[name]
     rng = np.random.default_rng(SEED if index == 0 else [SEED, index])
@@ -102,7 +102,7 @@ def dense_attention(h: torch.Tensor, beta: float, adjacency: torch.Tensor, mask:
 def use_dense_reference() -> None:
     """Swap the window attention and walk for the reference's dense N x N versions (this process only)."""
     import models.a2gnn
-    import stages.a2gnn
+    import stages.propagation.a2gnn
 
     cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -124,12 +124,12 @@ def use_dense_reference() -> None:
         return vectors @ transition
 
     models.a2gnn.window_attention = graph_attention
-    stages.a2gnn.window_random_walk = dense_walk
+    stages.propagation.a2gnn.window_random_walk = dense_walk
 
 
 def run_variant(name: str, mode: str, out_dir: Path) -> dict:
     """Inside a fresh process: one propagate_a2gnn call, timed, with its peak memory."""
-    from stages import a2gnn
+    from stages.propagation import a2gnn
 
     # One thread: on a shared, oversubscribed CPU, OpenMP spin-waits turn the window mode's many small kernels
     # into seconds per epoch (measured 3.4 s against 15 ms with 2 threads on a loaded 2-core box).
@@ -187,7 +187,7 @@ BATCH_IMAGES = 16
 
 def run_batch_variant(batch_images: int, count: int, out_dir: Path) -> dict:
     """Inside a fresh process: ``count`` demo images, per image (``batch_images`` = 1) or in batches, timed."""
-    from stages import a2gnn
+    from stages.propagation import a2gnn
 
     torch.set_num_threads(1)   # as run_variant: one thread is the fast setting on a shared CPU
     height, width, _ = IMAGES["demo"]

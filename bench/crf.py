@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from data.synthetic import PROFILES, render_sample  # noqa: E402
-from stages.crf import CRF_PRESETS, dense_crf  # noqa: E402
+from stages.refine.crf import CRF_PRESETS, dense_crf  # noqa: E402
 
 BENCH_PRESETS = ("deeplab_test", "psa_seeds")
 

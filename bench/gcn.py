@@ -1,4 +1,4 @@
-"""WSGCN-I propagation (stages/gcn.py): the dense T^t adjacency against the scalable top-k one.
+"""WSGCN-I propagation (stages/propagation/gcn.py): the dense T^t adjacency against the scalable top-k one.
 
 Two images: one of the demo profile's size (112x144, stride-4 grid 28x36 = 1,008 nodes, t = 16 as luigi.cfg
 sets for the demo) and one of VOC's typical 500x375 (94x125 = 11,750 nodes, the reference's t = 256). Each is
@@ -53,7 +53,7 @@ def make_inputs(name: str) -> dict:
 
     from models.affinity import IRNet
     from models.resnet import create_backbone
-    from stages.affinity import infer_boundary_features
+    from stages.affinity.train import infer_boundary_features
 
     height, width, _ = IMAGES[name]
     rng = np.random.default_rng(SEED)
@@ -76,7 +76,7 @@ def make_inputs(name: str) -> dict:
 
 def run_variant(name: str, mode: str, out_dir: Path) -> dict:
     """Inside a fresh process: one propagate_gcn call, timed by phase, with its peak memory."""
-    from stages import gcn
+    from stages.propagation import gcn
 
     torch.set_num_threads(os.cpu_count() or 1)
     inputs = make_inputs(name)

@@ -1,4 +1,4 @@
-"""DSRG growing and DGCN graph-cut label updates (stages/seed_growing.py, stages/graphcut.py) against
+"""DSRG growing and DGCN graph-cut label updates (stages/seed_net/growing.py, stages/seed_net/graphcut.py) against
 straightforward baselines written like the reference code, on the CPU.
 
 Baselines:
@@ -49,8 +49,9 @@ sys.path.insert(0, str(REPO))
 
 from bench.maps import smooth_cam_stack  # noqa: E402
 from bench.measure import PeakMemory, in_fresh_process  # noqa: E402
-from stages.graphcut import DGCNConfig, class_cut, graphcut_labels, knn_edges, knn_rows  # noqa: E402
-from stages.seed_growing import IGNORE, DSRGConfig, grow_seeds  # noqa: E402
+from data.labelspace import IGNORE_INDEX  # noqa: E402
+from stages.seed_net.graphcut import DGCNConfig, class_cut, graphcut_labels, knn_edges, knn_rows  # noqa: E402
+from stages.seed_net.growing import DSRGConfig, grow_seeds  # noqa: E402
 
 NUM_CLASSES = 21
 PRESENT_FG = (5, 12)
@@ -81,7 +82,7 @@ def grow_seeds_baseline(refined: np.ndarray, seeds: np.ndarray, present: np.ndar
         _, h, w = refined[b].shape
         region = np.full((h, w), -1, np.int64)
         for (y, x), s in np.ndenumerate(seeds[b]):
-            if s != IGNORE:
+            if s != IGNORE_INDEX:
                 region[y, x] = s
         for y in range(h):
             for x in range(w):
@@ -95,7 +96,7 @@ def grow_seeds_baseline(refined: np.ndarray, seeds: np.ndarray, present: np.ndar
             seen = set(queue)
             while queue:
                 y, x = queue.popleft()
-                if seeds[b, y, x] == IGNORE:
+                if seeds[b, y, x] == IGNORE_INDEX:
                     out[b, y, x] = c
                 for dy, dx in offsets:
                     ny, nx = y + dy, x + dx
@@ -126,7 +127,7 @@ def class_cut_baseline(prob_c: np.ndarray, markers: np.ndarray, c: int, neighbou
     for i in range(n):
         if markers[i] == c:
             graph.add_tedge(nodes[i], 0, cfg.seed_capacity)
-        elif markers[i] == IGNORE:
+        elif markers[i] == IGNORE_INDEX:
             graph.add_tedge(nodes[i], -math.log10(p[i]), -math.log10(1.0 - p[i]))
         else:
             graph.add_tedge(nodes[i], cfg.seed_capacity, 0)
@@ -151,7 +152,7 @@ def graphcut_labels_baseline(probs: np.ndarray, seeds: np.ndarray, present: np.n
         segment, flow = class_cut_baseline(p[c], markers, c, neighbours, cfg)
         cuts[c] = (segment, flow)
         for i in range(h * w):
-            if markers[i] == IGNORE and p[c, i] > cfg.update_threshold and segment[i] and p[c, i] > best_p[i]:
+            if markers[i] == IGNORE_INDEX and p[c, i] > cfg.update_threshold and segment[i] and p[c, i] > best_p[i]:
                 labels[i], best_p[i] = c, p[c, i]
     return labels.reshape(h, w), cuts
 
@@ -181,7 +182,7 @@ def make_case(h: int, w: int, batch: int, dim: int, seed: int = 0) -> dict:
         core = np.zeros((h, w), bool)
         for c in np.unique(gt):
             core |= ndimage.binary_erosion(gt == c, iterations=max(1, min(h, w) // 10))
-        seeds.append(np.where(core & (rng.random((h, w)) < 0.5), gt, IGNORE))
+        seeds.append(np.where(core & (rng.random((h, w)) < 0.5), gt, IGNORE_INDEX))
         smooth = np.stack([ndimage.gaussian_filter(rng.normal(size=(h, w)), 2.0) for _ in range(dim)])
         features.append(mix[gt_index].transpose(2, 0, 1) + smooth + 0.3 * rng.normal(size=(dim, h, w)))
     return {"probs": np.stack(probs), "refined": np.stack(refined), "seeds": np.stack(seeds).astype(np.int64),
@@ -260,7 +261,7 @@ def measure(stage: str, variant: str, grid: str, out_dir: Path) -> dict:
                           for i in range(batch)]
                 cuts = [{int(c): class_cut(case["probs"][i, c].reshape(-1), case["seeds"][i].reshape(-1) == c,
                                            (case["seeds"][i].reshape(-1) != c) & (case["seeds"][i].reshape(-1)
-                                                                                  != IGNORE), edges[i], cfg)
+                                                                                  != IGNORE_INDEX), edges[i], cfg)
                          for c in np.flatnonzero(case["present"][i])} for i in range(batch)]
                 return labels, cuts
             # the timed call is the label update alone; the per-class cuts are recomputed for the comparison

@@ -18,10 +18,10 @@ import torch
 from data.synthetic import PROFILES, render_sample
 from models.affinity import AffinityNet, IRNet
 from models.resnet import create_backbone
-from stages.affinity import infer_affinity_input
+from stages.affinity.train import infer_affinity_input
 from stages.config import ExtractSeedsConfig, PropagateConfig
-from stages.propagate import PROPAGATION_METHODS
-from stages.seeds import SEED_METHODS
+from stages.propagation.propagate import PROPAGATION_METHODS
+from stages.seeds.rules import SEED_METHODS
 
 
 def _cams(rng: np.random.Generator, sample, k_max: int = 3) -> tuple[np.ndarray, list[int]]:

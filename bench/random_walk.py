@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.maps import smooth_cam_stack  # noqa: E402
 from bench.measure import PeakMemory, in_fresh_process  # noqa: E402
-from stages.random_walk import propagate_irn  # noqa: E402
+from stages.propagation.random_walk import propagate_irn  # noqa: E402
 
 # name -> (height, width, walk steps)
 IMAGES = {"demo": (112, 144, 16), "voc": (375, 500, 256)}

@@ -43,7 +43,9 @@ import json, sys, time
 import luigi, luigi.scheduler, luigi.worker
 from data.io import write_json
 from data.synthetic import PROFILES
-from pipeline.tasks import PROVENANCE, FullWSSS, PrepareDataset, ShardedStage, stage_graph
+from data.artifacts import PROVENANCE  # noqa: E402
+from pipeline.framework import ShardedStage  # noqa: E402
+from pipeline.tasks import FullWSSS, PrepareDataset, stage_graph
 
 mode = sys.argv[1]
 profile = PROFILES["large"]

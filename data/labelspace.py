@@ -45,6 +45,8 @@ class LabelSpace:
     ignore_index: int = IGNORE_INDEX
 
     def __post_init__(self) -> None:
+        if self.ignore_index != IGNORE_INDEX:
+            raise ValueError(f"ignore_index = {self.ignore_index}; only {IGNORE_INDEX} is supported")
         if len(self.names) < 2:
             raise ValueError("a label space needs background plus at least one class")
         if len(self.names) > self.ignore_index:
@@ -88,11 +90,14 @@ class LabelSpace:
             raise ValueError(f"{source}: label space needs a 'names' list (background first)")
         if spec.get("background_index", BACKGROUND_INDEX) != BACKGROUND_INDEX:
             raise ValueError(f"{source}: background must be class 0")
+        if int(spec.get("ignore_index", IGNORE_INDEX)) != IGNORE_INDEX:
+            # Every stage writes and reads ignore as 255 (palette PNGs, seeds, losses): one value, checked here.
+            raise ValueError(f"{source}: ignore_index = {spec['ignore_index']}; only {IGNORE_INDEX} is supported "
+                             "(label PNGs mark ignored pixels with it)")
         palette = spec.get("palette")
         return cls(
             names=tuple(str(n) for n in spec["names"]),
             palette=voc_palette() if palette is None else np.asarray(palette, dtype=np.uint8),
-            ignore_index=int(spec.get("ignore_index", IGNORE_INDEX)),
         )
 
     @classmethod

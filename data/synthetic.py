@@ -293,7 +293,7 @@ class Sample:
 
 def render_sample(seed: int, split: str, index: int, profile: Profile) -> Sample:
     """Draw one image and all its annotations; deterministic in (seed, split, index)."""
-    # Pretraining renders (stages.pretrain) draw from seed spaces of their own, apart from any dataset split.
+    # Pretraining renders (stages.pretrain.train) draw from seed spaces of their own, apart from any dataset split.
     split_code = {"train": 0, "val": 1, "pretrain": 3, "pretrain-eval": 4}.get(split, 2)
     rng = np.random.default_rng([seed, split_code, index])
     h, w = profile.height, profile.width

@@ -78,6 +78,27 @@ def window_distance(features: Tensor, radius: int) -> Tensor:
     return torch.stack([(features - shifted).abs().mean(1) for shifted in window_shifts(features, radius)], 1)
 
 
+def block_centres(x: Tensor, grid: tuple[int, int], stride: int) -> Tensor:
+    """Nearest-neighbour samples of (..., H, W) at the block centres of the stride-``stride`` grid."""
+    height, width = x.shape[-2:]
+    rows = torch.clamp(torch.arange(grid[0], device=x.device) * stride + stride // 2, max=height - 1)
+    cols = torch.clamp(torch.arange(grid[1], device=x.device) * stride + stride // 2, max=width - 1)
+    return x[..., rows[:, None], cols[None, :]]
+
+
+def rgbxy_kernel(rgb: Tensor, radius: int, sigma_rgb: float, sigma_xy: float) -> Tensor:
+    """K_ij = exp(-|(rgb_i - rgb_j) / sigma_rgb|^2 / 2 - |(xy_i - xy_j) / sigma_xy|^2 / 2) over the window of
+    (B, 3, h, w) colours (xy in grid cells) -> (B, D, h, w); 0 at the centre and for neighbours off the grid."""
+    h, w = rgb.shape[-2:]
+    scaled = rgb / sigma_rgb
+    colour = torch.stack([((scaled - shifted) ** 2).sum(1) for shifted in window_shifts(scaled, radius)], 1)
+    offsets = torch.tensor(window_offsets(radius), dtype=rgb.dtype, device=rgb.device)
+    position = ((offsets ** 2).sum(1) / sigma_xy ** 2).reshape(1, -1, 1, 1)
+    kernel = torch.exp(-0.5 * (colour + position)) * window_valid(h, w, radius, rgb.device)[None]
+    kernel[:, (2 * radius + 1) ** 2 // 2] = 0
+    return kernel
+
+
 @dataclass
 class WindowGraph:
     """One image's graph on an (h, w) grid: for node i and offset k, ``index[i, k]`` is the neighbour's node id
@@ -215,6 +236,8 @@ def window_attention(h: Tensor, beta: Tensor, graph: WindowGraph, affinity_weigh
 class A2GNNAffinityNet(AffinityNet):
     """AffinityNet's head scored over a dense square window of radius ``window_radius`` (A2GNN's
     ``resnet38_aff_gated``), with the RGB-XY gated penalty's settings carried for the training loss."""
+
+    window_graph = True   # scored over a window, not pairs: its training and inference live in stages.affinity.a2gnn
 
     def __init__(self, backbone: nn.Module, window_radius: int = 3, gated_weight: float = 3.0,
                  gated_sigma_rgb: float = 0.1, gated_sigma_xy: float = 6.0, freeze_backbone: bool = False,

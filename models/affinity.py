@@ -1,6 +1,6 @@
 """Inter-pixel relation networks: PSA's AffinityNet and IRN's IRNet.
 
-Both score the pixel pairs of a half disc (``stages.pairs``) on a low-resolution grid. AffinityNet learns a
+Both score the pixel pairs of a half disc (``models.pairs``) on a low-resolution grid. AffinityNet learns a
 feature map f and scores a pair by exp(-mean_c |f_i - f_j|); IRNet learns a class-boundary map B and scores
 a pair by 1 - max B along the line between the two pixels. A pair is indexed by its offset (dy, dx) and its
 source pixel; sources are restricted to the window whose every partner lies inside the grid, as in the
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.norm import batchnorm_eval
-from stages.pairs import half_disc_offsets, line_path
+from models.pairs import half_disc_offsets, line_path
 
 # ----------------------------------------------------------------------------------------- pair geometry
 

@@ -11,8 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+from data.artifacts import PARTS_SUFFIX, PROVENANCE, RESUME_SUFFIX
 from data.io import is_temporary, read_json, remove_path
-from pipeline.tasks import PARTS_SUFFIX, PROVENANCE, RESUME_SUFFIX, STAGES, downstream_of, runtime, stage_graph
+from pipeline.settings import runtime
+from pipeline.tasks import STAGES, downstream_of, stage_graph
 
 TMP_MIN_AGE_S = 3600  # younger temporary paths may belong to a run in progress
 

@@ -1,9 +1,14 @@
 """Cache keys: a Merkle hash of a stage's significant parameters, its code and its inputs' keys.
 
-The code part covers the modules a stage names and everything they import from the project's library
-packages (``stages``, ``models``, ``data``), found by reading import statements (nothing is imported).
-Each module counts by its AST with docstrings removed, so comments, blank lines and formatting never
-invalidate a cache, while any change to what the code does does.
+The code part covers the modules a stage runs for its configuration (``StageTask.code_roots``: the step's entry
+module and the chosen method's module) and everything they import from the project's library packages
+(``stages``, ``models``, ``data``), found by reading import statements (nothing is imported), with the packages
+that contain them. Steps pick methods from lazy registries (models.registry.LazyRegistry), so a method that is
+not chosen is not imported and not hashed. Each module counts by its AST with docstrings removed, so comments,
+blank lines and formatting never invalidate a cache, while any change to what the code does does.
+
+The knob list (``VALUE_MODULES``) is left out: its values enter every key as parameters, so a changed default or
+a new knob changes exactly the keys of the stages that have it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LIBRARY_PACKAGES = ("stages", "models", "data")
+VALUE_MODULES = frozenset({"stages.config"})
 KEY_LENGTH = 16
 
 
@@ -58,7 +64,11 @@ def _parsed(path: Path) -> tuple[str, tuple[str, ...]]:
                 mod = node.module or ""
             imports.add(mod)
             imports.update(f"{mod}.{alias.name}" for alias in node.names)  # "from pkg import module"
-    project = tuple(sorted(m for m in imports if m.split(".")[0] in LIBRARY_PACKAGES and module_path(m)))
+    # A module's packages run before it: "stages.seeds.rules" brings "stages.seeds" and "stages".
+    imports |= {name.rsplit(".", depth)[0] for name in list(imports) for depth in range(1, name.count(".") + 1)}
+    imports |= {package} if package else set()
+    project = tuple(sorted(m for m in imports if m.split(".")[0] in LIBRARY_PACKAGES and m not in VALUE_MODULES
+                           and m != name and module_path(m)))
     normalised = ast.dump(_strip_docstrings(tree), annotate_fields=False, include_attributes=False)
     return hashlib.sha256(normalised.encode()).hexdigest(), project
 

@@ -33,7 +33,7 @@ from data.io import log_tail
 from pipeline.hashing import PROJECT_ROOT
 
 if TYPE_CHECKING:
-    from pipeline.tasks import ShardTask, StageTask
+    from pipeline.framework import ShardTask, StageTask
 
 logger = logging.getLogger("luigi-interface")
 CLUSTERS = ("auto", "slurm", "local", "debug")
@@ -102,7 +102,7 @@ def stage_of(task: StageTask | ShardTask) -> StageTask:
 def config_snapshot(task: StageTask | ShardTask) -> ConfigSnapshot:
     """Every section of the current Luigi configuration, with the resolved parameters of the task's stage,
     of every stage upstream of it and of ``[wsss]`` written in (they may have come from the command line)."""
-    from pipeline.tasks import wsss
+    from pipeline.settings import wsss
 
     parser = luigi.configuration.get_config()
     snapshot: ConfigSnapshot = {section: dict(parser.items(section)) for section in parser.sections()}
@@ -156,7 +156,7 @@ class StageJob:
     out_dir: str
 
     def __call__(self) -> dict:
-        from pipeline.tasks import runtime
+        from pipeline.settings import runtime
         from stages.runtime import configure_threads
 
         started = time.time()
@@ -184,7 +184,7 @@ class JobFailedError(RuntimeError):
 def make_executor(cfg: SubmititConfig, task: StageTask | ShardTask):
     import submitit as submitit_lib
 
-    from pipeline.tasks import runtime
+    from pipeline.settings import runtime
 
     rt = runtime()
     family = task.get_task_family()

@@ -10,6 +10,13 @@ and ``configs/voc.cfg`` sets it.
 
 Operational settings that do not change results (work directory, device, worker counts) live in
 :class:`RuntimeConfig` and never enter a key.
+
+This module is a leaf: it imports nothing from the project, and :func:`validate` checks values only. Names that
+must match a registry (backbones, methods, CRF presets) are checked by the pipeline, once per task
+(``pipeline.checks``). Because the knobs enter a key by value, this module's code is not part of any key
+(``pipeline.hashing.VALUE_MODULES``): adding a knob to one stage changes that stage's key through its parameters
+and leaves every other key alone. A method's own knobs carry its name as a prefix (``gcn_*``, ``a2gnn_*``), and
+only the chosen method's enter the key.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ class RuntimeConfig:
     gpu_lock_dir: str = ""        # per-host lock files (pipeline.devices); "" = <tmp>/wsss-gpu-locks-<user>
     gpu_wait_s: float = 3600.0    # how long a task waits for free devices before failing
     submit_stages: str = ""       # task families run as submitit jobs, e.g. TrainCAM,MakeCAMShard ([submitit])
-    crf_backend: str = "auto"     # dense CRF: pydensecrf | torch | auto (torch on CUDA, else pydensecrf); stages.crf
+    crf_backend: str = "auto"     # dense CRF: pydensecrf | torch | auto (torch on CUDA, else pydensecrf)
     cut_processes: int = 1        # TrainSeedNet graphcut: worker processes for the per-image s-t cuts
 
 
@@ -53,35 +60,7 @@ class DatasetConfig:
     on_bad_input: str = "error"               # error | quarantine (skip and list bad images in the report)
 
 
-# Which trained net each propagation method reads: the affinity net it needs (TrainAffinity.affinity_method), or
-# a segmentation net trained from the seeds while they regrow (TrainSeedNet.method = the propagation's name).
-REQUIRED_AFFINITY = {"rw_irn": "irnet", "rw_psa": "affinitynet", "gcn": "irnet", "a2gnn": "a2gnn"}
-SEED_NET_PROPAGATIONS = ("graphcut", "dsrg")
-SUPERVISIONS = ("image", "point", "scribble", "box")   # ExtractSeeds.supervision (stages.supervision)
-
-
-
-def variant_overrides(spec: str) -> dict[str, dict[str, object]]:
-    """A compared method (``Report.compare``), ``propagation[/supervision]``, as per-stage parameter overrides:
-    the propagation, the affinity net it needs, and the seeds' supervision (A2GNN's wider window for box and
-    scribble seeds)."""
-    propagation, _, supervision = spec.partition("/")
-    known = (*REQUIRED_AFFINITY, *SEED_NET_PROPAGATIONS)
-    if propagation not in known:
-        raise ValueError(f"Report.compare entry {spec!r}: unknown propagation {propagation!r}; "
-                         f"available: {', '.join(known)}")
-    overrides: dict[str, dict[str, object]] = {"Propagate": {"propagation": propagation}}
-    if propagation in REQUIRED_AFFINITY:
-        overrides["TrainAffinity"] = {"affinity_method": REQUIRED_AFFINITY[propagation]}
-    else:
-        overrides["TrainSeedNet"] = {"method": propagation}
-    if supervision:
-        if supervision not in SUPERVISIONS:
-            raise ValueError(f"Report.compare entry {spec!r}: supervision must be one of {', '.join(SUPERVISIONS)}")
-        overrides["ExtractSeeds"] = {"supervision": supervision}
-        if propagation == "a2gnn" and supervision in ("box", "scribble"):
-            overrides["TrainAffinity"]["window_radius"] = 4  # A2GNN: radius 4 for box and scribble seeds
-    return overrides
+SUPERVISIONS = ("image", "point", "scribble", "box")   # ExtractSeeds.supervision (stages.seeds.supervision)
 
 
 # ``pretrained`` takes a weights path, or this value for the PretrainBackbone stage's synthetic weights.
@@ -112,7 +91,7 @@ class PretrainBackboneConfig:
 class TrainCAMConfig:
     """``[TrainCAM]``: the classification network whose CAMs seed everything."""
 
-    cam_method: str = "cam"                   # registry: stages.cam.CAM_METHODS
+    cam_method: str = "cam"                   # registry: stages.cam.methods.CAM_METHODS (cam | seam)
     backbone: str = "resnet_mini"             # IRN: resnet50
     pretrained: str = ""                      # ImageNet weights (.pth, torchvision layout) | synthetic
     strides: tuple[int, ...] = (1, 2, 1, 1)   # per ResNet stage; IRN: (1, 2, 2, 1), output stride 16
@@ -159,7 +138,7 @@ class EvalCAMConfig:
 class ExtractSeedsConfig:
     """``[ExtractSeeds]``: confident seeds (fg / bg / 255 = ignore) from full-resolution CAMs."""
 
-    seed_method: str = "irn"                  # registry: stages.seeds.SEED_METHODS (irn | psa | a2gnn)
+    seed_method: str = "irn"                  # registry: stages.seeds.rules.SEED_METHODS (irn | psa | a2gnn)
     # irn: constant background planes, each followed by the label CRF
     fg_threshold: float = 0.30                # IRN conf_fg_thres
     bg_threshold: float = 0.05                # IRN conf_bg_thres
@@ -175,7 +154,7 @@ class ExtractSeedsConfig:
     crf_confidence: float = 0.8
     crf_gaussian: tuple[float, float] = (3.0, 3.0)                       # sxy, compat
     crf_iterations: int = 10
-    # Extra supervision merged into the CAM seeds (stages.supervision; A2GNN's SEAM_{Point,Scribble,Box}):
+    # Extra supervision merged into the CAM seeds (stages.seeds.supervision; A2GNN's SEAM_{Point,Scribble,Box}):
     # image (CAM seeds as they are) | point | scribble | box
     supervision: str = "image"
     superpixels: int = 300                    # SLIC segments per image (point superpixel stamps, scribble growth)
@@ -198,7 +177,7 @@ class ExtractSeedsConfig:
 class TrainAffinityConfig:
     """``[TrainAffinity]``: the inter-pixel relation network trained on the seeds."""
 
-    affinity_method: str = "irnet"            # registry: stages.affinity.AFFINITY_METHODS (irnet | affinitynet)
+    affinity_method: str = "irnet"            # registry: stages.affinity.AFFINITY_METHODS (irnet | affinitynet | a2gnn)
     backbone: str = "resnet_mini"             # IRN: resnet50; PSA/SEAM: resnet38
     pretrained: str = ""                      # ImageNet weights (.pth); IRN/PSA start from these | synthetic
     init_from_cam: bool = True                # no ImageNet weights: start from the CAM net's backbone
@@ -217,7 +196,7 @@ class TrainAffinityConfig:
     crop_size: int = 112                      # IRN 512, PSA/SEAM 448
     color_jitter: float = 0.0                 # PSA/SEAM 0.3
     displacement: bool = False                # IRNet's displacement branch (instances only)
-    # a2gnn (A2GNN's affinity CNN, stages/a2gnn.py): a dense square window replaces the half disc of `radius`.
+    # a2gnn (A2GNN's affinity CNN, stages/affinity/a2gnn.py): a dense square window replaces the half disc of `radius`.
     window_radius: int = 3                    # A2GNN: 3 (image, point seeds), 4 (box, scribble seeds)
     gated_weight: float = 3.0                 # A2GNN: 3 x the RGB-XY gated feature-distance penalty
     gated_sigma_rgb: float = 0.1              # A2GNN: 0.1 on the ImageNet-normalised image
@@ -229,7 +208,7 @@ class TrainAffinityConfig:
 class PropagateConfig:
     """``[Propagate]``: random walk from the CAMs over the learned affinities, then pseudo labels."""
 
-    propagation: str = "rw_irn"               # registry: stages.propagate.PROPAGATION_METHODS (rw_irn | rw_psa | gcn)
+    propagation: str = "rw_irn"               # registry: stages.propagation.PROPAGATION_METHODS
     beta: float = 10.0                        # affinity power: IRN 10, PSA/SEAM 8
     steps: int = 256                          # t: IRN/PSA 256, SEAM 64
     radius: int = 5                           # inference pair radius (both)
@@ -238,7 +217,7 @@ class PropagateConfig:
     empty_seeds: str = "cam"                  # image whose seeds are all ignore: cam (CAM label) | propagate
     cam_bg_threshold: float = 0.15            # background threshold of that CAM label
     shard_size: int = 256
-    # gcn (WSGCN-I, stages/gcn.py), WSGCN's values; beta and radius above build its walk.
+    # gcn (WSGCN-I, stages/propagation/gcn.py), WSGCN's values; beta and radius above build its walk.
     gcn_walk_steps: int = 256                 # t of T^t. WSGCN 256 (VOC grids); the demo grid wants fewer, as for
     #                                           `steps` (luigi.cfg explains 16 there)
     gcn_adjacency: str = "dense"              # dense: T^t N x N (the reference) | topk: k largest per column of T^t
@@ -261,7 +240,8 @@ class PropagateConfig:
     gcn_entropy_weight: float = 10.0          # x entropy on unlabelled nodes
     gcn_smooth_weight: float = 0.01           # x tr(Z^T L Z) / N on the log-probabilities
     gcn_seed: int = 42                        # per-image seed = hash(gcn_seed, image id); WSGCN seeds once with 42
-    # a2gnn (A2GNN, stages/a2gnn.py): the reference's values; 0 = the reference value for the image's supervision.
+    # a2gnn (A2GNN, stages/propagation/a2gnn.py): the reference's values; 0 = the reference value for the image's
+    # supervision.
     a2gnn_hidden: int = 256                   # A2GNN: 256 hidden units
     a2gnn_layers: int = 3                     # A2GNN: 3 affinity-attention layers
     a2gnn_dropout: float = 0.5                # A2GNN: 0.5 on the embedding
@@ -282,22 +262,9 @@ class PropagateConfig:
     a2gnn_rw_alpha: float = 6.0               # A2GNN: background (1 - max CAM)^6
     # A2GNN ends with a dense CRF (a2gnn_final); in the pipeline RefineCRF applies it (its default preset), so that
     # the report shows the labels before and after it. A preset name here applies it inside the method too.
-    a2gnn_crf_preset: str = ""                # stages.crf.CRF_PRESETS name; "" = none (RefineCRF does it)
+    a2gnn_crf_preset: str = ""                # stages.refine.crf.CRF_PRESETS name; "" = none (RefineCRF does it)
     a2gnn_seed: int = 42                      # per-image seed = hash(a2gnn_seed, image id); A2GNN does not seed
     a2gnn_batch_images: int = 16              # images trained together in one process; results do not depend on it
-
-    def key_params(self) -> dict:
-        """The knobs that make this stage's output (its cache key and provenance): all but the ``gcn_*`` and
-        ``a2gnn_*`` ones when another method runs, so that tuning one method never recomputes another's labels."""
-        params = dataclasses.asdict(self)
-        for method in PROPAGATION_KNOB_PREFIXES:
-            if method != self.propagation:
-                params = {k: v for k, v in params.items() if not k.startswith(f"{method}_")}
-        return params
-
-
-# Propagation methods whose own knobs carry their name as a prefix (PropagateConfig.key_params).
-PROPAGATION_KNOB_PREFIXES = ("gcn", "a2gnn")
 
 
 @dataclass(frozen=True)
@@ -309,9 +276,9 @@ class EvalPseudoLabelsConfig:
 
 @dataclass(frozen=True)
 class RefineCRFConfig:
-    """``[RefineCRF]``: dense CRF on the propagated class scores (stages.crf presets)."""
+    """``[RefineCRF]``: dense CRF on the propagated class scores (stages.refine.crf presets)."""
 
-    preset: str = "a2gnn_final"               # registry: stages.crf.CRF_PRESETS
+    preset: str = "a2gnn_final"               # registry: stages.refine.crf.CRF_PRESETS
     shard_size: int = 256
 
 
@@ -358,7 +325,7 @@ class EvalSegmentationConfig:
 @dataclass(frozen=True)
 class TrainSeedNetConfig:
     """``[TrainSeedNet]``: a segmentation net trained from the seeds while its supervision is regrown every
-    iteration (stages.seed_training): DGCN (``graphcut``, hustvl/DGCN) or DSRG (``dsrg``, speedinghzl/DSRG).
+    iteration (stages.seed_net.train): DGCN (``graphcut``, hustvl/DGCN) or DSRG (``dsrg``, speedinghzl/DSRG).
     Its multi-scale predictions on the training images become the pseudo labels.
 
     The references' values are in the comments; the defaults size it for the demo.
@@ -506,46 +473,8 @@ def validate(cfg: object) -> None:
     if isinstance(cfg, ReportConfig):
         if cfg.gallery_images < 0:
             raise ValueError("Report.gallery_images must be >= 0")
-        for spec in cfg.compare:
-            variant_overrides(spec)  # raises, naming the entry
         if len(set(cfg.compare)) != len(cfg.compare):
             raise ValueError(f"Report.compare lists a method twice: {list(cfg.compare)}")
-    _check_registered(cfg)
-
-
-def _check_registered(cfg: object) -> None:
-    """Method names must name a registered implementation (imported lazily: registries pull in torch)."""
-    if isinstance(cfg, PretrainBackboneConfig):
-        from models.resnet import BACKBONES
-        BACKBONES.get(cfg.backbone, key="PretrainBackbone.backbone")
-    elif isinstance(cfg, TrainCAMConfig):
-        from stages.cam_methods import CAM_METHODS
-        CAM_METHODS.get(cfg.cam_method, key="TrainCAM.cam_method")
-    elif isinstance(cfg, ExtractSeedsConfig):
-        from stages.seeds import validate_seed_config
-        from stages.supervision import validate_supervision_config
-        validate_seed_config(cfg)
-        validate_supervision_config(cfg)
-    elif isinstance(cfg, TrainAffinityConfig):
-        from stages.affinity import AFFINITY_METHODS
-        AFFINITY_METHODS.get(cfg.affinity_method, key="TrainAffinity.affinity_method")
-    elif isinstance(cfg, PropagateConfig):
-        from stages.propagate import validate_propagation
-        validate_propagation(cfg)
-    elif isinstance(cfg, RefineCRFConfig):
-        from stages.crf import CRF_PRESETS
-        CRF_PRESETS.get(cfg.preset, key="RefineCRF.preset")
-    elif isinstance(cfg, EvalSegmentationConfig):
-        from stages.crf import CRF_PRESETS
-        CRF_PRESETS.get(cfg.crf_preset, key="EvalSegmentation.crf_preset")
-    elif isinstance(cfg, TrainSegmentationConfig):
-        from models.deeplab import SEGMENTERS
-        from models.resnet import BACKBONES
-        SEGMENTERS.get(cfg.model, key="TrainSegmentation.model")
-        BACKBONES.get(cfg.backbone, key="TrainSegmentation.backbone")
-    elif isinstance(cfg, TrainSeedNetConfig):
-        from stages.seed_training import validate_seed_net
-        validate_seed_net(cfg)
 
 
 def all_knobs() -> dict[str, dict[str, object]]:

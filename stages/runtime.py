@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import random
 
@@ -46,3 +47,12 @@ def versions() -> dict[str, str]:
     except (ImportError, AttributeError):
         pass
     return facts
+
+
+def image_seed(seed: int, image_id: str) -> int:
+    """A 63-bit seed from the configured seed and the image id (stable across runs, processes and hosts)."""
+    digest = hashlib.sha256(f"{int(seed)}\0{image_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+# ---------------------------------------------------------------------------------------------- training

@@ -27,7 +27,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
 def tiny_manifest(tiny_dataset, tmp_path_factory):
     """The tiny dataset's manifest, read as a VOC-layout dataset."""
     from stages.config import DatasetConfig
-    from stages.dataset import prepare_dataset
+    from stages.dataset.prepare import prepare_dataset
     cfg = DatasetConfig(kind="voc", root=str(tiny_dataset), label_space=str(tiny_dataset / "labelspace.json"),
                         val_list="ImageSets/Segmentation/val.txt")
     return prepare_dataset(cfg, tmp_path_factory.mktemp("manifest"), log=lambda *_: None)

@@ -1,4 +1,4 @@
-"""A2GNN (stages/a2gnn.py, models/a2gnn.py): window maths against dense references, losses, the per-image
+"""A2GNN (stages/propagation/a2gnn.py, models/a2gnn.py): window maths against dense references, losses, the per-image
 propagation on planted layouts, and the a2gnn affinity net through train_affinity."""
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import stages.a2gnn
-import stages.propagate
+import stages.propagation.a2gnn
+import stages.propagation.propagate
 from bench.a2gnn import dense_attention
+from data.artifacts import label_file
 from data.dense import DenseMapReader, DenseMapWriter
 from data.io import read_label_png, write_label_png
 from data.manifest import Manifest
@@ -24,6 +25,7 @@ from models.a2gnn import (
     A2GNNAffinityNet,
     A2GNNBatch,
     WindowGraph,
+    rgbxy_kernel,
     window_attention,
     window_distance,
     window_dot,
@@ -32,34 +34,29 @@ from models.a2gnn import (
     window_valid,
 )
 from models.resnet import create_backbone
-from stages.a2gnn import (
+from stages.affinity.a2gnn import affinity_loss, gated_penalty, window_pair_masks
+from stages.affinity.train import (
+    affinity_net_inputs,
+    infer_affinity_input,
+    load_affinity_model,
+    pair_losses,
+    train_affinity,
+)
+from stages.config import PropagateConfig, TrainAffinityConfig
+from stages.metrics import with_background
+from stages.propagation import PROPAGATION_METHODS
+from stages.propagation.a2gnn import (
     GridBox,
-    affinity_loss,
     gated_crf_loss,
-    gated_penalty,
     grid_boxes,
     multi_point_loss,
     propagate_a2gnn,
     propagate_a2gnn_many,
     resolve_schedule,
-    rgbxy_kernel,
     seed_channels,
-    window_pair_masks,
     window_random_walk,
 )
-from stages.affinity import infer_affinity_input, load_affinity_model, pair_losses, train_affinity
-from stages.config import PropagateConfig, TrainAffinityConfig
-from stages.evaluate import with_background
-from stages.extract_seeds import label_file
-from stages.propagate import (
-    BATCHED_METHODS,
-    IMAGE_INPUT_METHODS,
-    PROPAGATION_METHODS,
-    REQUIRED_AFFINITY,
-    affinity_net_inputs,
-    propagate_images,
-    validate_propagation,
-)
+from stages.propagation.propagate import propagate_images, validate_propagation
 
 CPU = torch.device("cpu")
 
@@ -281,8 +278,8 @@ def test_grid_boxes_whole_image_and_foreign_classes():
 
 
 def test_registration_and_schedules():
-    assert "a2gnn" in PROPAGATION_METHODS and REQUIRED_AFFINITY["a2gnn"] == "a2gnn"
-    assert "a2gnn" in IMAGE_INPUT_METHODS
+    method = PROPAGATION_METHODS.get("a2gnn")
+    assert method.affinity_method == "a2gnn" and method.inputs.image and method.run_batch is not None
     cfg = PropagateConfig(propagation="a2gnn")
     validate_propagation(cfg, "a2gnn")
     with pytest.raises(ValueError, match="affinity_method"):
@@ -347,7 +344,7 @@ def run_method(cfg: PropagateConfig, inputs: dict, **extra) -> tuple[np.ndarray,
     affinity = {k: v for k, v in inputs.items() if k not in ("high_res", "truth")}
     affinity.update(num_labels=np.asarray(21), **extra)
     cams = {"cam": inputs["high_res"][:, ::4, ::4], "high_res": inputs["high_res"]}
-    return PROPAGATION_METHODS.get("a2gnn")(cfg, cams, affinity, inputs["truth"].shape, CPU)
+    return PROPAGATION_METHODS.get("a2gnn").run(cfg, cams, affinity, inputs["truth"].shape, CPU)
 
 
 def test_propagation_recovers_a_planted_layout_from_sparse_seeds():
@@ -471,13 +468,13 @@ def test_many_images_train_together_and_match_the_per_image_path(monkeypatch):
              method_arguments(planted_inputs(40, 56, seed=4), "box", np.array([[3, 0, 0, 55, 39]]))]
     cfg = dataclasses.replace(FAST, a2gnn_crf_preset="")
     batch_sizes = []
-    train_batch = stages.a2gnn.train_a2gnn_batch
+    train_batch = stages.propagation.a2gnn.train_a2gnn_batch
 
     def counted(features, *args, **kwargs):
         batch_sizes.append(features.shape[0])
         return train_batch(features, *args, **kwargs)
 
-    monkeypatch.setattr(stages.a2gnn, "train_a2gnn_batch", counted)
+    monkeypatch.setattr(stages.propagation.a2gnn, "train_a2gnn_batch", counted)
     together = propagate_a2gnn_many(cfg, items, CPU)
     assert sorted(batch_sizes) == [2, 2]                    # (48x64, image) and (40x56, box); the empty one: none
     alone = [propagate_a2gnn(cfg, **item, device=CPU) for item in items]
@@ -520,7 +517,7 @@ def test_propagate_images_batch_size_does_not_change_the_labels(tiny_manifest, t
         path.parent.mkdir(parents=True, exist_ok=True)
         write_label_png(path, seeds, space.palette)
     cfg = PropagateConfig(propagation="a2gnn", a2gnn_hidden=32, a2gnn_seed_epochs=5, a2gnn_gcrf_epochs=5)
-    inputs = affinity_net_inputs(_tiny_affinity_net(radius=2).eval(), CPU, "a2gnn")   # untrained: fine here
+    inputs = affinity_net_inputs(_tiny_affinity_net(radius=2).eval(), CPU)   # untrained: fine here
 
     def run(name: str, batch_images: int) -> tuple[list[np.ndarray], dict[str, np.ndarray], list[str]]:
         out = tmp_path / name
@@ -533,12 +530,14 @@ def test_propagate_images_batch_size_does_not_change_the_labels(tiny_manifest, t
         return labels, {i: reader.read(i, ["probs"])[0]["probs"] for i in ids}, reader.ids()
 
     calls = []
-    many = BATCHED_METHODS["a2gnn"]
-    monkeypatch.setitem(BATCHED_METHODS, "a2gnn", lambda c, batch, d: calls.append(len(batch)) or many(c, batch, d))
+    method = stages.propagation.a2gnn.METHOD
+    many = method.run_batch
+    monkeypatch.setattr(stages.propagation.a2gnn, "METHOD", dataclasses.replace(
+        method, run_batch=lambda c, batch, d: calls.append(len(batch)) or many(c, batch, d)))
     one_labels, one_probs, one_order = run("one", 1)
     four_labels, four_probs, four_order = run("four", 4)
     assert calls == [1, 1, 1, 1, 3, 1]                      # batch 4: the fallback image takes a slot
-    monkeypatch.delitem(BATCHED_METHODS, "a2gnn")
+    monkeypatch.setattr(stages.propagation.a2gnn, "METHOD", dataclasses.replace(method, run_batch=None, batch_knob=""))
     ref_labels, ref_probs, ref_order = run("reference", 4)  # the per-image method
     assert one_order == four_order == ref_order == list(ids)
     for labels, probs in ((one_labels, one_probs), (four_labels, four_probs)):

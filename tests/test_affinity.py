@@ -13,8 +13,9 @@ import torch
 from data.manifest import Manifest
 from models.affinity import AffinityNet, IRNet, boundary_affinity, feature_affinity, source_window
 from models.cam import CAMNet
+from models.pairs import half_disc_offsets, line_path
 from models.resnet import create_backbone
-from stages.affinity import (
+from stages.affinity.train import (
     EPS,
     AffinitySet,
     affinitynet_loss,
@@ -31,7 +32,6 @@ from stages.affinity import (
     train_affinity,
 )
 from stages.config import TrainAffinityConfig
-from stages.pairs import half_disc_offsets, line_path
 
 CPU = torch.device("cpu")
 
@@ -360,7 +360,7 @@ def test_radius_too_large_for_the_crop_is_named(tiny_manifest, tmp_path):
 
 @pytest.mark.cuda
 def test_cuda_matches_cpu():
-    from stages.affinity import training_loss
+    from stages.affinity.train import training_loss
     torch.manual_seed(0)
     model = IRNet(create_backbone("resnet_mini"), displacement=True)
     images, labels = torch.randn(2, 3, 64, 64), torch.randint(0, 3, (2, 16, 16))

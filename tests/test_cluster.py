@@ -162,7 +162,7 @@ def without_timings(metrics: object) -> object:
 
 def assert_same_outputs(reference: Path, other: Path) -> None:
     """Same keys, bit-identical dense maps, identical label PNGs and metric values in every stage."""
-    from pipeline.tasks import shard_store
+    from pipeline.framework import shard_store
 
     pairs = [(name, a, b) for name in STAGES for a, b in zip(stage_dirs(reference, name), stage_dirs(other, name))]
     for stage, ref_dir, other_dir in pairs:

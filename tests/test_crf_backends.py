@@ -1,4 +1,5 @@
-"""The torch dense-CRF backend (stages.permutohedral + stages.crf) against exact filtering and pydensecrf."""
+"""The torch dense-CRF backend (stages.refine.permutohedral, stages.refine.crf) against exact filtering and
+pydensecrf."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import pytest
 import torch
 
 from data.synthetic import PROFILES, render_sample
-from stages import crf as crf_module
-from stages.crf import (
+from stages.refine import crf as crf_module
+from stages.refine.crf import (
     BACKENDS,
     CRF_PRESETS,
     CRFPreset,
@@ -19,7 +20,7 @@ from stages.crf import (
     resolve_backend,
     set_default_backend,
 )
-from stages.permutohedral import PermutohedralLattice
+from stages.refine.permutohedral import PermutohedralLattice
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ import pytest
 from data.io import BadInputError
 from data.voc import VOCLayout, read_id_list
 from stages.config import DatasetConfig
-from stages.dataset import prepare_dataset
+from stages.dataset.prepare import prepare_dataset
 
 
 @pytest.fixture

@@ -14,11 +14,11 @@ import torch
 from conftest import run_luigi
 
 from data.manifest import Manifest
-from stages import distributed
-from stages import train_cam as train_cam_module
+from stages.cam import train as train_cam_module
+from stages.cam.train import GlobalBatchSampler, check_divisible, parse_progress, read_config, train_cam, write_config
 from stages.config import DatasetConfig, TrainCAMConfig
-from stages.dataset import prepare_dataset
-from stages.train_cam import GlobalBatchSampler, check_divisible, parse_progress, read_config, train_cam, write_config
+from stages.dataset.prepare import prepare_dataset
+from stages.training import distributed
 
 # The brief's tiny recipe: resnet_mini from random weights, 64 px crops, global batch 8 (= 3 steps per epoch
 # on the 24 training images of the `tiny` profile).
@@ -139,7 +139,7 @@ def run_two_processes(cfg: TrainCAMConfig, manifest_dir: Path, work: Path) -> tu
     from data.io import read_json
     write_config(cfg, work / "cfg.json")
     progress: list[tuple[float, str]] = []
-    distributed.launch_torchrun(2, "stages.train_cam",
+    distributed.launch_torchrun(2, "stages.cam.train",
                                 ["--config", work / "cfg.json", "--manifest", manifest_dir,
                                  "--out", work / "two", "--metrics", work / "metrics.json", "--device", "cpu",
                                  "--loader-workers", 0, "--threads", 1],
@@ -191,7 +191,8 @@ def test_luigi_trains_the_cam_net_with_two_processes(luigi_config, tmp_path):
     statistics feeding back through the weights; on this recipe it measures 0.06% after epoch 1 and 0.7%
     after epoch 2. Tolerances of 0.5% (epoch 1) and 2% (any epoch) leave about 3-8x margin; a shuffled batch
     order moves epoch 1 by ~2%, beyond the first bound."""
-    from pipeline.tasks import PROVENANCE, TrainCAM
+    from data.artifacts import PROVENANCE
+    from pipeline.tasks import TrainCAM
     luigi_config("TrainCAM", "pretrained", "")
     assert TrainCAM().config == TINY_CAM
     key_one = TrainCAM().key

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stages.evaluate import ThresholdSweep, cam_prediction, confusion, scores
+from stages.metrics import ThresholdSweep, cam_prediction, confusion, scores
 
 
 def test_confusion_ignores_gt_255_and_handles_pred_255():

@@ -1,4 +1,4 @@
-"""WSGCN-I propagation (stages/gcn.py): partial-label rules, adjacency, batched per-image GCN training."""
+"""WSGCN-I propagation (stages/propagation/gcn.py): partial-label rules, adjacency, batched per-image GCN training."""
 
 from __future__ import annotations
 
@@ -9,23 +9,24 @@ import numpy as np
 import pytest
 import torch
 
-import stages.gcn as gcn_module
+import stages.propagation.gcn as gcn_module
+from data.labelspace import IGNORE_INDEX
 from stages.config import PropagateConfig
-from stages.gcn import (
-    IGNORE,
+from stages.propagation import PROPAGATION_METHODS
+from stages.propagation.gcn import (
     GCNGraph,
     GCNTraining,
     dense_walk_power,
     gcn_adjacency,
-    image_seed,
     partial_labels,
     propagate_gcn,
     smoothness_edges,
     topk_walk_power,
     train_gcns,
 )
-from stages.propagate import PROPAGATION_METHODS, REQUIRED_AFFINITY, validate_propagation
-from stages.random_walk import boundary_affinities, transition_matrix
+from stages.propagation.propagate import validate_propagation
+from stages.propagation.random_walk import boundary_affinities, transition_matrix
+from stages.runtime import image_seed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,14 +40,14 @@ CFG = PropagateConfig(propagation="gcn")
 # only 0.97..1.0 are confident CAM pixels.
 ROWS = [
     (1.00, (0.05, 0.95), (0.05, 0.95), 1),        # every rule holds
-    (0.99, (0.10, 0.90), (0.85, 0.15), IGNORE),   # ha says background, but S = [0.85, 0.90] votes class: vote fails
-    (0.98, (0.30, 0.70), (0.30, 0.70), IGNORE),   # CRF confidence 0.7 < 0.8
+    (0.99, (0.10, 0.90), (0.85, 0.15), IGNORE_INDEX),   # ha says background, S = [0.85, 0.90] votes class: vote fails
+    (0.98, (0.30, 0.70), (0.30, 0.70), IGNORE_INDEX),   # CRF confidence 0.7 < 0.8
     (0.97, (0.05, 0.95), (0.05, 0.95), 1),
-    (0.96, (0.05, 0.95), (0.05, 0.95), IGNORE),   # not in the top 30% of the class's CAM
-    *[(c, (0.05, 0.95), (0.05, 0.95), IGNORE) for c in (0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.12)],
+    (0.96, (0.05, 0.95), (0.05, 0.95), IGNORE_INDEX),   # not in the top 30% of the class's CAM
+    *[(c, (0.05, 0.95), (0.05, 0.95), IGNORE_INDEX) for c in (0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.12)],
     (0.00, (0.90, 0.10), (0.95, 0.05), 0),        # confident background
-    (0.05, (0.90, 0.10), (0.95, 0.05), IGNORE),   # background argmax, but (1 - 0.05)^32 = 0.19 <= 0.8
-    (0.00, (0.90, 0.10), (0.70, 0.30), IGNORE),   # CRF confidence 0.7 < 0.8
+    (0.05, (0.90, 0.10), (0.95, 0.05), IGNORE_INDEX),   # background argmax, but (1 - 0.05)^32 = 0.19 <= 0.8
+    (0.00, (0.90, 0.10), (0.70, 0.30), IGNORE_INDEX),   # CRF confidence 0.7 < 0.8
 ]
 
 
@@ -82,7 +83,7 @@ def test_cam_floor_changes_the_percentile_cut(monkeypatch):
     fake_crf(monkeypatch, la, ha)
     # Only 9 values above 0.3: cut floor(0.7 * 9) = 6 -> sorted[6] = 0.98, so 0.97 is no longer confident.
     label = partial_labels(rgb, cam, dataclasses.replace(CFG, gcn_cam_floor=0.3))
-    assert label[0, 3] == IGNORE and label[0, 0] == 1
+    assert label[0, 3] == IGNORE_INDEX and label[0, 0] == 1
 
 
 def test_background_needs_the_la_crf_to_keep_background_somewhere(monkeypatch):
@@ -90,7 +91,7 @@ def test_background_needs_the_la_crf_to_keep_background_somewhere(monkeypatch):
     la[0, :, 14:], la[1, :, 14:] = 0.1, 0.9  # the la CRF says "class" everywhere: no background plane left
     fake_crf(monkeypatch, la, ha)
     label = partial_labels(rgb, cam, CFG)
-    assert label[0, 14] == IGNORE, "confident background requires background in the la argmax"
+    assert label[0, 14] == IGNORE_INDEX, "confident background requires background in the la argmax"
     assert label[0, 0] == 1
 
 
@@ -99,7 +100,7 @@ def test_class_without_cam_above_floor_gets_no_label(monkeypatch):
     cam, la, ha, rgb = row_inputs(rows)
     fake_crf(monkeypatch, la, ha)
     label = partial_labels(rgb, cam, CFG)
-    assert label[0].tolist() == [IGNORE] * 4 + [0]
+    assert label[0].tolist() == [IGNORE_INDEX] * 4 + [0]
 
 
 def test_partial_labels_with_the_real_crf_on_a_clear_cam():
@@ -111,8 +112,8 @@ def test_partial_labels_with_the_real_crf_on_a_clear_cam():
     cam[0] = np.clip(1 - np.hypot(yy - 7.5, xx - 9.5) / 6, 0, 1)
     label = partial_labels(rgb, cam, CFG)
     assert label[7, 9] == 1 and label[0, 0] == 0
-    assert set(np.unique(label)) <= {0, 1, IGNORE}
-    assert (label == IGNORE).any(), "the uncertain ring stays unlabelled"
+    assert set(np.unique(label)) <= {0, 1, IGNORE_INDEX}
+    assert (label == IGNORE_INDEX).any(), "the uncertain ring stays unlabelled"
 
 
 # ------------------------------------------------------------------------------------------------ graph
@@ -208,7 +209,7 @@ def toy_graph(seed: int, nodes_per_cluster: int = 12, classes: int = 2, dense: b
             adjacency[a, b] = adjacency[b, a] = 0.5
     adjacency /= adjacency.sum(1, keepdims=True)
     adj = torch.tensor(adjacency, dtype=torch.float32)
-    labels = torch.full((n,), IGNORE, dtype=torch.long)
+    labels = torch.full((n,), IGNORE_INDEX, dtype=torch.long)
     labels[[0, 1]] = 0
     labels[[nodes_per_cluster, nodes_per_cluster + 1]] = classes - 1
     src = torch.arange(n - 1)
@@ -252,7 +253,7 @@ def test_training_is_deterministic_and_seeded():
 
 def test_train_gcns_rejects_a_graph_without_labels():
     graph = toy_graph(5)
-    graph.labels[:] = IGNORE
+    graph.labels[:] = IGNORE_INDEX
     with pytest.raises(ValueError, match="toy 5: no labelled node"):
         train_gcns([graph], FAST, device="cpu")
 
@@ -268,7 +269,7 @@ def tiny_image():
     from data.synthetic import PROFILES, render_sample
     from models.affinity import IRNet
     from models.resnet import create_backbone
-    from stages.affinity import infer_affinity_input
+    from stages.affinity.train import infer_affinity_input
 
     sample = render_sample(0, "train", 0, PROFILES["tiny"])
     rgb = sample.image
@@ -295,13 +296,14 @@ def test_boundary_features_sum_to_the_boundary_logit(tiny_image):
 
 @pytest.mark.parametrize("mode", ["dense", "topk"])
 def test_registered_method_runs_end_to_end(tiny_image, mode):
-    assert REQUIRED_AFFINITY["gcn"] == "irnet"
+    assert PROPAGATION_METHODS.get("gcn").affinity_method == "irnet"
     cfg = dataclasses.replace(CFG, gcn_adjacency=mode, gcn_topk=32, gcn_walk_steps=16)
     rgb = tiny_image["rgb"]
     size = rgb.shape[:2]
     inputs = {**tiny_image["affinity"], "rgb": rgb, "image_id": np.asarray("tiny_0"), "num_labels": np.asarray(11)}
-    probs, index = PROPAGATION_METHODS.get("gcn")(cfg, {"cam": tiny_image["cam"], "high_res": tiny_image["high_res"]},
-                                                  inputs, size, torch.device("cpu"))
+    run = PROPAGATION_METHODS.get("gcn").run
+    probs, index = run(cfg, {"cam": tiny_image["cam"], "high_res": tiny_image["high_res"]},
+                       inputs, size, torch.device("cpu"))
     k = tiny_image["cam"].shape[0]
     assert probs.shape == (k + 1, *size) and probs.dtype == np.float32
     assert index.shape == size and index.dtype == np.uint8
@@ -312,7 +314,7 @@ def test_registered_method_runs_end_to_end(tiny_image, mode):
 
 def test_method_without_image_inputs_names_them(tiny_image):
     with pytest.raises(ValueError, match="boundary_features.*image_id.*rgb"):
-        PROPAGATION_METHODS.get("gcn")(CFG, {"cam": tiny_image["cam"], "high_res": tiny_image["high_res"]},
+        PROPAGATION_METHODS.get("gcn").run(CFG, {"cam": tiny_image["cam"], "high_res": tiny_image["high_res"]},
                                        {"boundary": tiny_image["affinity"]["boundary"]}, (64, 80), "cpu")
 
 
@@ -329,7 +331,8 @@ def test_one_class_image_and_no_class_image(tiny_image):
 
 
 def test_empty_partial_labels_fall_back_to_the_cam_label(tiny_image, monkeypatch):
-    monkeypatch.setattr(gcn_module, "partial_labels", lambda rgb, cam, cfg: np.full(cam.shape[1:], IGNORE, np.uint8))
+    monkeypatch.setattr(gcn_module, "partial_labels",
+                        lambda rgb, cam, cfg: np.full(cam.shape[1:], IGNORE_INDEX, np.uint8))
     rgb, affinity = tiny_image["rgb"], tiny_image["affinity"]
     probs, index = propagate_gcn(CFG, tiny_image["cam"], tiny_image["high_res"], affinity["boundary"],
                                  affinity["boundary_features"], rgb, "empty", rgb.shape[:2])
@@ -366,7 +369,8 @@ def test_full_pipeline_with_gcn_propagation(luigi_config):
     import luigi
     from conftest import run_luigi
 
-    from pipeline.tasks import EvalPseudoLabels, FullWSSS, PrepareDataset, Propagate, shard_store
+    from pipeline.framework import shard_store
+    from pipeline.tasks import EvalPseudoLabels, FullWSSS, PrepareDataset, Propagate
     luigi_config("Propagate", "propagation", "gcn")
     luigi_config("Propagate", "gcn_walk_steps", 16)
     result = run_luigi(FullWSSS())

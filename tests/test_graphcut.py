@@ -1,4 +1,4 @@
-"""DGCN graph-cut label update (stages/graphcut.py): kNN graph, per-class cuts, merge rules, parallel map."""
+"""DGCN graph-cut label update (stages/seed_net/graphcut.py): kNN graph, per-class cuts, merge rules, parallel map."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-import stages.seed_growing as seed_growing
+import stages.seed_net.growing as seed_growing
 from bench.graph_labels import class_cut_baseline, graphcut_labels_baseline, knn_matrix_baseline, make_case
-from stages.graphcut import (
+from data.labelspace import IGNORE_INDEX
+from stages.seed_net.graphcut import (
     DGCNConfig,
     balanced_seed_loss,
     class_cut,
@@ -19,10 +20,9 @@ from stages.graphcut import (
     knn_edges,
     update_labels,
 )
-from stages.seed_growing import IGNORE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-_ = IGNORE
+_ = IGNORE_INDEX
 C = 4
 
 

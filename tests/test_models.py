@@ -8,7 +8,7 @@ import torch
 
 from models.cam import CAMNet
 from models.resnet import BACKBONES, create_backbone
-from stages.make_cam import multiscale_cam
+from stages.cam.infer import multiscale_cam
 
 # Key names and shapes of torchvision's resnet50 (checked against torchvision 0.2x): a sample.
 TORCHVISION_R50 = {
@@ -59,7 +59,7 @@ def test_irn_cam_recipe_freezing_and_output_stride():
     assert net.backbone.layer3[0].conv1.weight.grad is not None
     _, head = net.param_groups()
     assert head["lr_mult"] == 10 and len(head["params"]) == 1
-    from stages.optim import make_optimizer
+    from stages.training.optim import make_optimizer
     opt = make_optimizer(net.param_groups(), lr=0.1)
     assert [g["lr"] for g in opt.param_groups] == [0.1, 1.0]
     assert all(p.requires_grad for g in opt.param_groups for p in g["params"]), "frozen stages stay out"

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import REPO, copy_repo, luigi_cmd, run_cli, run_luigi
 
+from pipeline.framework import shard_store
 from pipeline.tasks import (
     EvalCAM,
     EvalPseudoLabels,
@@ -25,7 +26,6 @@ from pipeline.tasks import (
     TrainAffinity,
     TrainCAM,
     TrainSegmentation,
-    shard_store,
     stage_graph,
 )
 
@@ -52,7 +52,7 @@ def test_full_chain_runs_and_is_cached(luigi_config, tmp_path):
     assert (ev.stage_dir / "curve.png").stat().st_size > 1000
     prov = json.loads((ev.stage_dir / "provenance.json").read_text())
     assert prov["inputs"]["cams"]["key"] == MakeCAM().key
-    assert "stages.eval_cam" in prov["code"] and prov["versions"]["torch"]
+    assert "stages.cam.evaluate" in prov["code"] and prov["versions"]["torch"]
     assert json.loads((TrainCAM().stage_dir / "provenance.json").read_text())["seed"] == 0
     # Every image of train+eval has a CAM with only its GT classes, max-normalised.
     cams = read_all_cams(MakeCAM().stage_dir)
@@ -255,7 +255,7 @@ def test_rerun_nothing_comment_edit_nothing_code_edit_reruns_downstream(tmp_path
 
 KILLER = """
 import os, signal
-import stages.make_cam as mc
+import stages.cam.infer as mc
 original = mc.make_cams
 def dying(model, manifest, ids, writer, *a, **k):
     if ids[0] == manifest.splits["train"][{kill_at}]:

@@ -11,7 +11,7 @@ import torch
 from data import synthetic
 from models.resnet import create_backbone
 from stages.config import PretrainBackboneConfig
-from stages.pretrain import WEIGHTS, SyntheticObjects, pretrain_backbone
+from stages.pretrain.train import WEIGHTS, SyntheticObjects, pretrain_backbone
 
 
 def test_stream_is_deterministic_single_object_and_apart_from_the_dataset():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages.pairs import half_disc_offsets, line_path
-from stages.random_walk import (
+from models.pairs import half_disc_offsets, line_path
+from stages.propagation.random_walk import (
     boundary_affinities,
     feature_affinities,
     propagate_irn,

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from data.labelspace import voc_palette
-from stages.report import ReportInputs, gallery_rows, write_report
+from stages.report.html import ReportInputs, gallery_rows, write_report
 
 NAMES = ["background", "a<b", "cat", "dog & co"]
 SECTION_TITLES = ["Headline results", "Per-class IoU", "CAM threshold curve", "Training curves", "Gallery",

@@ -17,7 +17,7 @@ from models.seam import (
     seam_loss,
     top_fraction_mean,
 )
-from stages.make_cam import multiscale_cam
+from stages.cam.infer import multiscale_cam
 
 # Keys and shapes of the converted ImageNet file ilsvrc-cls_rna-a1_cls1000_ep-0001.pth (a sample).
 RESNET38_KEYS = {
@@ -166,7 +166,7 @@ def test_seam_param_groups_follow_psa_convention():
 def test_seam_training_step_runs_and_is_finite():
     torch.manual_seed(0)
     net = SEAMNet(create_backbone("resnet38_mini"), 4, freeze_bn=False, frozen_stages=0).train()
-    from stages.optim import make_optimizer
+    from stages.training.optim import make_optimizer
     opt = make_optimizer(net.param_groups(), lr=0.01, weight_decay=5e-4)
     images, labels = torch.randn(2, 3, 64, 64), torch.tensor([[1.0, 0, 1, 0], [0, 0, 0, 1]])
     before = net.pcm.f9.weight.detach().clone()
@@ -179,7 +179,7 @@ def test_seam_training_step_runs_and_is_finite():
 
 
 def test_seam_on_a_resnet_uses_its_last_three_stages_and_refuses_freezing():
-    from stages.cam_methods import build_seam
+    from stages.cam.methods import build_seam
     from stages.config import TrainCAMConfig
 
     net = build_seam(TrainCAMConfig(cam_method="seam", backbone="resnet_mini"), 4).eval()
@@ -221,11 +221,11 @@ def test_train_cam_with_seam_logs_loss_parts_and_make_cams(tmp_path):
     import csv
 
     from data.dense import DenseMapReader, DenseMapWriter
-    from stages.cam_methods import load_cam_model
+    from stages.cam.infer import make_cams
+    from stages.cam.methods import load_cam_model
+    from stages.cam.train import train_cam
     from stages.config import DatasetConfig, TrainCAMConfig
-    from stages.dataset import prepare_dataset
-    from stages.make_cam import make_cams
-    from stages.train_cam import train_cam
+    from stages.dataset.prepare import prepare_dataset
 
     manifest = prepare_dataset(DatasetConfig(profile="tiny"), tmp_path / "data", log=lambda m: None)
     cfg = TrainCAMConfig(cam_method="seam", backbone="resnet38_mini", num_epochs=1, batch_size=8,

@@ -1,4 +1,4 @@
-"""DSRG seeded region growing, the CRF refinement and the SEC/DSRG losses (stages/seed_growing.py)."""
+"""DSRG seeded region growing, the CRF refinement and the SEC/DSRG losses (stages/seed_net/growing.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from bench.graph_labels import grow_seeds_baseline, make_case
-from stages.seed_growing import (
-    IGNORE,
+from data.labelspace import IGNORE_INDEX
+from stages.seed_net.growing import (
     CRFRefineConfig,
     DSRGConfig,
     balanced_seed_loss,
@@ -42,7 +42,7 @@ def grow(refined, seeds, present, **kw) -> np.ndarray:
     return grow_seeds(refined, seeds, present, DSRGConfig(**kw)).numpy()
 
 
-_ = IGNORE
+_ = IGNORE_INDEX
 
 
 def test_foreground_threshold_and_connectivity_stop_growth():

@@ -11,10 +11,11 @@ import torch
 from scipy import ndimage
 
 from models.deeplab import create_segmenter
-from stages.config import TrainSeedNetConfig, all_knobs, validate
-from stages.graphcut import DGCNConfig
-from stages.seed_growing import DSRGConfig
-from stages.seed_training import (
+from pipeline.checks import validate_config as validate
+from stages.config import TrainSeedNetConfig, all_knobs
+from stages.seed_net.graphcut import DGCNConfig
+from stages.seed_net.growing import DSRGConfig
+from stages.seed_net.train import (
     label_update_config,
     load_seed_net,
     lr_factor,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from stages.config import ExtractSeedsConfig
-from stages.crf import dense_crf, label_crf, label_unary
-from stages.seeds import SEED_METHODS, SeedQuality, extract_seeds, validate_seed_config
+from stages.refine.crf import dense_crf, label_crf, label_unary
+from stages.seeds.rules import SEED_METHODS, SeedQuality, extract_seeds, validate_seed_config
 
 H, W = 40, 50
 

@@ -12,9 +12,10 @@ from data.io import BadInputError, read_label_png, write_label_png
 from data.labelspace import voc_palette
 from models.deeplab import MultiScaleInputs, create_segmenter
 from models.resnet import create_backbone
-from stages.config import EvalSegmentationConfig, TrainSegmentationConfig, validate
-from stages.evaluate import segmentation_scores
-from stages.segmentation import (
+from pipeline.checks import validate_config as validate
+from stages.config import EvalSegmentationConfig, TrainSegmentationConfig
+from stages.metrics import segmentation_scores
+from stages.segmentation.segmenter import (
     SegmentationSet,
     augment,
     batch_schedule,

@@ -12,8 +12,10 @@ import pytest
 import torch
 from conftest import run_luigi
 
+from pipeline.framework import submitted_families
+from pipeline.settings import runtime
 from pipeline.submit import JobFailedError, submitit_config
-from pipeline.tasks import MakeCAM, MakeCAMShard, PrepareDataset, TrainCAM, runtime, submitted_families
+from pipeline.tasks import MakeCAM, MakeCAMShard, PrepareDataset, TrainCAM
 
 
 def read_shard(part_dir) -> dict[str, dict[str, np.ndarray]]:
@@ -25,7 +27,7 @@ def read_shard(part_dir) -> dict[str, dict[str, np.ndarray]]:
 
 
 def test_submitted_stages_match_in_process_runs(luigi_config, tmp_path):
-    from stages.cam_methods import CHECKPOINT
+    from stages.cam.methods import CHECKPOINT
 
     # In-process reference.
     assert run_luigi(TrainCAM()).status == luigi.LuigiStatusCode.SUCCESS

@@ -10,17 +10,18 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from data.artifacts import label_file
 from data.dense import DenseMapReader, DenseMapWriter
 from data.io import BadInputError, read_label_png, write_label_png
-from data.labelspace import LabelSpace
+from data.labelspace import IGNORE_INDEX, LabelSpace
 from data.synthetic import PROFILES, render_sample
 from data.voc import VOCLayout
-from stages.config import ExtractSeedsConfig, validate
-from stages.extract_seeds import extract_seeds, label_file
-from stages.seeds import SEED_METHODS, SeedQuality
-from stages.supervision import (
+from pipeline.checks import validate_config as validate
+from stages.config import ExtractSeedsConfig
+from stages.seeds.extract import extract_seeds
+from stages.seeds.rules import SEED_METHODS, SeedQuality
+from stages.seeds.supervision import (
     box_seeds,
-    extra_label_file,
     grow_scribbles,
     merge_supervision,
     point_seeds,
@@ -28,8 +29,6 @@ from stages.supervision import (
     slic_superpixels,
     supervision_boxes,
 )
-
-IGNORE = 255
 
 
 def standin_cams(gt: np.ndarray, keys: list[int], rng: np.random.Generator) -> np.ndarray:
@@ -73,19 +72,19 @@ def test_readers_on_tiny_dataset(tiny_dataset):
     for image_id in ids[:8]:
         gt = layout.read_label(image_id)
         h, w = gt.shape
-        present = {int(c) for c in np.unique(gt) if 0 < c < IGNORE}
+        present = {int(c) for c in np.unique(gt) if 0 < c < IGNORE_INDEX}
 
         points = layout.read_points(image_id)
         assert all(0 <= x < w and 0 <= y < h for _, x, y in points)
         assert {label for label, _, _ in points if label} == present  # one click per object
         assert any(label == 0 for label, _, _ in points)               # background clicks too
         for label, x, y in points:
-            assert gt[y, x] in (label, IGNORE)
+            assert gt[y, x] in (label, IGNORE_INDEX)
 
         scribble = layout.read_scribble(image_id)
         assert scribble.shape == (h, w) and scribble.dtype == np.uint8
-        stroked = scribble != IGNORE
-        assert stroked.any() and np.all((gt[stroked] == scribble[stroked]) | (gt[stroked] == IGNORE))
+        stroked = scribble != IGNORE_INDEX
+        assert stroked.any() and np.all((gt[stroked] == scribble[stroked]) | (gt[stroked] == IGNORE_INDEX))
 
         boxes = layout.read_boxes(image_id)
         assert boxes.dtype == np.int64 and boxes.shape[1] == 5
@@ -170,7 +169,7 @@ def test_missing_and_bad_annotation_files_name_the_file(layout_copy):
         with pytest.raises(BadInputError, match="missing") as err:
             read(image_id)
         assert str(path) in str(err.value)
-    bad = np.full((64, 80), IGNORE, np.uint8)
+    bad = np.full((64, 80), IGNORE_INDEX, np.uint8)
     bad[3, 3] = 77  # not a class of the 11-class label space
     write_label_png(layout_copy.scribble_path(image_id), bad, layout_copy.label_space.palette)
     with pytest.raises(BadInputError, match="outside the label space") as err:
@@ -235,30 +234,30 @@ def quadrant_superpixels(h: int = 20, w: int = 20) -> np.ndarray:
 
 
 def test_point_stamps_superpixel_and_annotation_wins():
-    cam_seeds = np.full((20, 20), IGNORE, np.uint8)
+    cam_seeds = np.full((20, 20), IGNORE_INDEX, np.uint8)
     cam_seeds[0:5, 0:5] = 2      # CAM says class 2 where the click says 1: annotation wins
     cam_seeds[12:18, 12:18] = 3  # CAM foreground of a class nobody clicked: kept
     out = point_seeds(cam_seeds, [(1, 3, 3), (0, 15, 2)], "superpixel", superpixels=quadrant_superpixels())
     assert out.dtype == np.uint8 and out.shape == (20, 20)
     assert (out[:10, :10] == 1).all() and (out[:10, 10:] == 0).all()
     assert (out[12:18, 12:18] == 3).all()
-    assert (out[10:, :10] == IGNORE).all()
+    assert (out[10:, :10] == IGNORE_INDEX).all()
 
 
 def test_point_disk_stamp_and_conflicting_clicks():
     cam_seeds = np.zeros((20, 20), np.uint8)
     out = point_seeds(cam_seeds, [(1, 5, 10), (2, 9, 10)], "disk", radius=3)
     assert out[10, 5] == 1 and out[10, 9] == 2     # the clicks themselves stay certain
-    assert out[10, 7] == IGNORE                     # claimed by both disks
+    assert out[10, 7] == IGNORE_INDEX                     # claimed by both disks
     assert out[10, 3] == 1 and out[10, 11] == 2 and out[10, 14] == 0
     assert out[10, 2] == 1 and out[10, 1] == 0      # radius 3
     # two classes in one superpixel: that superpixel goes to ignore, the clicked pixels keep their classes
     out = point_seeds(cam_seeds, [(1, 1, 1), (2, 8, 8)], "superpixel", superpixels=quadrant_superpixels())
     assert out[1, 1] == 1 and out[8, 8] == 2
-    assert (out[:10, :10] == IGNORE).sum() == 98 and (out[10:, 10:] == 0).all()
+    assert (out[:10, :10] == IGNORE_INDEX).sum() == 98 and (out[10:, 10:] == 0).all()
     # a pixel clicked with two classes is ignore
     out = point_seeds(cam_seeds, [(1, 4, 4), (2, 4, 4)], "disk", radius=0)
-    assert out[4, 4] == IGNORE
+    assert out[4, 4] == IGNORE_INDEX
 
 
 @pytest.mark.parametrize("points, kwargs, message", [
@@ -275,22 +274,22 @@ def test_point_seeds_reject_bad_input(points, kwargs, message):
 # -------------------------------------------------------------------------------------------- scribbles
 
 def test_scribble_growth_over_superpixels_with_a_conflict():
-    scribble = np.full((20, 20), IGNORE, np.uint8)
+    scribble = np.full((20, 20), IGNORE_INDEX, np.uint8)
     scribble[2, 1:6] = 4          # top-left: class 4 only
     scribble[15, 12:18] = 0       # bottom-right: background only
     scribble[3, 12:14] = 4        # top-right: class 4 and ...
     scribble[7, 15:17] = 5        # ... class 5: conflict
     grown = grow_scribbles(scribble, quadrant_superpixels())
     assert (grown[:10, :10] == 4).all() and (grown[10:, 10:] == 0).all()
-    assert (grown[10:, :10] == IGNORE).all()                       # untouched
+    assert (grown[10:, :10] == IGNORE_INDEX).all()                       # untouched
     top_right = grown[:10, 10:]
-    assert (top_right[scribble[:10, 10:] == IGNORE] == IGNORE).all()  # conflicting superpixel stays ignore
+    assert (top_right[scribble[:10, 10:] == IGNORE_INDEX] == IGNORE_INDEX).all()  # conflicting superpixel stays ignore
     assert (grown[3, 12:14] == 4).all() and (grown[7, 15:17] == 5).all()  # its strokes keep their labels
 
     cam_seeds = np.full((20, 20), 7, np.uint8)
     affinity, grown2 = scribble_seeds(cam_seeds, scribble, quadrant_superpixels())
     np.testing.assert_array_equal(grown2, grown)
-    stroked = scribble != IGNORE
+    stroked = scribble != IGNORE_INDEX
     assert (affinity[stroked] == scribble[stroked]).all() and (affinity[~stroked] == 7).all()
     with pytest.raises(ValueError, match="differs from the image size"):
         scribble_seeds(cam_seeds, scribble[:10], quadrant_superpixels())
@@ -298,7 +297,7 @@ def test_scribble_growth_over_superpixels_with_a_conflict():
 
 def test_scribble_growth_stays_inside_its_colour_region():
     rgb = blocks_image()
-    scribble = np.full(rgb.shape[:2], IGNORE, np.uint8)
+    scribble = np.full(rgb.shape[:2], IGNORE_INDEX, np.uint8)
     scribble[10:50, 15] = 1   # a vertical stroke in the red band
     scribble[30, 65:85] = 0   # a horizontal one in the blue band
     grown = grow_scribbles(scribble, slic_superpixels(rgb, 40))
@@ -328,7 +327,7 @@ def box_scene(h: int = 60, w: int = 80):
 
 def test_box_outside_is_background_and_inside_follows_cam_and_grabcut():
     rgb, gt, cam, boxes = box_scene()
-    cam_seeds = np.full(gt.shape, IGNORE, np.uint8)
+    cam_seeds = np.full(gt.shape, IGNORE_INDEX, np.uint8)
     cam_seeds[cam.max(0) < 0.3] = 0
     cam_seeds[cam[0] > 0.6] = 1
     cam_seeds[cam[1] > 0.6] = 2
@@ -339,7 +338,7 @@ def test_box_outside_is_background_and_inside_follows_cam_and_grabcut():
     for _, x0, y0, x1, y1 in boxes:
         inside[y0:y1 + 1, x0:x1 + 1] = True
     assert (out[~inside] == 0).all()
-    labelled = out != IGNORE
+    labelled = out != IGNORE_INDEX
     assert (out[labelled] == gt[labelled]).mean() > 0.99
     for c in (1, 2):
         assert ((out == c) & (gt == c)).sum() > 0.5 * (gt == c).sum()
@@ -348,14 +347,14 @@ def test_box_outside_is_background_and_inside_follows_cam_and_grabcut():
     no_ring = box_seeds(rgb, cam_seeds, cam, [1, 2], boxes, ring=0.0)
     corners = inside & (gt == 0) & (cam_seeds == 0)
     assert (no_ring[corners] == 0).mean() > 0.8
-    assert (no_ring[no_ring != IGNORE] == gt[no_ring != IGNORE]).mean() > 0.99
+    assert (no_ring[no_ring != IGNORE_INDEX] == gt[no_ring != IGNORE_INDEX]).mean() > 0.99
     # ring of box 1 (25 px box, 5 % -> 2 px) stays ignore
-    assert (out[13:15, 10:35] == IGNORE).all()
+    assert (out[13:15, 10:35] == IGNORE_INDEX).all()
 
 
 def test_overlapping_boxes_smaller_box_wins():
     rgb, gt, cam, _ = box_scene()
-    cam_seeds = np.full(gt.shape, IGNORE, np.uint8)
+    cam_seeds = np.full(gt.shape, IGNORE_INDEX, np.uint8)
     # a big class-1 box around everything and the tight class-2 box inside it
     boxes = np.array([[1, 5, 5, 75, 55], [2, 48, 30, 71, 51]])
     both = np.stack([np.maximum(cam[0], cam[1]), cam[1]])  # class 1's CAM is high on the square as well
@@ -370,11 +369,11 @@ def test_overlapping_boxes_smaller_box_wins():
 def test_whole_image_box_and_empty_cam_seeds():
     rgb, gt, cam, _ = box_scene()
     h, w = gt.shape
-    empty = np.full(gt.shape, IGNORE, np.uint8)
+    empty = np.full(gt.shape, IGNORE_INDEX, np.uint8)
     out = box_seeds(rgb, empty, cam[:1], [1], np.array([[1, 0, 0, w - 1, h - 1]]), ring=0.0)
     disc = gt == 1
     assert ((out == 1) & disc).sum() > 0.5 * disc.sum()
-    assert (out[out != IGNORE] == np.where(gt == 2, 0, gt)[out != IGNORE]).mean() > 0.97
+    assert (out[out != IGNORE_INDEX] == np.where(gt == 2, 0, gt)[out != IGNORE_INDEX]).mean() > 0.97
     # empty CAM seeds and a CAM that is zero: nothing votes for the class, GrabCut alone only with threshold 0
     zero = np.zeros_like(cam[:1])
     boxes = np.array([[1, 10, 13, 34, 37]])
@@ -390,7 +389,7 @@ def test_cam_foreground_in_a_box_of_another_class_becomes_ignore():
     cam_seeds = np.zeros(gt.shape, np.uint8)
     cam_seeds[40:45, 55:60] = 1  # class 1 seeded inside the class-2 box, where no class-1 box is
     out = box_seeds(rgb, cam_seeds, cam, [1, 2], boxes)
-    assert (out[40:45, 55:60] == IGNORE).all()
+    assert (out[40:45, 55:60] == IGNORE_INDEX).all()
     assert (out[35:50, 62:68] == 2).all()  # the rest of the square: CAM of class 2 and GrabCut agree
     # and with in-box background off, nothing inside the boxes becomes background
     out = box_seeds(rgb, np.zeros(gt.shape, np.uint8), cam, [1, 2], boxes, inside_background=False)
@@ -422,9 +421,11 @@ def test_config_validation_names_the_key():
     for key, value in (("supervision", "clicks"), ("point_stamp", "star"), ("scribble_label", "both")):
         with pytest.raises(ValueError, match=key):
             validate(dataclasses.replace(ExtractSeedsConfig(), **{key: value}))
+    # The supervision knobs are checked where their code runs: with supervision = point | scribble | box.
     for key, value in (("superpixels", 0), ("box_cam_threshold", 2.0), ("box_ring", 0.7), ("point_radius", -1)):
+        validate(dataclasses.replace(ExtractSeedsConfig(), **{key: value}))
         with pytest.raises(ValueError, match=key):
-            validate(dataclasses.replace(ExtractSeedsConfig(), **{key: value}))
+            validate(dataclasses.replace(ExtractSeedsConfig(supervision="box"), **{key: value}))
 
 
 def test_extract_seeds_stage_writes_grown_scribbles_and_the_affinity_map(tiny_manifest, tmp_path):
@@ -434,7 +435,7 @@ def test_extract_seeds_stage_writes_grown_scribbles_and_the_affinity_map(tiny_ma
     with DenseMapWriter(tmp_path / "cams.h5") as writer:
         for image_id in ids:
             gt = layout.read_label(image_id)
-            keys = [int(k) for k in np.unique(gt) if 0 < k < IGNORE]
+            keys = [int(k) for k in np.unique(gt) if 0 < k < IGNORE_INDEX]
             writer.write(image_id, {"high_res": standin_cams(gt, keys, rng)}, {"keys": np.asarray(keys, np.int32)})
     cfg = ExtractSeedsConfig(seed_method="irn", supervision="scribble")
     out = tmp_path / "seeds"
@@ -442,11 +443,11 @@ def test_extract_seeds_stage_writes_grown_scribbles_and_the_affinity_map(tiny_ma
         extract_seeds(cfg, tiny_manifest, ids, DenseMapReader([tmp_path / "cams.h5"]), out, scores)
     for image_id in ids:
         grown = read_label_png(label_file(out, image_id))
-        affinity = read_label_png(extra_label_file(out, "scribble_affinity", image_id))
+        affinity = read_label_png(label_file(out, image_id, folder="scribble_affinity"))
         scribble = layout.read_scribble(image_id)
-        stroked = scribble != IGNORE
+        stroked = scribble != IGNORE_INDEX
         assert (grown[stroked] == scribble[stroked]).all() and (affinity[stroked] == scribble[stroked]).all()
-        assert (grown != IGNORE).sum() > stroked.sum()
+        assert (grown != IGNORE_INDEX).sum() > stroked.sum()
     # an annotation file that is broken stops the stage with its name
     layout_root = tmp_path / "broken"
     shutil.copytree(tiny_manifest.root, layout_root)
@@ -468,7 +469,7 @@ def test_box_seeds_beat_image_level_seeds_on_tiny_dataset(tiny_manifest):
     rng = np.random.default_rng(0)
     for image_id in tiny_manifest.splits["train"]:
         rgb, gt = layout.read_image(image_id), layout.read_label(image_id)
-        keys = [int(k) for k in np.unique(gt) if 0 < k < IGNORE]
+        keys = [int(k) for k in np.unique(gt) if 0 < k < IGNORE_INDEX]
         cam = standin_cams(gt, keys, rng)
         seeds = SEED_METHODS.get("irn")(rgb, cam, keys, cfg).label
         for name, q in quality.items():

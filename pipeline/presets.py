@@ -1,0 +1,171 @@
+"""Presets as deltas on a base: which configuration files the pipeline reads, and in which order.
+
+Why: Luigi reads ``./luigi.cfg`` and then the ``$LUIGI_CONFIG_PATH`` file on top of it. While ``./luigi.cfg``
+held the demo's stage values, every preset run from the repository root silently inherited what it did not set
+(``configs/voc.cfg`` walked T^16 instead of T^256), and the same preset meant other values from another
+directory. So ``luigi.cfg`` now holds only runtime choices (scheduler, ``[retcode]``, ``[wsss]``), and a preset
+names what it builds on::
+
+    [preset]
+    base = demo.cfg
+
+The rules, applied when ``pipeline`` is imported (before Luigi reads any parameter):
+
+* The project's own ``luigi.cfg`` is read first whatever the current directory, so its ``[retcode]`` block
+  (a failed run exits non-zero) is always in force; a ``./luigi.cfg`` that is another file comes after it.
+* Every file is read after its bases (recursively; several bases one per line, in order). Each file is read
+  once, at its first place; later files override earlier ones, as in Luigi.
+* A file that sets a stage section (``[TrainCAM]``, ...) or names a base is a *preset*. When no file read is
+  one (a bare run, or a runtime-only layer such as ``configs/cluster.cfg``), the preset named by
+  ``[preset] default`` (``luigi.cfg``: the demo) is read right after the file naming it.
+* A relative path is looked up next to the file that names it, then, for a copy of a preset written elsewhere
+  (the Slurm template's job file), as the project's ``configs/<file name>``.
+
+``python -m pipeline config --effective`` prints every value in force and the file it came from (:func:`sources`).
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from luigi.configuration import LuigiConfigParser
+
+from stages.config import STAGE_CONFIGS
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_CFG = PROJECT_ROOT / "luigi.cfg"
+PRESETS_DIR = PROJECT_ROOT / "configs"
+SECTION = "preset"
+KEYS = ("base", "default")
+# Luigi's search list (luigi.configuration.cfg_parser); the bare "luigi.cfg" is the current directory's.
+LUIGI_SEARCH_PATH = ("/etc/luigi/client.cfg", "/etc/luigi/luigi.cfg", "client.cfg", "luigi.cfg")
+LOCAL_CFG = "luigi.cfg"
+
+
+class PresetError(RuntimeError):
+    """A configuration file that cannot be resolved; the message names the file."""
+
+
+def read_file(path: Path) -> configparser.ConfigParser:
+    """One file as Luigi parses it (option names case-sensitive), its ``[preset]`` keys checked."""
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # as LuigiConfigParser
+    try:
+        with open(path) as fh:
+            parser.read_file(fh, source=str(path))
+    except (OSError, configparser.Error) as exc:
+        raise PresetError(f"{path}: cannot read this configuration file: {exc}") from exc
+    if parser.has_section(SECTION):
+        unknown = sorted(set(parser.options(SECTION)) - set(KEYS))
+        if unknown:
+            raise PresetError(f"{path}: [{SECTION}] has unknown key(s) {', '.join(unknown)}; "
+                              f"known: {', '.join(KEYS)}")
+    return parser
+
+
+def find(value: str, named_by: Path, key: str = "base") -> Path:
+    """The file a ``[preset]`` entry of ``named_by`` names (see the module docstring for the lookup)."""
+    wanted = Path(value).expanduser()
+    tried = [wanted] if wanted.is_absolute() else [named_by.parent / wanted, PRESETS_DIR / wanted.name]
+    for candidate in tried:
+        if candidate.is_file():
+            return candidate.resolve()
+    raise PresetError(f"{named_by}: [{SECTION}] {key} = {value}: no such file "
+                      f"(looked for {' and '.join(str(p) for p in tried)})")
+
+
+def _entries(path: Path, key: str) -> list[str]:
+    raw = read_file(path).get(SECTION, key, fallback="")
+    return [line.strip() for line in raw.splitlines() if line.strip()]
+
+
+def bases(path: Path) -> list[Path]:
+    """The files ``path`` declares as its bases, in reading order."""
+    return [find(value, path) for value in _entries(path, "base")]
+
+
+def chain(path: Path, _stack: tuple[Path, ...] = ()) -> list[Path]:
+    """``path`` preceded by its bases, recursively, each file once."""
+    path = path.resolve()
+    if path in _stack:
+        loop = " -> ".join(str(p) for p in (*_stack, path))
+        raise PresetError(f"{_stack[-1]}: [{SECTION}] base chain loops: {loop}")
+    files: list[Path] = []
+    for base in bases(path):
+        _extend(files, chain(base, (*_stack, path)))
+    return _extend(files, [path])
+
+
+def is_preset(path: Path) -> bool:
+    """Whether ``path`` sets stage knobs or builds on a base (a layer of runtime settings does neither)."""
+    parser = read_file(path)
+    return bool(_entries(path, "base")) or any(section in STAGE_CONFIGS for section in parser.sections())
+
+
+def _extend(files: list[Path], more: Iterable[Path]) -> list[Path]:
+    files.extend(p for p in more if p not in files)
+    return files
+
+
+def _requested(search_path: Sequence[str], cwd: Path) -> list[Path]:
+    """Luigi's search list with the project's luigi.cfg first and relative paths made absolute."""
+    files: list[Path] = []
+    for entry in search_path:
+        if entry == LOCAL_CFG:
+            files += [PROJECT_CFG, cwd / LOCAL_CFG]
+        else:
+            files.append(cwd / entry)
+    if PROJECT_CFG not in files:
+        files.insert(0, PROJECT_CFG)
+    return [p.resolve() for p in files if p.is_file()]
+
+
+def resolve(search_path: Sequence[str], cwd: Path) -> list[Path]:
+    """The files to read, in order, for Luigi's ``search_path`` (its ``_config_paths``) seen from ``cwd``."""
+    files: list[Path] = []
+    for path in _requested(search_path, cwd):
+        _extend(files, chain(path))
+    if any(is_preset(p) for p in files):
+        return files
+    declaring = [p for p in files if _entries(p, "default")]
+    if not declaring:
+        return files
+    named_by = declaring[-1]
+    default = chain(find(_entries(named_by, "default")[-1], named_by, key="default"))
+    at = files.index(named_by) + 1
+    return _extend(files[:at], [*default, *files[at:]])
+
+
+def install() -> list[Path]:
+    """Make Luigi read :func:`resolve`'s files (kept in its search list, so a later ``reload`` agrees)."""
+    selected = os.environ.get("LUIGI_CONFIG_PATH", "")
+    if selected and not Path(selected).is_file():
+        raise PresetError(f"LUIGI_CONFIG_PATH={selected}: no such file (from {Path.cwd()})")
+    files = resolve(LuigiConfigParser._config_paths, Path.cwd())
+    LuigiConfigParser._config_paths = [str(p) for p in files]
+    if LuigiConfigParser._instance is not None:  # otherwise Luigi reads them when it first needs a value
+        LuigiConfigParser.reload()
+    return files
+
+
+def loaded_files() -> list[Path]:
+    """The files Luigi reads now, in order."""
+    return [Path(p) for p in LuigiConfigParser._config_paths if Path(p).is_file()]
+
+
+def sources(files: Sequence[Path]) -> dict[tuple[str, str], Path]:
+    """(section, option) -> the last of ``files`` that sets it: where each value in force comes from."""
+    origin: dict[tuple[str, str], Path] = {}
+    for path in files:
+        parser = read_file(path)
+        for section in parser.sections():
+            origin.update({(section, option): path for option in parser.options(section)})
+    return origin
+
+
+def describe(path: Path) -> str:
+    """A file as printed: relative to the project root when inside it."""
+    return str(path.relative_to(PROJECT_ROOT)) if path.is_relative_to(PROJECT_ROOT) else str(path)

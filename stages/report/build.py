@@ -1,0 +1,92 @@
+"""Gather a finished run's artifacts into ``stages.report.html.ReportInputs`` and render the report.
+
+The gallery shows the first ``gallery_images`` eval images through every stage: image, CAM (max over the
+image's classes), seeds, pseudo label, after the CRF, the retrained DeepLab's prediction (scales, flip and
+CRF of EvalSegmentation) and GT.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.artifacts import label_file
+from data.io import read_json, read_label_png
+from data.manifest import Manifest
+from stages.config import EvalSegmentationConfig, ReportConfig, TrainSegmentationConfig, validate
+
+
+def read_curve(path: Path) -> list[dict]:
+    """A CSV of numbers as dicts of floats (empty cells become None)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return [{k: (float(v) if v not in ("", "None") else None) for k, v in row.items()}
+                for row in csv.DictReader(fh)]
+
+
+def gallery_panels(manifest: Manifest, dirs: dict[str, Path], image_ids: list[str], model: torch.nn.Module | None,
+                   eval_cfg: EvalSegmentationConfig, device: torch.device) -> list[tuple[str, dict[str, np.ndarray]]]:
+    from data.dense import stage_maps
+    from stages.segmentation.segmenter import predict_labels
+
+    space = manifest.label_space
+    cams = stage_maps(dirs["cams"])
+    rows = []
+    for image_id in image_ids:
+        rgb = manifest.layout.read_image(image_id)
+        panels: dict[str, np.ndarray] = {"image": rgb}
+        if image_id in cams:
+            high = cams.read(image_id, ["high_res"])[0]["high_res"]
+            panels["cam"] = high.max(0).astype(np.float32) if len(high) else np.zeros(rgb.shape[:2], np.float32)
+        for panel, stage in (("seeds", "seeds"), ("pseudo", "labels"), ("crf", "refined")):
+            path = label_file(dirs[stage], image_id)
+            if path.is_file():
+                panels[panel] = read_label_png(path, space)
+        if model is not None:
+            panels["prediction"] = predict_labels(model, rgb, eval_cfg, device)[1]
+        panels["gt"] = manifest.layout.read_label(image_id, evaluation=True)
+        rows.append((image_id, panels))
+    return rows
+
+
+def build_report(cfg: ReportConfig, manifest: Manifest, dirs: dict[str, Path], config: dict[str, dict],
+                 provenance: dict[str, dict], segmenter_config: TrainSegmentationConfig,
+                 eval_config: EvalSegmentationConfig, device: torch.device, out_dir: Path,
+                 comparison: list[dict] | None = None) -> dict:
+    """``report.html`` and ``report.md`` in ``out_dir`` from the stage directories ``dirs``."""
+    from stages.report.html import ReportInputs, write_report
+    from stages.segmentation.segmenter import LOG, load_segmenter
+
+    validate(cfg)
+
+    def metrics(name: str) -> dict | None:
+        path = dirs[name] / "metrics.json"
+        return read_json(path) if path.is_file() else None
+
+    pseudo = metrics("pseudo_eval") or {}
+    refined = None
+    if pseudo.get("refined_per_class_iou") is not None:
+        refined = {"miou": pseudo["chain"]["refined_miou"], "per_class_iou": pseudo["refined_per_class_iou"]}
+    model = load_segmenter(segmenter_config, manifest.label_space.num_classes, dirs["segmenter"], device)
+    ids = manifest.splits["eval"][:cfg.gallery_images]
+    notes = [f"quarantined image {q.get('id')}: {q.get('problem')}" for q in manifest.quarantine]
+    if pseudo.get("cam_fallback_images"):
+        notes.append(f"{pseudo['cam_fallback_images']} eval images had no seeds and were labelled from their CAM")
+    inputs = ReportInputs(
+        title=f"wsss run: {config.get('PrepareDataset', {}).get('profile') or manifest.root.name}",
+        class_names=list(manifest.label_space.names), palette=manifest.label_space.palette,
+        config=config, provenance=provenance,
+        cam_metrics=metrics("cam_eval") or {}, cam_curve=read_curve(dirs["cam_eval"] / "curve.csv"),
+        pseudo_metrics=pseudo, refined_metrics=refined,
+        segmentation_metrics=metrics("segmentation"), ceiling_metrics=metrics("ceiling"),
+        training_curves={"pseudo labels": read_curve(dirs["segmenter"] / LOG),
+                         "GT (ceiling)": read_curve(dirs["ceiling_segmenter"] / LOG)},
+        gallery=gallery_panels(manifest, dirs, ids, model, eval_config, device), notes=notes,
+        comparison=comparison or [])
+    summary = write_report(inputs, out_dir)
+    # Paths inside the temporary stage directory mean nothing once it is published.
+    return {k: v for k, v in summary.items() if k not in ("html", "markdown", "figures")}
