@@ -44,11 +44,15 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
     return tree
 
 
-@cache
 def _parsed(path: Path) -> tuple[str, tuple[str, ...]]:
-    """(normalised-source digest, project modules imported) of one file."""
-    tree = ast.parse(path.read_text(), filename=str(path))
-    name = ".".join(path.relative_to(PROJECT_ROOT).with_suffix("").parts)
+    """(normalised-source digest, project modules imported) of one file, parsed again only when it changed."""
+    return _parsed_source(path, path.relative_to(PROJECT_ROOT), path.read_text())
+
+
+@cache
+def _parsed_source(path: Path, relative: Path, source: str) -> tuple[str, tuple[str, ...]]:
+    tree = ast.parse(source, filename=str(path))
+    name = ".".join(relative.with_suffix("").parts)
     # The package relative imports resolve against: the module's parent, or the package itself.
     package = name.removesuffix(".__init__") if path.name == "__init__.py" else name.rpartition(".")[0]
     imports: set[str] = set()
@@ -101,4 +105,4 @@ def stage_key(stage: str, params: dict, code: dict[str, str], inputs: dict[str, 
 
 
 def clear_cache() -> None:
-    _parsed.cache_clear()
+    _parsed_source.cache_clear()
