@@ -176,7 +176,7 @@ def test_an_edit_changes_exactly_the_stages_that_run_the_module_and_what_follows
 
 
 def test_a_method_the_chain_does_not_run_changes_no_key(library, luigi_config):
-    root, keys = library
+    _, keys = library
     luigi_config("Report", "compare", "[]")
     before = keys()
     for module in ("stages.propagation.a2gnn", "stages.propagation.gcn", "stages.affinity.a2gnn",
@@ -189,7 +189,7 @@ def test_a_method_the_chain_does_not_run_changes_no_key(library, luigi_config):
 
 
 def test_comments_and_docstrings_change_no_key(library):
-    root, keys = library
+    _, keys = library
     before = keys()
     for module in ("stages.segmentation.segmenter", "stages.refine.crf", "models.deeplab", "data.io"):
         path = hashing.module_path(module)
