@@ -1,5 +1,6 @@
 """wsss pipeline: Luigi tasks over the ``stages`` library. ``luigi --module pipeline FullWSSS``."""
 
+from pipeline import presets  # noqa: F401 - first: resolves the preset chain before any parameter is read
 from pipeline.tasks import (  # noqa: F401 - re-exported for ``luigi --module pipeline``
     STAGES,
     EvalCAM,

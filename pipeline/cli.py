@@ -122,14 +122,35 @@ def _fmt(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _cfg_text(value: object) -> str:
+    """A default as a luigi.cfg value: tuples as JSON-style lists, booleans in lower case."""
+    value = list(value) if isinstance(value, tuple) else value
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def cmd_config(args: argparse.Namespace) -> int:
+    if args.effective:
+        return _print_effective()
     from stages.config import all_knobs
     for section, knobs in all_knobs().items():
         print(f"[{section}]")
         for name, default in knobs.items():
-            value = list(default) if isinstance(default, tuple) else default
-            value = str(value).lower() if isinstance(value, bool) else value
-            print(f"{name} = {value}")
+            print(f"{name} = {_cfg_text(default)}")
+        print()
+    return 0
+
+
+def _print_effective() -> int:
+    """Every knob (and every other section read) with the value in force and the file it comes from."""
+    from pipeline.presets import describe, effective, loaded_files
+    print("# files read, in order (later ones override earlier ones): "
+          + ", ".join(describe(p) for p in loaded_files()))
+    print("# `default` = stages/config.py; values given on a luigi command line are not shown")
+    for section, rows in effective().items():
+        print(f"[{section}]")
+        for name, (value, where) in rows.items():
+            text = _cfg_text(value) if where == "default" else str(value)
+            print(f"{name} = {text}".ljust(40) + f"  # {where}")
         print()
     return 0
 
@@ -165,7 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds a temporary path must be old before removal (a run may own younger ones)")
     gc.set_defaults(fn=cmd_gc)
     sub.add_parser("summary", help="metrics of every computed stage").set_defaults(fn=cmd_summary)
-    sub.add_parser("config", help="print every knob with its default").set_defaults(fn=cmd_config)
+    config = sub.add_parser("config", help="print every knob with its default")
+    config.add_argument("--effective", action="store_true",
+                        help="the values in force instead (./luigi.cfg, $LUIGI_CONFIG_PATH and the bases it names) "
+                             "and the file each comes from")
+    config.set_defaults(fn=cmd_config)
     make = sub.add_parser("make-dataset", help="write the embedded synthetic dataset for inspection")
     make.add_argument("--profile", default="demo")
     make.add_argument("--out", required=True)

@@ -31,6 +31,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import luigi.configuration
 from luigi.configuration import LuigiConfigParser
 
 from stages.config import STAGE_CONFIGS
@@ -169,3 +170,39 @@ def sources(files: Sequence[Path]) -> dict[tuple[str, str], Path]:
 def describe(path: Path) -> str:
     """A file as printed: relative to the project root when inside it."""
     return str(path.relative_to(PROJECT_ROOT)) if path.is_relative_to(PROJECT_ROOT) else str(path)
+
+
+def effective(parser: configparser.ConfigParser | None = None,
+              files: Sequence[Path] | None = None) -> dict[str, dict[str, tuple[object, str]]]:
+    """Section -> option -> (value in force, where it comes from), for ``python -m pipeline config --effective``.
+
+    The value is the text Luigi reads (or the code default, from "default"); the source is the file that sets it
+    (:func:`describe`). Every knob of stages/config.py comes first, then Luigi's own sections (``[preset]`` is
+    left out: :func:`loaded_files` says what it did); an option of a stage section that is no knob is flagged,
+    since Luigi ignores it silently.
+    """
+    from stages.config import all_knobs
+
+    parser = luigi.configuration.get_config() if parser is None else parser
+    origin = sources(loaded_files() if files is None else files)
+    knobs = all_knobs()
+    table: dict[str, dict[str, tuple[object, str]]] = {}
+    for section in [*knobs, *(s for s in parser.sections() if s not in knobs and s != SECTION)]:
+        defaults = knobs.get(section, {})
+        read = parser.options(section) if parser.has_section(section) else []
+        rows: dict[str, tuple[object, str]] = {}
+        for name in [*defaults, *(o for o in read if o not in defaults)]:
+            if not parser.has_option(section, name):
+                rows[name] = (defaults[name], "default")
+                continue
+            where = describe(origin[section, name]) if (section, name) in origin else "set in this process"
+            if section in knobs and name not in defaults:
+                where += "; not a knob of this stage, ignored"
+            rows[name] = (parser.get(section, name), where)
+        table[section] = rows
+    return table
+
+
+# Importing ``pipeline`` (``luigi --module pipeline``, ``python -m pipeline``) installs the chain before Luigi reads
+# any parameter: pipeline/__init__.py imports this module first.
+install()
