@@ -219,7 +219,7 @@ class PropagateConfig:
     shard_size: int = 256
     # gcn (WSGCN-I, stages/propagation/gcn.py), WSGCN's values; beta and radius above build its walk.
     gcn_walk_steps: int = 256                 # t of T^t. WSGCN 256 (VOC grids); the demo grid wants fewer, as for
-    #                                           `steps` (luigi.cfg explains 16 there)
+    #                                           `steps` (configs/demo.cfg explains 16 there)
     gcn_adjacency: str = "dense"              # dense: T^t N x N (the reference) | topk: k largest per column of T^t
     gcn_topk: int = 512                       # topk: entries kept per column
     gcn_dense_max_mib: float = 4096.0         # dense: refuse (naming the image) a T^t needing more memory than this
