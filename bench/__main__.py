@@ -134,6 +134,8 @@ def bench_noop_rerun(n_images: int = 1000) -> dict:
                              processes=max(1, os.cpu_count() or 1))
         cfg = tmp / "bench.cfg"
         cfg.write_text(f"""
+[preset]
+base = {REPO / 'configs' / 'demo.cfg'}
 [wsss]
 work_dir = {tmp / 'work'}
 loader_workers = 0

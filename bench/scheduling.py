@@ -85,7 +85,8 @@ def bench_scheduling_overhead() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cfg = tmp / "bench.cfg"
-        cfg.write_text(f"[wsss]\nwork_dir = {tmp / 'work'}\n[PrepareDataset]\nkind = synthetic\nprofile = large\n")
+        cfg.write_text(f"[preset]\nbase = {REPO / 'configs' / 'demo.cfg'}\n[wsss]\nwork_dir = {tmp / 'work'}\n"
+                       "[PrepareDataset]\nkind = synthetic\nprofile = large\n")
         env = _env(cfg)
         cold = json.loads(subprocess.run([sys.executable, "-c", _FAKE_AND_SCHEDULE, "cold"], cwd=REPO, env=env,
                                          check=True, capture_output=True, text=True).stdout)
@@ -111,6 +112,8 @@ def bench_make_cam_workers(profile: str = "demo", shard_size: int = 100) -> dict
         cfg = tmp / "bench.cfg"
         # Short training: the figure is MakeCAM's inference throughput, which does not depend on the weights.
         cfg.write_text(f"""
+[preset]
+base = {REPO / 'configs' / 'demo.cfg'}
 [wsss]
 work_dir = {tmp / 'work'}
 loader_workers = 0
