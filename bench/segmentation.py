@@ -16,7 +16,7 @@ import torch
 from models.cam import CAMNet
 from models.deeplab import create_segmenter
 from models.resnet import create_backbone
-from stages.segmentation.segmenter import segmentation_loss
+from stages.segmentation.train import segmentation_loss
 
 
 def _images_per_s(step, batch: int, device: torch.device, repeat: int) -> float:

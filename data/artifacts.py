@@ -17,6 +17,7 @@ from data.io import BadInputError
 PROVENANCE = "provenance.json"
 SHARD_INDEX = "index.json"
 METRICS = "metrics.json"
+TRAINING_LOG = "log.csv"     # a trained stage's per-epoch or per-evaluation rows
 LABELS = "labels"
 PARTS_SUFFIX = ".parts"     # finished shards of a stage not yet joined, next to its directory
 RESUME_SUFFIX = ".resume"   # training checkpoints of an unfinished stage, next to its directory

@@ -9,6 +9,16 @@ from torch import nn
 from models.norm import batchnorm_eval
 from models.resnet import ResNet
 
+SEAM_EPS = 1e-5
+
+
+def max_norm(maps: torch.Tensor) -> torch.Tensor:
+    """SEAM's per-channel min-max normalisation of ReLU'd maps (B, C, H, W) into [0, 1)."""
+    maps = F.relu(maps)
+    hi = maps.amax(dim=(2, 3), keepdim=True)
+    lo = maps.amin(dim=(2, 3), keepdim=True)
+    return F.relu(maps - lo - SEAM_EPS) / (hi - lo + SEAM_EPS)
+
 
 class CAMNet(nn.Module):
     """Multi-label classifier whose 1x1 head, slid over the feature map, gives class activation maps.

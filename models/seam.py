@@ -13,18 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.cam import max_norm
 from models.resnet import ResNet
 from models.resnet38 import ResNet38
 
 EPS = 1e-5
-
-
-def max_norm(maps: torch.Tensor) -> torch.Tensor:
-    """SEAM's per-channel min-max normalisation of ReLU'd maps (B, C, H, W) into [0, 1)."""
-    maps = F.relu(maps)
-    hi = maps.amax(dim=(2, 3), keepdim=True)
-    lo = maps.amin(dim=(2, 3), keepdim=True)
-    return F.relu(maps - lo - EPS) / (hi - lo + EPS)
 
 
 def keep_fg_max(maps: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,8 @@ def _pretrain(cfg) -> None:
 
 
 def _train_cam(cfg) -> None:
-    from stages.cam.methods import CAM_METHODS
-    CAM_METHODS.get(cfg.cam_method, key="TrainCAM.cam_method")
+    from stages.cam import CAM_METHODS
+    CAM_METHODS.module_of(cfg.cam_method, key="TrainCAM.cam_method")
 
 
 def _extract_seeds(cfg) -> None:

@@ -54,7 +54,7 @@ class PrepareDataset(StageTask):
 
 
 @with_config(C.PretrainBackboneConfig)
-class PretrainBackbone(StageTask):
+class PretrainBackbone(TrainingStage):
     """Synthetic stand-in for ImageNet weights; used by stages whose ``pretrained`` is ``synthetic``."""
 
     code = ("stages.pretrain.train",)
@@ -63,8 +63,8 @@ class PretrainBackbone(StageTask):
     def compute(self, out_dir: Path) -> dict:
         from stages.pretrain.train import pretrain_backbone
         rt = runtime()
-        return pretrain_backbone(self.config, out_dir, resolve_device(rt.device),
-                                 loader_workers=rt.loader_workers, progress=self.progress)
+        return pretrain_backbone(self.config, out_dir, resolve_device(rt.device), loader_workers=rt.loader_workers,
+                                 progress=self.progress, resume_dir=self.resume_dir)
 
 
 def pretraining_upstream(task: StageTask) -> dict[str, StageTask]:
@@ -88,10 +88,14 @@ def with_weights_path(task: StageTask):
 
 
 @with_config(C.TrainCAMConfig)
-class TrainCAM(StageTask):
+class TrainCAM(TrainingStage):
     """Train the CAM classification network."""
 
     code = ("stages.cam.train",)
+
+    def code_roots(self) -> tuple[str, ...]:
+        from stages.cam import CAM_METHODS
+        return (*self.code, CAM_METHODS.module_of(self.cam_method))
 
     @property
     def gpus(self) -> int:
@@ -107,7 +111,7 @@ class TrainCAM(StageTask):
         cfg = with_weights_path(self)
         if rt.train_processes == 1:
             return train_cam(cfg, manifest_of(self), out_dir, resolve_device(rt.device),
-                             loader_workers=rt.loader_workers, progress=self.progress)
+                             loader_workers=rt.loader_workers, progress=self.progress, resume_dir=self.resume_dir)
         # DDP: a fresh interpreter per rank under torchrun (CUDA cannot live in Luigi's forked workers).
         from stages.cam.train import parse_progress, write_config
         from stages.training.distributed import launch_torchrun
@@ -140,6 +144,10 @@ class MakeCAM(ShardedStage):
 
     code = ("stages.cam.infer", "stages.cam.methods")
     shard_gpus = 1
+
+    def code_roots(self) -> tuple[str, ...]:
+        from stages.cam import CAM_METHODS
+        return (*self.code, CAM_METHODS.module_of(self.stage(TrainCAM).cam_method))
 
     def upstream(self) -> dict[str, StageTask]:
         return {"dataset": self.stage(PrepareDataset), "cam_net": self.stage(TrainCAM)}
@@ -195,7 +203,7 @@ class ExtractSeeds(ShardedStage):
 
 
 @with_config(C.TrainAffinityConfig)
-class TrainAffinity(StageTask):
+class TrainAffinity(TrainingStage):
     """Train the inter-pixel relation net (AffinityNet or IRNet) on the seeds of the training images."""
 
     code = ("stages.affinity.train",)
@@ -242,7 +250,7 @@ class TrainAffinity(StageTask):
             cam_state = torch.load(self.input_dir("cam_net") / CHECKPOINT, map_location="cpu", weights_only=True)
         return train_affinity(with_weights_path(self), manifest, manifest.splits["train"], seed_label, seed_scores,
                               out_dir, resolve_device(rt.device), cam_backbone_state=cam_state,
-                              loader_workers=rt.loader_workers, progress=self.progress)
+                              loader_workers=rt.loader_workers, progress=self.progress, resume_dir=self.resume_dir)
 
     def inference_code(self) -> tuple[str, ...]:
         """The modules that load this net and run it for the propagation step."""
@@ -395,7 +403,7 @@ LABEL_SOURCES = ("pseudo", "gt")
 class TrainSegmentation(TrainingStage):
     """DeepLab trained on the pseudo labels, or (``--labels gt``) on GT: the fully supervised ceiling."""
 
-    code = ("stages.segmentation.segmenter",)
+    code = ("stages.segmentation.train",)
     gpus = 1
     labels = luigi.ChoiceParameter(choices=LABEL_SOURCES, default="pseudo")
 
@@ -410,7 +418,7 @@ class TrainSegmentation(TrainingStage):
 
     def compute(self, out_dir: Path) -> dict:
         from data.io import read_label_png
-        from stages.segmentation.segmenter import train_segmentation
+        from stages.segmentation.train import train_segmentation
 
         rt = runtime()
         manifest = manifest_of(self)
@@ -432,7 +440,7 @@ class TrainSegmentation(TrainingStage):
 class EvalSegmentation(ShardedStage):
     """DeepLab predictions on the val list (palette PNGs) and their mIoU, with and without the test-time CRF."""
 
-    code = ("stages.segmentation.segmenter",)
+    code = ("stages.segmentation.predict",)
     shard_gpus = 1
     labels = luigi.ChoiceParameter(choices=LABEL_SOURCES, default="pseudo")
     variant_params = ("labels",)
@@ -447,7 +455,7 @@ class EvalSegmentation(ShardedStage):
         return list(manifest.splits["val"])
 
     def compute_shard(self, ids, out_dir, writer, manifest, progress) -> dict:
-        from stages.segmentation.segmenter import load_segmenter, predict_images
+        from stages.segmentation.predict import load_segmenter, predict_images
 
         trained = self.upstream()["model"]
         device = resolve_device(runtime().device)
@@ -464,7 +472,7 @@ class EvalSegmentation(ShardedStage):
         return total
 
     def compute(self, out_dir: Path) -> dict:
-        from stages.segmentation.segmenter import write_segmentation_metrics
+        from stages.segmentation.predict import write_segmentation_metrics
         joined = super().compute(out_dir)
         metrics = write_segmentation_metrics(self.config, manifest_of(self).label_space, joined, out_dir,
                                              labels=self.labels)

@@ -91,7 +91,7 @@ class PretrainBackboneConfig:
 class TrainCAMConfig:
     """``[TrainCAM]``: the classification network whose CAMs seed everything."""
 
-    cam_method: str = "cam"                   # registry: stages.cam.methods.CAM_METHODS (cam | seam)
+    cam_method: str = "cam"                   # registry: stages.cam.CAM_METHODS (cam | seam)
     backbone: str = "resnet_mini"             # IRN: resnet50
     pretrained: str = ""                      # ImageNet weights (.pth, torchvision layout) | synthetic
     strides: tuple[int, ...] = (1, 2, 1, 1)   # per ResNet stage; IRN: (1, 2, 2, 1), output stride 16
@@ -194,7 +194,7 @@ class TrainAffinityConfig:
     poly_power: float = 0.9
     scale_range: tuple[float, float] = (0.5, 1.5)   # IRN random rescale; PSA/SEAM: (1, 1)
     crop_size: int = 112                      # IRN 512, PSA/SEAM 448
-    color_jitter: float = 0.0                 # PSA/SEAM 0.3
+    color_jitter: float = 0.0                 # PSA/SEAM 0.3; the same ColorJitter as TrainCAM's
     displacement: bool = False                # IRNet's displacement branch (instances only)
     # a2gnn (A2GNN's affinity CNN, stages/affinity/a2gnn.py): a dense square window replaces the half disc of `radius`.
     window_radius: int = 3                    # A2GNN: 3 (image, point seeds), 4 (box, scribble seeds)

@@ -24,20 +24,22 @@ ALL = ("PrepareDataset", "PretrainBackbone", "TrainCAM", "MakeCAM", "EvalCAM", "
        "TrainSeedNet", "Propagate", "RefineCRF", "EvalPseudoLabels", "TrainSegmentation", "EvalSegmentation", "Report")
 NETS = ("PretrainBackbone", "TrainCAM", "MakeCAM", "TrainAffinity", "TrainSeedNet", "Propagate", "TrainSegmentation",
         "EvalSegmentation", "Report")                       # the stages that build a network
+TRAINERS = ("PretrainBackbone", "TrainCAM", "TrainAffinity", "TrainSeedNet", "Propagate", "TrainSegmentation")
 AFFINITY_PROPAGATIONS = "Propagate[propagation=a2gnn|gcn|rw_irn|rw_psa]"   # read an affinity net
 SEED_NET_PROPAGATIONS = "Propagate[propagation=dsrg|graphcut]"            # read a TrainSeedNet net
 CRF_USERS = ("ExtractSeeds", "TrainSeedNet", "Propagate[propagation=a2gnn|dsrg|gcn|graphcut]", "RefineCRF",
              "EvalPseudoLabels", "TrainSegmentation", "EvalSegmentation", "Report")
 SEGMENTER_USERS = ("TrainSeedNet", SEED_NET_PROPAGATIONS, "TrainSegmentation", "EvalSegmentation", "Report")
+REGISTRY_USERS = (*NETS, "EvalCAM", "ExtractSeeds", "RefineCRF", "EvalPseudoLabels")   # models.registry
 SEED_NET = ("TrainSeedNet", SEED_NET_PROPAGATIONS)
 
 # module -> the stages that run it: "Family" (every instance) or "Family[knob=a|b]" (instances whose knob is a or b).
 RUNS: dict[str, tuple[str, ...]] = {
     "data": ALL,
-    "data.artifacts": ("ExtractSeeds", "TrainSeedNet", "Propagate", "RefineCRF", "EvalPseudoLabels",
+    "data.artifacts": ("TrainCAM", "ExtractSeeds", "TrainSeedNet", "Propagate", "RefineCRF", "EvalPseudoLabels",
                        "TrainSegmentation", "EvalSegmentation", "Report"),
-    "data.dense": ("MakeCAM", "EvalCAM", "ExtractSeeds", "TrainSeedNet", "Propagate", "RefineCRF", "EvalPseudoLabels",
-                   "TrainSegmentation", "EvalSegmentation", "Report"),
+    "data.dense": ("TrainCAM", "MakeCAM", "EvalCAM", "ExtractSeeds", "TrainSeedNet", "Propagate", "RefineCRF",
+                   "EvalPseudoLabels", "TrainSegmentation", "EvalSegmentation", "Report"),
     "data.io": ALL,
     "data.labelspace": ALL,
     "data.manifest": tuple(s for s in ALL if s != "PretrainBackbone"),
@@ -45,7 +47,7 @@ RUNS: dict[str, tuple[str, ...]] = {
     "data.transforms": ("PretrainBackbone", "TrainCAM", "MakeCAM", "TrainAffinity", "TrainSeedNet", "Propagate",
                         "TrainSegmentation", "EvalSegmentation", "Report"),
     "data.voc": tuple(s for s in ALL if s != "PretrainBackbone"),
-    "models": (*NETS, "ExtractSeeds", "RefineCRF", "EvalPseudoLabels"),       # models.registry's package
+    "models": REGISTRY_USERS,                    # models.registry's package
     "models.a2gnn": ("TrainAffinity[affinity_method=a2gnn]", "Propagate[propagation=a2gnn]"),
     "models.affinity": ("TrainAffinity", AFFINITY_PROPAGATIONS),
     "models.cam": ("TrainCAM", "MakeCAM"),
@@ -53,10 +55,10 @@ RUNS: dict[str, tuple[str, ...]] = {
     "models.deeplab": SEGMENTER_USERS,
     "models.norm": NETS,
     "models.pairs": ("TrainAffinity", AFFINITY_PROPAGATIONS),
-    "models.registry": (*NETS, "ExtractSeeds", "RefineCRF", "EvalPseudoLabels"),
+    "models.registry": REGISTRY_USERS,
     "models.resnet": NETS,
     "models.resnet38": NETS,
-    "models.seam": ("TrainCAM", "MakeCAM"),
+    "models.seam": (),                      # cam_method = seam only
     "stages": ALL,
     "stages.affinity": ("TrainAffinity", AFFINITY_PROPAGATIONS),
     "stages.affinity.a2gnn": ("TrainAffinity[affinity_method=a2gnn]", "Propagate[propagation=a2gnn]"),
@@ -64,7 +66,9 @@ RUNS: dict[str, tuple[str, ...]] = {
     "stages.cam": ("TrainCAM", "MakeCAM", "EvalCAM"),
     "stages.cam.evaluate": ("EvalCAM",),
     "stages.cam.infer": ("MakeCAM",),
+    "stages.cam.irn": ("TrainCAM", "MakeCAM"),
     "stages.cam.methods": ("TrainCAM", "MakeCAM"),
+    "stages.cam.seam": (),                  # cam_method = seam only
     "stages.cam.train": ("TrainCAM",),
     "stages.config": (),                    # knobs enter keys by value (pipeline.hashing.VALUE_MODULES)
     "stages.dataset": ("PrepareDataset",),
@@ -92,8 +96,7 @@ RUNS: dict[str, tuple[str, ...]] = {
     "stages.report": ("Report",),
     "stages.report.build": ("Report",),
     "stages.report.html": ("Report",),
-    "stages.runtime": ("PretrainBackbone", "TrainCAM", "TrainAffinity", "TrainSeedNet", "Propagate",
-                       "TrainSegmentation", "EvalSegmentation", "Report"),
+    "stages.runtime": TRAINERS,
     "stages.seed_net": SEED_NET,
     "stages.seed_net.graphcut": SEED_NET,
     "stages.seed_net.growing": SEED_NET,
@@ -103,12 +106,12 @@ RUNS: dict[str, tuple[str, ...]] = {
     "stages.seeds.rules": ("ExtractSeeds", "Propagate[propagation=gcn]", "EvalPseudoLabels"),
     "stages.seeds.supervision": ("ExtractSeeds[supervision=box|point|scribble]",),
     "stages.segmentation": SEGMENTER_USERS,
-    "stages.segmentation.segmenter": SEGMENTER_USERS,
-    "stages.training": ("PretrainBackbone", "TrainCAM", "TrainAffinity", "TrainSeedNet", "Propagate",
-                        "TrainSegmentation", "EvalSegmentation", "Report"),
+    "stages.segmentation.predict": SEGMENTER_USERS,
+    "stages.segmentation.train": ("TrainSeedNet", SEED_NET_PROPAGATIONS, "TrainSegmentation"),
+    "stages.training": TRAINERS,
     "stages.training.distributed": ("TrainCAM",),
-    "stages.training.optim": ("PretrainBackbone", "TrainCAM", "TrainAffinity", "TrainSeedNet", "Propagate",
-                              "TrainSegmentation", "EvalSegmentation", "Report"),
+    "stages.training.engine": TRAINERS,
+    "stages.training.optim": TRAINERS,
 }
 
 
@@ -180,7 +183,8 @@ def test_a_method_the_chain_does_not_run_changes_no_key(library, luigi_config):
     luigi_config("Report", "compare", "[]")
     before = keys()
     for module in ("stages.propagation.a2gnn", "stages.propagation.gcn", "stages.affinity.a2gnn",
-                   "stages.seed_net.graphcut", "stages.seeds.supervision", "models.a2gnn"):
+                   "stages.seed_net.graphcut", "stages.seeds.supervision", "models.a2gnn", "models.seam",
+                   "stages.cam.seam", "stages.propagation.rw_psa"):
         path = hashing.module_path(module)
         source = path.read_text()
         path.write_text(source + "\n_X = 1\n")
@@ -191,7 +195,7 @@ def test_a_method_the_chain_does_not_run_changes_no_key(library, luigi_config):
 def test_comments_and_docstrings_change_no_key(library):
     _, keys = library
     before = keys()
-    for module in ("stages.segmentation.segmenter", "stages.refine.crf", "models.deeplab", "data.io"):
+    for module in ("stages.segmentation.predict", "stages.refine.crf", "models.deeplab", "data.io"):
         path = hashing.module_path(module)
         source = path.read_text()
         path.write_text(source.replace('"""', '"""Edited. ', 1) + "\n# a comment\n")

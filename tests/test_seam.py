@@ -179,7 +179,7 @@ def test_seam_training_step_runs_and_is_finite():
 
 
 def test_seam_on_a_resnet_uses_its_last_three_stages_and_refuses_freezing():
-    from stages.cam.methods import build_seam
+    from stages.cam.seam import build as build_seam
     from stages.config import TrainCAMConfig
 
     net = build_seam(TrainCAMConfig(cam_method="seam", backbone="resnet_mini"), 4).eval()

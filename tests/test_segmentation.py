@@ -15,15 +15,12 @@ from models.resnet import create_backbone
 from pipeline.checks import validate_config as validate
 from stages.config import EvalSegmentationConfig, TrainSegmentationConfig
 from stages.metrics import segmentation_scores
-from stages.segmentation.segmenter import (
+from stages.segmentation.predict import load_matching, load_segmenter, predict_images, predict_probs
+from stages.segmentation.train import (
     SegmentationSet,
     augment,
     batch_schedule,
-    load_matching,
-    load_segmenter,
     nearest_resize,
-    predict_images,
-    predict_probs,
     segmentation_loss,
     train_segmentation,
 )

@@ -25,7 +25,6 @@ import importlib
 import inspect
 import math
 import os
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -37,13 +36,14 @@ from torch.utils.data import DataLoader, Dataset
 from data.io import BadInputError, write_csv
 from data.labelspace import IGNORE_INDEX
 from data.manifest import Manifest
-from data.transforms import normalize, rescale
+from data.transforms import color_jitter, normalize, rescale
 from models.affinity import AffinityNet, IRNet, pair_partners, source_window
 from models.pairs import half_disc_offsets
 from models.resnet import BACKBONES, ResNet, create_backbone
 from stages.affinity import AFFINITY_METHODS
 from stages.config import TrainAffinityConfig, validate
 from stages.runtime import seed_everything
+from stages.training.engine import TrainingLoop, epoch_batches
 from stages.training.optim import make_optimizer, poly_lr
 
 CHECKPOINT = "model.pt"
@@ -235,23 +235,6 @@ def training_loss(model: torch.nn.Module, images: torch.Tensor, labels: torch.Te
 # ---------------------------------------------------------------------------------------------- dataset
 
 
-def color_jitter(rgb: np.ndarray, amount: float, rng: np.random.Generator) -> np.ndarray:
-    """Brightness, contrast and saturation factors in [1 - amount, 1 + amount], hue shift of up to amount/3."""
-    x = rgb.astype(np.float32)
-    x *= rng.uniform(1 - amount, 1 + amount)
-    grey = x @ np.array([0.299, 0.587, 0.114], np.float32)
-    x = (x - grey.mean()) * rng.uniform(1 - amount, 1 + amount) + grey.mean()
-    grey = (x @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
-    x = (x - grey) * rng.uniform(1 - amount, 1 + amount) + grey
-    out = np.clip(x, 0, 255).astype(np.uint8)
-    shift = rng.uniform(-amount / 3, amount / 3)
-    if shift:
-        hsv = cv2.cvtColor(out, cv2.COLOR_RGB2HSV)
-        hsv[..., 0] = ((hsv[..., 0].astype(np.int32) + round(shift * 180)) % 180).astype(np.uint8)
-        out = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
-    return out
-
-
 def joint_crop(arrays: Sequence[np.ndarray], fills: Sequence[float], size: int,
                rng: np.random.Generator) -> list[np.ndarray]:
     """The same random ``size`` crop of several (C, H, W) arrays; smaller ones land at a random offset
@@ -361,8 +344,13 @@ def _check_config(cfg: TrainAffinityConfig) -> None:
 def train_affinity(cfg: TrainAffinityConfig, manifest: Manifest, ids: Sequence[str], seed_label: SeedLabelFn | None,
                    seed_scores: SeedScoresFn | None, out_dir: str | os.PathLike, device: torch.device,
                    cam_backbone_state: dict | None = None, loader_workers: int = 0,
-                   progress: Callable[[float, str], None] | None = None) -> dict:
-    """Train on ``ids``; writes ``model.pt`` (state dict) and ``log.csv`` into ``out_dir``; returns metrics."""
+                   progress: Callable[[float, str], None] | None = None, resume_dir: Path | None = None,
+                   checkpoint_every: int = 0, stop_after: int | None = None) -> dict:
+    """Train on ``ids``; writes ``model.pt`` (state dict) and ``log.csv`` into ``out_dir``; returns metrics.
+
+    With ``resume_dir`` the run is checkpointed there every ``checkpoint_every`` steps (0: every epoch) and a
+    later call with the same ``resume_dir`` continues from there (:mod:`stages.training.engine`);
+    ``stop_after`` ends early without the final files (tests: a kill)."""
     _check_config(cfg)
     out_dir = Path(out_dir)
     ids = list(ids)
@@ -387,45 +375,62 @@ def train_affinity(cfg: TrainAffinityConfig, manifest: Manifest, ids: Sequence[s
                         num_workers=loader_workers, generator=generator, persistent_workers=False)
     optimizer = make_optimizer(model.param_groups(), lr=cfg.lr, optimizer=cfg.optimizer, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay, momentum_quirk=cfg.momentum_quirk)
-    total = len(loader) * cfg.num_epochs
-    step = 0
-    rows = []
-    start = time.time()
-    for epoch in range(cfg.num_epochs):
+    per_epoch = len(loader)
+    total = per_epoch * cfg.num_epochs
+
+    def begin_epoch(epoch: int) -> None:
         dataset.epoch = epoch
         model.train()
-        sums: dict[str, float] = {}
-        pairs = {"bg": 0.0, "fg": 0.0, "neg": 0.0}
-        for images, labels in loader:
-            poly_lr(optimizer, step, total, cfg.poly_power)
-            loss, parts, masks = training_loss(model, images.to(device, non_blocking=True),
-                                               labels.to(device), cfg.radius)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            for key, value in {"loss": loss, **parts}.items():
-                sums[key] = sums.get(key, 0.0) + value.item()
-            for key in pairs:
-                pairs[key] += masks[key].sum().item()
-        if sum(pairs.values()) == 0:
-            raise ValueError(f"TrainAffinity: no labelled pixel pair in epoch {epoch + 1} over {len(ids)} images "
-                             f"(radius {cfg.radius}); the seeds are too sparse for the crops")
-        means = {k: v / len(loader) for k, v in sums.items()}
-        if not all(math.isfinite(v) for v in means.values()):
-            raise FloatingPointError(f"TrainAffinity: loss became non-finite in epoch {epoch + 1}; "
-                                     "lower the learning rate")
-        row = {"epoch": epoch + 1, "step": step, **{k: round(v, 6) for k, v in means.items()},
-               **{f"pairs_{k}": int(v) for k, v in pairs.items()},
-               "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - start, 2)}
-        rows.append(row)
-        if progress:
-            progress(100.0 * (epoch + 1) / cfg.num_epochs,
-                     f"epoch {epoch + 1}/{cfg.num_epochs} loss {row['loss']:.4f}")
+
+    loop = TrainingLoop(model, optimizer, total,
+                        lambda start: epoch_batches(loop, loader, per_epoch, start, begin_epoch, generator),
+                        lambda step: poly_lr(optimizer, step, total, cfg.poly_power),
+                        lambda batch: _affinity_step(model, batch, device, cfg.radius),
+                        lambda lp, step, micro: _affinity_log(lp, step, micro, cfg, per_epoch, len(ids)),
+                        checkpoint_every=checkpoint_every or per_epoch, resume_dir=resume_dir, progress=progress,
+                        desc="TrainAffinity", torch_generators=[generator], stop_after=stop_after)
+    result = loop.run()
+    if result.stopped:
+        return {"stopped_at": result.step}
     torch.save(model.state_dict(), out_dir / CHECKPOINT)
-    write_csv(out_dir / "log.csv", rows)
-    return {"final_loss": rows[-1]["loss"], "steps": step, "images": len(ids),
-            "images_without_labels": unlabelled, "seconds": round(time.time() - start, 2)}
+    write_csv(out_dir / "log.csv", loop.rows)
+    return {"final_loss": loop.rows[-1]["loss"], "steps": result.step, "images": len(ids),
+            "images_without_labels": unlabelled, "seconds": result.seconds}
+
+
+def _affinity_step(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], device: torch.device,
+                   radius: int) -> tuple[torch.Tensor, dict]:
+    images, labels = batch
+    loss, parts, masks = training_loss(model, images.to(device, non_blocking=True), labels.to(device), radius)
+    return loss, {"parts": parts, "masks": masks}
+
+
+def _affinity_log(loop: TrainingLoop, step: int, micro: list[tuple[float, dict]], cfg: TrainAffinityConfig,
+                  per_epoch: int, n_images: int) -> str | None:
+    """Sum the losses and pair counts over the epoch; at its end, one log row (and a progress message)."""
+    (loss, extras), = micro
+    sums = loop.carry.setdefault("sums", {})
+    pairs = loop.carry.setdefault("pairs", {"bg": 0.0, "fg": 0.0, "neg": 0.0})
+    for key, value in {"loss": loss, **{k: v.item() for k, v in extras["parts"].items()}}.items():
+        sums[key] = sums.get(key, 0.0) + value
+    for key in pairs:
+        pairs[key] += extras["masks"][key].sum().item()
+    if step % per_epoch:
+        return None
+    epoch = step // per_epoch
+    if sum(pairs.values()) == 0:
+        raise ValueError(f"TrainAffinity: no labelled pixel pair in epoch {epoch} over {n_images} images "
+                         f"(radius {cfg.radius}); the seeds are too sparse for the crops")
+    means = {k: v / per_epoch for k, v in sums.items()}
+    if not all(math.isfinite(v) for v in means.values()):
+        raise FloatingPointError(f"TrainAffinity: loss became non-finite in epoch {epoch}; "
+                                 "lower the learning rate")
+    row = {"epoch": epoch, "step": step, **{k: round(v, 6) for k, v in means.items()},
+           **{f"pairs_{k}": int(v) for k, v in pairs.items()},
+           "lr": loop.optimizer.param_groups[0]["lr"], "seconds": loop.seconds()}
+    loop.rows.append(row)
+    loop.carry.update(sums={}, pairs={"bg": 0.0, "fg": 0.0, "neg": 0.0})
+    return f"epoch {epoch}/{cfg.num_epochs} loss {row['loss']:.4f}"
 
 # -------------------------------------------------------------------------------------------- inference
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from data.dense import DenseMapWriter
 from data.manifest import Manifest
 from data.transforms import normalize, rescale
-from models.seam import max_norm
+from models.cam import max_norm
 
 
 @torch.no_grad()

@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import math
 import os
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from data.artifacts import TRAINING_LOG
 from data.io import atomic_path, read_json, write_csv, write_json
 from data.manifest import Manifest
 from data.transforms import train_transform
@@ -40,9 +40,9 @@ from stages.cam.methods import CHECKPOINT, build_cam_model
 from stages.config import TrainCAMConfig, validate
 from stages.runtime import configure_threads, seed_everything
 from stages.training import distributed
+from stages.training.engine import TrainingLoop, epoch_batches
 from stages.training.optim import make_optimizer, poly_lr
 
-LOG = "log.csv"
 PROGRESS_PREFIX = "TrainCAM progress: "   # rank 0's stdout lines a parent process turns back into progress
 
 
@@ -113,11 +113,15 @@ class _TrainingLoss(nn.Module):
 
 def train_cam(cfg: TrainCAMConfig, manifest: Manifest, out_dir: str | os.PathLike,
               device: torch.device, loader_workers: int = 1,
-              progress: Callable[[float, str], None] | None = None) -> dict:
+              progress: Callable[[float, str], None] | None = None, resume_dir: Path | None = None,
+              checkpoint_every: int = 0, stop_after: int | None = None) -> dict:
     """Train on ``manifest.splits['train']``; writes ``model.pt`` and ``log.csv`` into ``out_dir``.
 
     Inside an initialised process group of W ranks each rank trains on its slice of every global batch
-    (see the module docstring); the returned metrics are the same on every rank.
+    (see the module docstring); the returned metrics are the same on every rank. With ``resume_dir`` the run
+    is checkpointed there every ``checkpoint_every`` steps (0: every epoch; rank 0 writes, every rank reads)
+    and a later call with the same ``resume_dir`` continues from there (:mod:`stages.training.engine`);
+    ``stop_after`` ends early without the final files (tests: a kill).
     """
     validate(cfg)
     out_dir = Path(out_dir)
@@ -139,47 +143,62 @@ def train_cam(cfg: TrainCAMConfig, manifest: Manifest, out_dir: str | os.PathLik
     if distributed.is_distributed():
         # Rank 0's initial weights are broadcast here; every rank built the same ones from cfg.seed anyway.
         trainer = DistributedDataParallel(trainer, device_ids=[device.index] if device.type == "cuda" else None)
-    steps_per_epoch = len(sampler)
-    total = steps_per_epoch * cfg.num_epochs
-    step = 0
-    rows = []
-    start = time.time()
-    for epoch in range(cfg.num_epochs):
+    per_epoch = len(sampler)
+    total = per_epoch * cfg.num_epochs
+
+    def begin_epoch(epoch: int) -> None:
         dataset.epoch = epoch
         sampler.set_epoch(epoch)
         trainer.train()
-        losses = []
-        part_sums: dict[str, float] = {}
-        for images, labels in loader:
-            poly_lr(optimizer, step, total, cfg.poly_power)
-            loss, parts = trainer(images.to(device, non_blocking=True), labels.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            for name, value in parts.items():
-                part_sums[name] = part_sums.get(name, 0.0) + float(value)
-            step += 1
-        # Every rank ran the same number of equal-sized steps: the mean of the ranks' means is the global mean.
-        # Reduced values are identical on all ranks, so all of them stop together on a non-finite loss.
-        epoch_loss = distributed.all_reduce_mean(float(np.mean(losses)), device)
-        part_means = {name: distributed.all_reduce_mean(total_part / len(losses), device)
-                      for name, total_part in part_sums.items()}
-        if not math.isfinite(epoch_loss):
-            raise FloatingPointError(f"TrainCAM: loss became non-finite in epoch {epoch}; lower the learning rate")
-        row = {"epoch": epoch + 1, "step": step, "loss": epoch_loss,
-               **{f"loss_{name}": value for name, value in part_means.items()},
-               "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - start, 2)}
-        rows.append(row)
-        if progress and distributed.is_main_process():
-            progress(100.0 * (epoch + 1) / cfg.num_epochs, f"epoch {epoch + 1}/{cfg.num_epochs} loss {row['loss']:.4f}")
+
+    def step_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        images, labels = batch
+        return trainer(images.to(device, non_blocking=True), labels.to(device))
+
+    loop = TrainingLoop(model, optimizer, total,
+                        lambda start: epoch_batches(loop, loader, per_epoch, start, begin_epoch),
+                        lambda step: poly_lr(optimizer, step, total, cfg.poly_power), step_fn,
+                        lambda lp, step, micro: _cam_log(lp, step, micro, cfg, per_epoch, device),
+                        checkpoint_every=checkpoint_every or per_epoch, resume_dir=resume_dir, progress=progress,
+                        desc="TrainCAM", torch_generators=[generator], main_process=distributed.is_main_process(),
+                        stop_after=stop_after)
+    result = loop.run()
+    if result.stopped:
+        return {"stopped_at": result.step}
     if distributed.is_main_process():
         with atomic_path(out_dir / CHECKPOINT) as tmp:
             torch.save(model.state_dict(), tmp)
-        write_csv(out_dir / LOG, rows)
+        write_csv(out_dir / TRAINING_LOG, loop.rows)
     distributed.barrier()  # no rank reports success before rank 0's files are in place
-    return {"final_loss": rows[-1]["loss"], "steps": step, "images": len(ids),
-            "seconds": round(time.time() - start, 2)}
+    return {"final_loss": loop.rows[-1]["loss"], "steps": result.step, "images": len(ids),
+            "seconds": result.seconds}
+
+
+def _cam_log(loop: TrainingLoop, step: int, micro: list[tuple[float, dict]], cfg: TrainCAMConfig,
+             per_epoch: int, device: torch.device) -> str | None:
+    """Sum the loss and its parts over the epoch; at its end, average over ranks into one log row."""
+    (loss, parts), = micro
+    losses = loop.carry.setdefault("losses", [])
+    part_sums = loop.carry.setdefault("part_sums", {})
+    losses.append(loss)
+    for name, value in parts.items():
+        part_sums[name] = part_sums.get(name, 0.0) + float(value)
+    if step % per_epoch:
+        return None
+    epoch = step // per_epoch
+    # Every rank ran the same number of equal-sized steps: the mean of the ranks' means is the global mean.
+    # Reduced values are identical on all ranks, so all of them stop together on a non-finite loss.
+    epoch_loss = distributed.all_reduce_mean(float(np.mean(losses)), device)
+    part_means = {name: distributed.all_reduce_mean(total_part / len(losses), device)
+                  for name, total_part in part_sums.items()}
+    if not math.isfinite(epoch_loss):
+        raise FloatingPointError(f"TrainCAM: loss became non-finite in epoch {epoch - 1}; lower the learning rate")
+    row = {"epoch": epoch, "step": step, "loss": epoch_loss,
+           **{f"loss_{name}": value for name, value in part_means.items()},
+           "lr": loop.optimizer.param_groups[0]["lr"], "seconds": loop.seconds()}
+    loop.rows.append(row)
+    loop.carry.update(losses=[], part_sums={})
+    return f"epoch {epoch}/{cfg.num_epochs} loss {row['loss']:.4f}"
 
 
 # ------------------------------------------------------------------------------------------ entry point

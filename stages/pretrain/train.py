@@ -10,8 +10,8 @@ plus ``log.csv`` (loss and accuracy per 100 steps) and the accuracy on held-out 
 
 from __future__ import annotations
 
+import math
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from models.classifier import ImageClassifier
 from models.resnet import BACKBONES, create_backbone
 from stages.config import PretrainBackboneConfig, validate
 from stages.runtime import seed_everything
+from stages.training.engine import TrainingLoop
 from stages.training.optim import make_optimizer, poly_lr
 
 WEIGHTS = "backbone.pth"
@@ -60,8 +61,14 @@ def _accuracy(model: torch.nn.Module, loader: DataLoader, device: torch.device) 
 
 
 def pretrain_backbone(cfg: PretrainBackboneConfig, out_dir: str | os.PathLike, device: torch.device,
-                      loader_workers: int = 1, progress: Callable[[float, str], None] | None = None) -> dict:
-    """Train ``cfg.backbone`` for ``cfg.steps`` steps; writes ``backbone.pth`` and ``log.csv`` into ``out_dir``."""
+                      loader_workers: int = 1, progress: Callable[[float, str], None] | None = None,
+                      resume_dir: Path | None = None, checkpoint_every: int = LOG_EVERY,
+                      stop_after: int | None = None) -> dict:
+    """Train ``cfg.backbone`` for ``cfg.steps`` steps; writes ``backbone.pth`` and ``log.csv`` into ``out_dir``.
+
+    Every ``checkpoint_every`` steps the run is checkpointed to ``resume_dir`` (when given) and a later call with the
+    same ``resume_dir`` continues from there (:mod:`stages.training.engine`); ``stop_after`` ends early without
+    the final files (tests: a kill)."""
     validate(cfg)
     BACKBONES.get(cfg.backbone, key="PretrainBackbone.backbone")
     out_dir = Path(out_dir)
@@ -72,32 +79,46 @@ def pretrain_backbone(cfg: PretrainBackboneConfig, out_dir: str | os.PathLike, d
                                weight_decay=cfg.weight_decay)
     # Every image is new (an endless stream cut to steps x batch), so the order needs no shuffling.
     stream = SyntheticObjects(cfg.seed, "pretrain", cfg.steps * cfg.batch_size, cfg.image_size, flip=True)
-    loader = DataLoader(stream, batch_size=cfg.batch_size, num_workers=loader_workers)
-    rows, losses, hits = [], [], []
-    start = time.time()
-    model.train()
-    for step, (images, labels) in enumerate(loader):
-        poly_lr(optimizer, step, cfg.steps, cfg.poly_power)
+
+    def batches(start: int) -> DataLoader:
+        order = list(range(start * cfg.batch_size, cfg.steps * cfg.batch_size))
+        return DataLoader(stream, batch_sampler=[order[i:i + cfg.batch_size] for i in range(0, len(order),
+                                                                                           cfg.batch_size)],
+                          num_workers=loader_workers)
+
+    def step_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        images, labels = batch
         logits = model(images.to(device, non_blocking=True))
         loss = F.cross_entropy(logits, labels.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"PretrainBackbone: loss became non-finite at step {step}; lower the lr")
-        losses.append(loss.item())
-        hits.append(float((logits.argmax(1).cpu() == labels).float().mean()))
-        done = step + 1
-        if done % LOG_EVERY == 0 or done == cfg.steps:
-            rows.append({"step": done, "loss": float(np.mean(losses[-LOG_EVERY:])),
-                         "train_accuracy": float(np.mean(hits[-LOG_EVERY:])),
-                         "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - start, 2)})
-            if progress:
-                progress(100.0 * done / cfg.steps, f"step {done}/{cfg.steps} loss {rows[-1]['loss']:.3f} "
-                                                   f"accuracy {rows[-1]['train_accuracy']:.2f}")
+        return loss, {"hit": float((logits.argmax(1).cpu() == labels).float().mean())}
+
+    def on_step(loop: TrainingLoop, done: int, micro: list[tuple[float, dict]]) -> str | None:
+        (loss, extras), = micro
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"PretrainBackbone: loss became non-finite at step {done - 1}; lower the lr")
+        losses, hits = loop.carry.setdefault("losses", []), loop.carry.setdefault("hits", [])
+        losses.append(loss)
+        hits.append(extras["hit"])
+        del losses[:-LOG_EVERY], hits[:-LOG_EVERY]  # only the last LOG_EVERY are ever read (and checkpointed)
+        if done % LOG_EVERY and done != cfg.steps:
+            return None
+        loop.rows.append({"step": done, "loss": float(np.mean(losses[-LOG_EVERY:])),
+                          "train_accuracy": float(np.mean(hits[-LOG_EVERY:])),
+                          "lr": optimizer.param_groups[0]["lr"], "seconds": loop.seconds()})
+        return f"step {done}/{cfg.steps} loss {loop.rows[-1]['loss']:.3f} " \
+               f"accuracy {loop.rows[-1]['train_accuracy']:.2f}"
+
+    model.train()
+    loop = TrainingLoop(model, optimizer, cfg.steps, batches,
+                        lambda step: poly_lr(optimizer, step, cfg.steps, cfg.poly_power), step_fn, on_step,
+                        checkpoint_every=checkpoint_every, resume_dir=resume_dir, progress=progress,
+                        desc="PretrainBackbone", stop_after=stop_after)
+    result = loop.run()
+    if result.stopped:
+        return {"stopped_at": result.step}
     held_out = SyntheticObjects(cfg.seed, "pretrain-eval", cfg.eval_images, cfg.image_size, flip=False)
     accuracy = _accuracy(model, DataLoader(held_out, batch_size=64, num_workers=loader_workers), device)
     torch.save(model.backbone.state_dict(), out_dir / WEIGHTS)  # out_dir is the stage's temporary directory
-    write_csv(out_dir / "log.csv", rows)
-    return {"final_loss": rows[-1]["loss"], "held_out_accuracy": accuracy, "chance": 1.0 / num_classes,
-            "images": cfg.steps * cfg.batch_size, "seconds": round(time.time() - start, 2)}
+    write_csv(out_dir / "log.csv", loop.rows)
+    return {"final_loss": loop.rows[-1]["loss"], "held_out_accuracy": accuracy, "chance": 1.0 / num_classes,
+            "images": cfg.steps * cfg.batch_size, "seconds": result.seconds}

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.artifacts import label_file
+from data.artifacts import TRAINING_LOG, label_file
 from data.io import read_json, read_label_png
 from data.manifest import Manifest
 from stages.config import EvalSegmentationConfig, ReportConfig, TrainSegmentationConfig, validate
@@ -31,7 +31,7 @@ def read_curve(path: Path) -> list[dict]:
 def gallery_panels(manifest: Manifest, dirs: dict[str, Path], image_ids: list[str], model: torch.nn.Module | None,
                    eval_cfg: EvalSegmentationConfig, device: torch.device) -> list[tuple[str, dict[str, np.ndarray]]]:
     from data.dense import stage_maps
-    from stages.segmentation.segmenter import predict_labels
+    from stages.segmentation.predict import predict_labels
 
     space = manifest.label_space
     cams = stage_maps(dirs["cams"])
@@ -59,7 +59,7 @@ def build_report(cfg: ReportConfig, manifest: Manifest, dirs: dict[str, Path], c
                  comparison: list[dict] | None = None) -> dict:
     """``report.html`` and ``report.md`` in ``out_dir`` from the stage directories ``dirs``."""
     from stages.report.html import ReportInputs, write_report
-    from stages.segmentation.segmenter import LOG, load_segmenter
+    from stages.segmentation.predict import load_segmenter
 
     validate(cfg)
 
@@ -83,8 +83,8 @@ def build_report(cfg: ReportConfig, manifest: Manifest, dirs: dict[str, Path], c
         cam_metrics=metrics("cam_eval") or {}, cam_curve=read_curve(dirs["cam_eval"] / "curve.csv"),
         pseudo_metrics=pseudo, refined_metrics=refined,
         segmentation_metrics=metrics("segmentation"), ceiling_metrics=metrics("ceiling"),
-        training_curves={"pseudo labels": read_curve(dirs["segmenter"] / LOG),
-                         "GT (ceiling)": read_curve(dirs["ceiling_segmenter"] / LOG)},
+        training_curves={"pseudo labels": read_curve(dirs["segmenter"] / TRAINING_LOG),
+                         "GT (ceiling)": read_curve(dirs["ceiling_segmenter"] / TRAINING_LOG)},
         gallery=gallery_panels(manifest, dirs, ids, model, eval_config, device), notes=notes,
         comparison=comparison or [])
     summary = write_report(inputs, out_dir)

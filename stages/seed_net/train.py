@@ -2,7 +2,7 @@
 
 Per iteration, on the network's output grid (41x41 for a 321 crop at output stride 8):
 
-1. a batch of crops (the DeepLab augmentation of :mod:`stages.segmentation.segmenter`: discrete random scale, pad, crop,
+1. a batch of crops (the DeepLab augmentation of :mod:`stages.segmentation.train`: discrete random scale, pad, crop,
    flip), each with its seed map carried along (nearest) and then nearest-sampled to the logits' grid;
 2. the logits (and, for DGCN, the 1,280-d node features of :meth:`DeepLabV2.forward_with_features`);
 3. new supervision grown from the **original** seeds: ``dsrg`` = CRF + seeded region growing
@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from data.artifacts import TRAINING_LOG
 from data.io import atomic_path, write_csv
 from data.labelspace import IGNORE_INDEX
 from data.manifest import Manifest
@@ -46,17 +46,9 @@ from stages.config import TrainSeedNetConfig, validate
 from stages.runtime import seed_everything
 from stages.seed_net.graphcut import DGCNConfig, dgcn_step, make_pool
 from stages.seed_net.growing import DSRGConfig, dsrg_step
-from stages.segmentation.segmenter import (
-    CHECKPOINT,
-    LOG,
-    RESUME,
-    _save_resume,
-    augment,
-    batch_schedule,
-    load_matching,
-    nearest_resize,
-    predict_probs,
-)
+from stages.segmentation.predict import CHECKPOINT, load_matching, predict_probs
+from stages.segmentation.train import augment, batch_schedule, nearest_resize
+from stages.training.engine import TrainingLoop
 from stages.training.optim import make_optimizer
 
 SeedSource = Callable[[str], np.ndarray]
@@ -247,6 +239,17 @@ def _set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
         group["lr"] = group["initial_lr"] * factor
 
 
+def _check_inputs(cfg: TrainSeedNetConfig, manifest: Manifest, ids: list[str], processes: int) -> None:
+    validate(cfg)
+    if processes < 1:
+        raise ValueError(f"processes must be at least 1, got {processes}")
+    if len(ids) < cfg.batch_size:
+        raise ValueError(f"TrainSeedNet: {len(ids)} training images is fewer than batch_size={cfg.batch_size}")
+    unknown = [i for i in ids if i not in manifest.image_labels]
+    if unknown:
+        raise ValueError(f"TrainSeedNet: images without image-level labels in the manifest: {unknown[:5]}")
+
+
 def train_seed_net(cfg: TrainSeedNetConfig, manifest: Manifest, ids: Sequence[str], seed_label: SeedSource,
                    out_dir: str | os.PathLike, device: torch.device, *, resume_dir: str | os.PathLike | None = None,
                    loader_workers: int = 0, processes: int = 1, progress: ProgressFn | None = None,
@@ -255,101 +258,83 @@ def train_seed_net(cfg: TrainSeedNetConfig, manifest: Manifest, ids: Sequence[st
     writes ``out_dir/model.pt`` (see :func:`load_seed_net`) and ``out_dir/log.csv`` (one row per iteration).
 
     ``cfg.pretrained`` is a weights path (the pipeline resolves ``synthetic`` as for TrainSegmentation).
-    Every ``checkpoint_every`` iterations the model, optimiser and log go to ``resume_dir/last.pt``; a later call
-    with the same ``resume_dir`` continues from there. ``stop_after`` ends early without the final files (tests:
-    a kill). ``processes > 1`` runs DGCN's graph cuts in that many worker processes (same result)."""
-    from tqdm import tqdm
-
-    validate(cfg)
-    if processes < 1:
-        raise ValueError(f"processes must be at least 1, got {processes}")
+    Every ``checkpoint_every`` iterations the model, optimiser, log and RNG states go to ``resume_dir/last.pt``
+    (:mod:`stages.training.engine`); a later call with the same ``resume_dir`` continues from there.
+    ``stop_after`` ends early without the final files (tests: a kill). ``processes > 1`` runs DGCN's graph cuts
+    in that many worker processes (same result)."""
     ids = list(ids)
-    if len(ids) < cfg.batch_size:
-        raise ValueError(f"TrainSeedNet: {len(ids)} training images is fewer than batch_size={cfg.batch_size}")
-    unknown = [i for i in ids if i not in manifest.image_labels]
-    if unknown:
-        raise ValueError(f"TrainSeedNet: images without image-level labels in the manifest: {unknown[:5]}")
+    _check_inputs(cfg, manifest, ids, processes)
     out_dir = Path(out_dir)
     update_cfg = label_update_config(cfg)
     seed_everything(cfg.seed)
     model = build_seed_net(cfg, manifest.label_space.num_classes).to(device)
     optimizer = make_optimizer(optimizer_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay)
-    start, rows, elapsed = 0, [], 0.0
-    resume_path = Path(resume_dir) / RESUME if resume_dir else None
-    if resume_path and resume_path.is_file():
-        state = torch.load(resume_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, rows, elapsed = state["iteration"], state["rows"], state["elapsed"]
-        if progress:
-            progress(100.0 * start / cfg.iterations, f"resumed at iteration {start}/{cfg.iterations}")
     per_epoch = len(ids) // cfg.batch_size
-    loader = DataLoader(SeedCropSet(manifest, ids, seed_label, cfg),
-                        batch_sampler=batch_schedule(len(ids), cfg.batch_size, cfg.seed, start, cfg.iterations),
-                        num_workers=loader_workers)
+    dataset = SeedCropSet(manifest, ids, seed_label, cfg)
     pool = make_pool(processes) if cfg.method == "graphcut" and processes > 1 else None
+
+    def batches(start: int) -> DataLoader:
+        return DataLoader(dataset, batch_sampler=batch_schedule(len(ids), cfg.batch_size, cfg.seed, start,
+                                                                cfg.iterations), num_workers=loader_workers)
+
+    def step_fn(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict]:
+        images, rgbs, seeds, present = batch
+        images = images.to(device)
+        if cfg.method == "graphcut":
+            logits, features = model.forward_with_features(images)
+        else:
+            logits, features = model(images), None
+        grid_seeds = nearest_resize(seeds.numpy(), tuple(logits.shape[-2:]))
+        tic = time.perf_counter()
+        if features is not None:
+            step = dgcn_step(logits, features, rgbs.numpy(), grid_seeds, present.numpy(), update_cfg, executor=pool)
+        else:
+            step = dsrg_step(logits, rgbs.numpy(), grid_seeds, present.numpy(), update_cfg)
+        return step.loss, {"seed_loss": float(step.seed_loss.item()),
+                           "constrain_loss": float(step.constrain_loss.item()),
+                           "seed_fraction": float((grid_seeds != IGNORE_INDEX).mean()),
+                           "label_fraction": float((step.labels != IGNORE_INDEX).float().mean().item()),
+                           "update_seconds": round(time.perf_counter() - tic, 4)}
+
+    def on_step(loop: TrainingLoop, iteration: int, micro: list[tuple[float, dict]]) -> str | None:
+        (loss, extras), = micro
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"TrainSeedNet: loss became non-finite at iteration {iteration}; "
+                                     "lower TrainSeedNet.lr")
+        loop.rows.append({"epoch": (iteration - 1) // per_epoch, "iteration": iteration, "loss": loss,
+                          "seed_loss": extras["seed_loss"], "constrain_loss": extras["constrain_loss"],
+                          "lr": optimizer.param_groups[0]["lr"], "seed_fraction": extras["seed_fraction"],
+                          "label_fraction": extras["label_fraction"], "update_seconds": extras["update_seconds"],
+                          "seconds": loop.seconds()})
+        if iteration % max(1, per_epoch) and iteration != cfg.iterations:
+            return None
+        return f"iteration {iteration}/{cfg.iterations} loss {loss:.4f} " \
+               f"labelled {100 * extras['label_fraction']:.1f}%"
+
     model.train()
-    began = time.time() - elapsed
-    bar = tqdm(total=cfg.iterations, initial=start, desc="TrainSeedNet", file=sys.stderr, mininterval=10,
-               disable=None)
-    iteration = start
+    loop = TrainingLoop(model, optimizer, cfg.iterations, batches,
+                        lambda step: _set_lr(optimizer, lr_factor(cfg, step, per_epoch)), step_fn, on_step,
+                        checkpoint_every=cfg.checkpoint_every, resume_dir=resume_dir, progress=progress,
+                        desc="TrainSeedNet", stop_after=stop_after)
     try:
-        for images, rgbs, seeds, present in loader:
-            factor = lr_factor(cfg, iteration, per_epoch)
-            _set_lr(optimizer, factor)
-            images = images.to(device)
-            if cfg.method == "graphcut":
-                logits, features = model.forward_with_features(images)
-            else:
-                logits, features = model(images), None
-            grid_seeds = nearest_resize(seeds.numpy(), tuple(logits.shape[-2:]))
-            tic = time.perf_counter()
-            if features is not None:
-                step = dgcn_step(logits, features, rgbs.numpy(), grid_seeds, present.numpy(), update_cfg,
-                                 executor=pool)
-            else:
-                step = dsrg_step(logits, rgbs.numpy(), grid_seeds, present.numpy(), update_cfg)
-            update_seconds = time.perf_counter() - tic
-            optimizer.zero_grad(set_to_none=True)
-            step.loss.backward()
-            optimizer.step()
-            iteration += 1
-            bar.update(1)
-            loss = float(step.loss.item())
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"TrainSeedNet: loss became non-finite at iteration {iteration}; "
-                                         "lower TrainSeedNet.lr")
-            rows.append({"epoch": (iteration - 1) // per_epoch, "iteration": iteration, "loss": loss,
-                         "seed_loss": float(step.seed_loss.item()),
-                         "constrain_loss": float(step.constrain_loss.item()),
-                         "lr": optimizer.param_groups[0]["lr"],
-                         "seed_fraction": float((grid_seeds != IGNORE_INDEX).mean()),
-                         "label_fraction": float((step.labels != IGNORE_INDEX).float().mean().item()),
-                         "update_seconds": round(update_seconds, 4), "seconds": round(time.time() - began, 2)})
-            if progress and (iteration % max(1, per_epoch) == 0 or iteration == cfg.iterations):
-                progress(100.0 * iteration / cfg.iterations,
-                         f"iteration {iteration}/{cfg.iterations} loss {loss:.4f} "
-                         f"labelled {100 * rows[-1]['label_fraction']:.1f}%")
-            if resume_path and iteration % cfg.checkpoint_every == 0 and iteration < cfg.iterations:
-                resume_path.parent.mkdir(parents=True, exist_ok=True)
-                _save_resume(resume_path, model, optimizer, iteration, rows, [], time.time() - began)
-            if stop_after is not None and iteration >= stop_after:
-                return {"stopped_at": iteration}
+        result = loop.run()
     finally:
-        bar.close()
         if pool is not None:
             pool.shutdown()
+    if result.stopped:
+        return {"stopped_at": result.step}
     with atomic_path(out_dir / CHECKPOINT) as tmp:
         torch.save(model.state_dict(), tmp)
-    write_csv(out_dir / LOG, rows)
+    write_csv(out_dir / TRAINING_LOG, loop.rows)
+    rows = loop.rows
     last = rows[-max(1, per_epoch):]
-    return {"final_loss": float(np.mean([r["loss"] for r in last])), "iterations": iteration,
-            "resumed_from": start, "images": len(ids), "method": cfg.method,
+    return {"final_loss": float(np.mean([r["loss"] for r in last])), "iterations": result.step,
+            "resumed_from": result.resumed_from, "images": len(ids), "method": cfg.method,
             "seed_fraction": float(np.mean([r["seed_fraction"] for r in last])),
             "label_fraction": float(np.mean([r["label_fraction"] for r in last])),
             "update_seconds_mean": float(np.mean([r["update_seconds"] for r in rows])),
-            "seconds": round(time.time() - began, 2)}
+            "seconds": result.seconds}
 
 
 def seed_net_inputs(cfg: TrainSeedNetConfig, model: nn.Module,
