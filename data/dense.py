@@ -16,6 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from data.artifacts import SHARD_INDEX
 from data.io import BadInputError, atomic_path, read_json
 
 COMPRESSION = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
@@ -160,5 +161,16 @@ def _walk_ids(group: h5py.Group, prefix: str = "") -> Iterator[str]:
 def stage_maps(stage_dir: str | os.PathLike) -> DenseMapReader:
     """Reader over the dense maps of a published sharded stage (its ``index.json`` lists the shard files)."""
     stage_dir = Path(stage_dir)
-    index = read_json(stage_dir / "index.json")
+    index = read_json(stage_dir / SHARD_INDEX)
     return DenseMapReader(stage_dir / name for name in index["shards"])
+
+
+def read_cam(cams: DenseMapReader, image_id: str, name: str, size: tuple[int, int]) -> tuple[np.ndarray, list[int]]:
+    """One image's CAM planes and their class keys, checked against the image size."""
+    arrays, attrs = cams.read(image_id, [name])
+    cam, keys = arrays[name], [int(k) for k in attrs["keys"]]
+    if name == "high_res" and cam.shape[1:] != tuple(size):
+        raise BadInputError(cams.index[image_id], f"CAM of image {image_id!r} is {cam.shape[1:]}, image is {size}")
+    if cam.shape[0] != len(keys):
+        raise BadInputError(cams.index[image_id], f"image {image_id!r}: {cam.shape[0]} CAM planes, {len(keys)} keys")
+    return cam, keys

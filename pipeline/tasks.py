@@ -14,7 +14,7 @@ from pathlib import Path
 
 import luigi
 
-from data.artifacts import METRICS, PROVENANCE, label_file
+from data.artifacts import BACKBONE_WEIGHTS, METRICS, MODEL_WEIGHTS, PROVENANCE, SCRIBBLE_AFFINITY, label_file
 from data.io import read_json
 from data.manifest import Manifest
 from pipeline.framework import (
@@ -83,8 +83,7 @@ def with_weights_path(task: StageTask):
     cfg = task.config
     if cfg.pretrained != C.SYNTHETIC_PRETRAINING:
         return cfg
-    from stages.pretrain.train import WEIGHTS
-    return dataclasses.replace(cfg, pretrained=str(task.input_dir("pretrained") / WEIGHTS))
+    return dataclasses.replace(cfg, pretrained=str(task.input_dir("pretrained") / BACKBONE_WEIGHTS))
 
 
 @with_config(C.TrainCAMConfig)
@@ -223,7 +222,6 @@ class TrainAffinity(TrainingStage):
 
         from data.io import read_label_png
         from stages.affinity.train import train_affinity
-        from stages.cam.methods import CHECKPOINT
 
         rt = runtime()
         manifest = manifest_of(self)
@@ -231,11 +229,11 @@ class TrainAffinity(TrainingStage):
         scores = shard_store(seeds_dir)
         # Scribbles: the reference trains its affinity net on the CAM seeds with the scribbles on top, not on the
         # superpixel-grown scribbles the GNN learns from.
-        affinity_seeds = seeds_dir / "scribble_affinity"
+        affinity_seeds = seeds_dir / SCRIBBLE_AFFINITY
 
         def seed_label(image_id: str):
             if affinity_seeds.is_dir():
-                return read_label_png(label_file(seeds_dir, image_id, folder="scribble_affinity"),
+                return read_label_png(label_file(seeds_dir, image_id, folder=SCRIBBLE_AFFINITY),
                                       manifest.label_space)
             return read_label_png(label_file(seeds_dir, image_id), manifest.label_space)
 
@@ -247,7 +245,7 @@ class TrainAffinity(TrainingStage):
 
         cam_state = None
         if self.init_from_cam and not self.pretrained:
-            cam_state = torch.load(self.input_dir("cam_net") / CHECKPOINT, map_location="cpu", weights_only=True)
+            cam_state = torch.load(self.input_dir("cam_net") / MODEL_WEIGHTS, map_location="cpu", weights_only=True)
         return train_affinity(with_weights_path(self), manifest, manifest.splits["train"], seed_label, seed_scores,
                               out_dir, resolve_device(rt.device), cam_backbone_state=cam_state,
                               loader_workers=rt.loader_workers, progress=self.progress, resume_dir=self.resume_dir)

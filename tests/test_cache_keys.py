@@ -36,10 +36,8 @@ SEED_NET = ("TrainSeedNet", SEED_NET_PROPAGATIONS)
 # module -> the stages that run it: "Family" (every instance) or "Family[knob=a|b]" (instances whose knob is a or b).
 RUNS: dict[str, tuple[str, ...]] = {
     "data": ALL,
-    "data.artifacts": ("TrainCAM", "ExtractSeeds", "TrainSeedNet", "Propagate", "RefineCRF", "EvalPseudoLabels",
-                       "TrainSegmentation", "EvalSegmentation", "Report"),
-    "data.dense": ("TrainCAM", "MakeCAM", "EvalCAM", "ExtractSeeds", "TrainSeedNet", "Propagate", "RefineCRF",
-                   "EvalPseudoLabels", "TrainSegmentation", "EvalSegmentation", "Report"),
+    "data.artifacts": tuple(s for s in ALL if s != "PrepareDataset"),      # names of files in stage directories
+    "data.dense": ("MakeCAM", "EvalCAM", "ExtractSeeds", "Propagate", "RefineCRF", "Report"),
     "data.io": ALL,
     "data.labelspace": ALL,
     "data.manifest": tuple(s for s in ALL if s != "PretrainBackbone"),

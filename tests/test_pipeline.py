@@ -232,7 +232,7 @@ def test_rerun_nothing_comment_edit_nothing_code_edit_reruns_downstream(tmp_path
     assert "running   " not in proc.stderr, "a cached run executed a task"  # luigi logs each task it runs
 
     # A comment and a docstring edit in the code MakeCAM runs: same keys.
-    src = repo / "stages" / "make_cam.py"
+    src = repo / "stages" / "cam" / "infer.py"
     text = src.read_text()
     src.write_text(text.replace('"""Multi-scale CAM inference', '"""Multi-scale CAM inference (edited doc)', 1)
                    + "\n# a comment that changes nothing\n")

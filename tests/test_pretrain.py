@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from data import synthetic
+from data.artifacts import BACKBONE_WEIGHTS
 from models.resnet import create_backbone
 from stages.config import PretrainBackboneConfig
-from stages.pretrain.train import WEIGHTS, SyntheticObjects, pretrain_backbone
+from stages.pretrain.train import SyntheticObjects, pretrain_backbone
 
 
 def test_stream_is_deterministic_single_object_and_apart_from_the_dataset():
@@ -36,9 +37,9 @@ def test_pretraining_beats_chance_and_its_weights_load_as_a_backbone(tmp_path, o
     assert metrics["held_out_accuracy"] > 2 * metrics["chance"], metrics
     log = (tmp_path / "log.csv").read_text().splitlines()
     assert log[0].startswith("step,loss,train_accuracy") and len(log) == 4  # header + steps 100, 200, 300
-    saved = torch.load(tmp_path / WEIGHTS, weights_only=True)
+    saved = torch.load(tmp_path / BACKBONE_WEIGHTS, weights_only=True)
     assert not any(k.startswith("fc.") for k in saved)
-    backbone = create_backbone("resnet_mini", pretrained=tmp_path / WEIGHTS)
+    backbone = create_backbone("resnet_mini", pretrained=tmp_path / BACKBONE_WEIGHTS)
     for name, value in backbone.state_dict().items():
         assert torch.equal(value, saved[name]), name
 
@@ -49,7 +50,7 @@ def test_pretraining_is_reproducible_from_its_seed(tmp_path, one_thread):
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         pretrain_backbone(cfg, tmp_path / name, torch.device("cpu"), loader_workers=0)
-        runs.append(torch.load(tmp_path / name / WEIGHTS, weights_only=True))
+        runs.append(torch.load(tmp_path / name / BACKBONE_WEIGHTS, weights_only=True))
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 

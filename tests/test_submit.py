@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import run_luigi
 
+from data.artifacts import MODEL_WEIGHTS
 from pipeline.framework import submitted_families
 from pipeline.settings import runtime
 from pipeline.submit import JobFailedError, submitit_config
@@ -27,12 +28,11 @@ def read_shard(part_dir) -> dict[str, dict[str, np.ndarray]]:
 
 
 def test_submitted_stages_match_in_process_runs(luigi_config, tmp_path):
-    from stages.cam.methods import CHECKPOINT
 
     # In-process reference.
     assert run_luigi(TrainCAM()).status == luigi.LuigiStatusCode.SUCCESS
     train = TrainCAM()
-    reference = torch.load(train.stage_dir / CHECKPOINT, map_location="cpu", weights_only=True)
+    reference = torch.load(train.stage_dir / MODEL_WEIGHTS, map_location="cpu", weights_only=True)
     shutil.rmtree(train.stage_dir)
 
     # TrainCAM as a job in a separate process (submitit's LocalExecutor): same key, same weights.
@@ -41,7 +41,7 @@ def test_submitted_stages_match_in_process_runs(luigi_config, tmp_path):
     luigi_config("submitit", "timeout_min", 10)
     assert run_luigi(TrainCAM()).status == luigi.LuigiStatusCode.SUCCESS
     train = TrainCAM()
-    submitted = torch.load(train.stage_dir / CHECKPOINT, map_location="cpu", weights_only=True)
+    submitted = torch.load(train.stage_dir / MODEL_WEIGHTS, map_location="cpu", weights_only=True)
     assert reference.keys() == submitted.keys()
     for name, tensor in reference.items():
         assert torch.equal(tensor, submitted[name]), name

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from data.artifacts import BACKBONE_WEIGHTS, RESUME_CHECKPOINT
 from stages.config import (
     PretrainBackboneConfig,
     TrainAffinityConfig,
@@ -18,7 +19,7 @@ from stages.config import (
     TrainSeedNetConfig,
     TrainSegmentationConfig,
 )
-from stages.training.engine import RESUME, TrainingLoop
+from stages.training.engine import TrainingLoop
 from stages.training.optim import make_optimizer, poly_lr
 
 CPU = torch.device("cpu")
@@ -45,7 +46,7 @@ def kill_and_resume(train, tmp_path: Path, weights: str, stop_after: int, resume
     train(tmp_path / "a")
     resume = tmp_path / "resume"
     assert train(tmp_path / "b", resume_dir=resume, stop_after=stop_after) == {"stopped_at": stop_after}
-    assert (resume / RESUME).is_file() and not (tmp_path / "b" / weights).exists()
+    assert (resume / RESUME_CHECKPOINT).is_file() and not (tmp_path / "b" / weights).exists()
     metrics = train(tmp_path / "b", resume_dir=resume)
     if "resumed_from" in metrics:
         assert metrics["resumed_from"] == resumed_from
@@ -102,7 +103,7 @@ def test_loop_resumes_rng_accumulation_and_log_after_an_exception(tmp_path):
     straight = toy_run(None)
     with pytest.raises(KilledError):
         toy_run(tmp_path, kill_at=5)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [RESUME]  # written atomically: no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [RESUME_CHECKPOINT]  # written atomically: no temporary left
     resumed = toy_run(tmp_path)
     assert resumed["rows"] == straight["rows"] and len(straight["rows"]) == 6
     assert all(torch.equal(straight["state"][k], resumed["state"][k]) for k in straight["state"])
@@ -118,7 +119,7 @@ def test_a_finished_checkpoint_is_not_rewritten_and_progress_is_reported(tmp_pat
     result = loop.run()
     assert (result.step, result.resumed_from, result.stopped) == (2, 0, False)
     assert seen == [(50.0, "step 1"), (100.0, "step 2")]
-    assert (tmp_path / RESUME).is_file()  # step 1's; the last step is never checkpointed
+    assert (tmp_path / RESUME_CHECKPOINT).is_file()  # step 1's; the last step is never checkpointed
 
 
 # ------------------------------------------------------------------------------------------ the five stages
@@ -149,11 +150,11 @@ def test_train_seed_net_resumes_exactly(tiny_manifest, tmp_path, one_thread):
 
 
 def test_pretrain_backbone_resumes_exactly(tmp_path, one_thread):
-    from stages.pretrain.train import WEIGHTS, pretrain_backbone
+    from stages.pretrain.train import pretrain_backbone
 
     cfg = PretrainBackboneConfig(steps=5, batch_size=4, image_size=32, eval_images=4)
     kill_and_resume(lambda out, **kw: pretrain_backbone(cfg, out, CPU, loader_workers=0, checkpoint_every=2, **kw),
-                    tmp_path, WEIGHTS, stop_after=3, resumed_from=2)
+                    tmp_path, BACKBONE_WEIGHTS, stop_after=3, resumed_from=2)
 
 
 @pytest.mark.parametrize("checkpoint_every, stop_after, resumed_from", [(0, 4, 3), (2, 3, 2)])

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from data.artifacts import MODEL_WEIGHTS, TRAINING_LOG
 from data.io import BadInputError, write_csv
 from data.labelspace import IGNORE_INDEX
 from data.manifest import Manifest
@@ -46,7 +47,6 @@ from stages.runtime import seed_everything
 from stages.training.engine import TrainingLoop, epoch_batches
 from stages.training.optim import make_optimizer, poly_lr
 
-CHECKPOINT = "model.pt"
 EPS = 1e-5
 
 SeedLabelFn = Callable[[str], np.ndarray]
@@ -121,7 +121,7 @@ def load_affinity_model(cfg: TrainAffinityConfig, directory: str | os.PathLike,
                         device: torch.device) -> torch.nn.Module:
     """The trained net of ``directory``/model.pt, in eval mode on ``device``."""
     model = AFFINITY_METHODS.get(cfg.affinity_method)(cfg, None, pretrained=False)
-    path = Path(directory) / CHECKPOINT
+    path = Path(directory) / MODEL_WEIGHTS
     if not path.is_file():
         raise BadInputError(path, "affinity checkpoint is missing")
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -392,8 +392,8 @@ def train_affinity(cfg: TrainAffinityConfig, manifest: Manifest, ids: Sequence[s
     result = loop.run()
     if result.stopped:
         return {"stopped_at": result.step}
-    torch.save(model.state_dict(), out_dir / CHECKPOINT)
-    write_csv(out_dir / "log.csv", loop.rows)
+    torch.save(model.state_dict(), out_dir / MODEL_WEIGHTS)
+    write_csv(out_dir / TRAINING_LOG, loop.rows)
     return {"final_loss": loop.rows[-1]["loss"], "steps": result.step, "images": len(ids),
             "images_without_labels": unlabelled, "seconds": result.seconds}
 

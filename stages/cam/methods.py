@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from data.artifacts import MODEL_WEIGHTS
 from stages.cam import CAM_METHODS
 from stages.config import TrainCAMConfig
 
@@ -20,12 +21,11 @@ def build_cam_model(cfg: TrainCAMConfig, num_classes: int, pretrained: bool = Tr
     return CAM_METHODS.get(cfg.cam_method, key="TrainCAM.cam_method")(cfg, num_classes, pretrained=pretrained)
 
 
-CHECKPOINT = "model.pt"
 
 
 def load_cam_model(cfg: TrainCAMConfig, num_classes: int, directory: str | os.PathLike,
                    device: torch.device) -> torch.nn.Module:
     model = build_cam_model(cfg, num_classes, pretrained=False)
-    path = Path(directory) / CHECKPOINT
+    path = Path(directory) / MODEL_WEIGHTS
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.to(device).eval()

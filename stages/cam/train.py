@@ -32,11 +32,11 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from data.artifacts import TRAINING_LOG
+from data.artifacts import MODEL_WEIGHTS, TRAINING_LOG
 from data.io import atomic_path, read_json, write_csv, write_json
 from data.manifest import Manifest
 from data.transforms import train_transform
-from stages.cam.methods import CHECKPOINT, build_cam_model
+from stages.cam.methods import build_cam_model
 from stages.config import TrainCAMConfig, validate
 from stages.runtime import configure_threads, seed_everything
 from stages.training import distributed
@@ -166,7 +166,7 @@ def train_cam(cfg: TrainCAMConfig, manifest: Manifest, out_dir: str | os.PathLik
     if result.stopped:
         return {"stopped_at": result.step}
     if distributed.is_main_process():
-        with atomic_path(out_dir / CHECKPOINT) as tmp:
+        with atomic_path(out_dir / MODEL_WEIGHTS) as tmp:
             torch.save(model.state_dict(), tmp)
         write_csv(out_dir / TRAINING_LOG, loop.rows)
     distributed.barrier()  # no rank reports success before rank 0's files are in place

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from data import synthetic
+from data.artifacts import BACKBONE_WEIGHTS, TRAINING_LOG
 from data.io import write_csv
 from data.transforms import normalize
 from models.classifier import ImageClassifier
@@ -30,7 +31,6 @@ from stages.runtime import seed_everything
 from stages.training.engine import TrainingLoop
 from stages.training.optim import make_optimizer, poly_lr
 
-WEIGHTS = "backbone.pth"
 LOG_EVERY = 100
 
 
@@ -118,7 +118,7 @@ def pretrain_backbone(cfg: PretrainBackboneConfig, out_dir: str | os.PathLike, d
         return {"stopped_at": result.step}
     held_out = SyntheticObjects(cfg.seed, "pretrain-eval", cfg.eval_images, cfg.image_size, flip=False)
     accuracy = _accuracy(model, DataLoader(held_out, batch_size=64, num_workers=loader_workers), device)
-    torch.save(model.backbone.state_dict(), out_dir / WEIGHTS)  # out_dir is the stage's temporary directory
-    write_csv(out_dir / "log.csv", loop.rows)
+    torch.save(model.backbone.state_dict(), out_dir / BACKBONE_WEIGHTS)  # out_dir is the stage's temporary directory
+    write_csv(out_dir / TRAINING_LOG, loop.rows)
     return {"final_loss": loop.rows[-1]["loss"], "held_out_accuracy": accuracy, "chance": 1.0 / num_classes,
             "images": cfg.steps * cfg.batch_size, "seconds": result.seconds}

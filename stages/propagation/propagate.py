@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.artifacts import label_file, read_cam
-from data.dense import DenseMapReader, DenseMapWriter
+from data.artifacts import label_file
+from data.dense import DenseMapReader, DenseMapWriter, read_cam
 from data.io import read_label_png, write_label_png
 from data.manifest import Manifest
 from stages.config import PropagateConfig

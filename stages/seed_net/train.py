@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from data.artifacts import TRAINING_LOG
+from data.artifacts import MODEL_WEIGHTS, TRAINING_LOG
 from data.io import atomic_path, write_csv
 from data.labelspace import IGNORE_INDEX
 from data.manifest import Manifest
@@ -46,7 +46,7 @@ from stages.config import TrainSeedNetConfig, validate
 from stages.runtime import seed_everything
 from stages.seed_net.graphcut import DGCNConfig, dgcn_step, make_pool
 from stages.seed_net.growing import DSRGConfig, dsrg_step
-from stages.segmentation.predict import CHECKPOINT, load_matching, predict_probs
+from stages.segmentation.predict import load_matching, predict_probs
 from stages.segmentation.train import augment, batch_schedule, nearest_resize
 from stages.training.engine import TrainingLoop
 from stages.training.optim import make_optimizer
@@ -205,7 +205,7 @@ def build_seed_net(cfg: TrainSeedNetConfig, num_classes: int, pretrained: bool =
 def load_seed_net(cfg: TrainSeedNetConfig, num_classes: int, directory: str | os.PathLike,
                   device: torch.device) -> nn.Module:
     """The trained net from ``directory/model.pt`` (as written by :func:`train_seed_net`), in eval mode."""
-    path = Path(directory) / CHECKPOINT
+    path = Path(directory) / MODEL_WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no TrainSeedNet checkpoint")
     model = build_seed_net(cfg, num_classes, pretrained=False)
@@ -324,7 +324,7 @@ def train_seed_net(cfg: TrainSeedNetConfig, manifest: Manifest, ids: Sequence[st
             pool.shutdown()
     if result.stopped:
         return {"stopped_at": result.step}
-    with atomic_path(out_dir / CHECKPOINT) as tmp:
+    with atomic_path(out_dir / MODEL_WEIGHTS) as tmp:
         torch.save(model.state_dict(), tmp)
     write_csv(out_dir / TRAINING_LOG, loop.rows)
     rows = loop.rows

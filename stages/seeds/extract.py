@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data.artifacts import label_file, read_cam
-from data.dense import DenseMapReader, DenseMapWriter
+from data.artifacts import label_file
+from data.dense import DenseMapReader, DenseMapWriter, read_cam
 from data.io import BadInputError, write_label_png
 from data.manifest import Manifest
 from stages.config import ExtractSeedsConfig

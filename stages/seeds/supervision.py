@@ -62,6 +62,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from data.artifacts import SCRIBBLE_AFFINITY, SCRIBBLE_GROWN
 from data.io import BadInputError
 from data.labelspace import IGNORE_INDEX
 from data.voc import VOCLayout
@@ -512,8 +513,8 @@ def merge_supervision(cfg: ExtractSeedsConfig, layout: VOCLayout, image_id: str,
                                 f"scribble size {scribble.shape} differs from the image size {shape}")
         affinity, grown = scribble_seeds(cam_seeds, scribble, _superpixels(rgb, cfg))
         if cfg.scribble_label == "grown":
-            return SupervisedSeeds(grown, {"scribble_affinity": affinity})
-        return SupervisedSeeds(affinity, {"scribble_grown": grown})
+            return SupervisedSeeds(grown, {SCRIBBLE_AFFINITY: affinity})
+        return SupervisedSeeds(affinity, {SCRIBBLE_GROWN: grown})
     if cfg.supervision == "box":
         boxes = supervision_boxes(layout, image_id, shape)
         return SupervisedSeeds(box_seeds(rgb, cam_seeds, cam_high, keys, boxes, cfg.box_grabcut_iterations,

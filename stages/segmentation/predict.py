@@ -14,13 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data.artifacts import MODEL_WEIGHTS
 from data.manifest import Manifest
 from data.transforms import normalize
 from models.deeplab import create_segmenter
 from stages.config import EvalSegmentationConfig, TrainSegmentationConfig, validate
 from stages.metrics import confusion, segmentation_scores
-
-CHECKPOINT = "model.pt"
 
 
 def build_model(cfg: TrainSegmentationConfig, num_classes: int, pretrained: bool = True) -> nn.Module:
@@ -111,7 +110,7 @@ def evaluate_model(model: nn.Module, manifest: Manifest, ids: Sequence[str], dev
 def load_segmenter(cfg: TrainSegmentationConfig, num_classes: int, directory: str | os.PathLike,
                    device: torch.device) -> nn.Module:
     model = build_model(cfg, num_classes, pretrained=False)
-    model.load_state_dict(torch.load(Path(directory) / CHECKPOINT, map_location="cpu", weights_only=True))
+    model.load_state_dict(torch.load(Path(directory) / MODEL_WEIGHTS, map_location="cpu", weights_only=True))
     return model.to(device).eval()
 
 

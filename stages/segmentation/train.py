@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from data.artifacts import TRAINING_LOG
+from data.artifacts import MODEL_WEIGHTS, TRAINING_LOG
 from data.io import atomic_path, write_csv
 from data.manifest import Manifest
 from data.transforms import normalize
 from stages.config import TrainSegmentationConfig, validate
 from stages.runtime import seed_everything
-from stages.segmentation.predict import CHECKPOINT, build_model, evaluate_model
+from stages.segmentation.predict import build_model, evaluate_model
 from stages.training.engine import TrainingLoop
 from stages.training.optim import make_optimizer, poly_lr
 
@@ -174,7 +174,7 @@ def train_segmentation(cfg: TrainSegmentationConfig, manifest: Manifest, labels:
     result = loop.run()
     if result.stopped:
         return {"stopped_at": result.step}
-    with atomic_path(out_dir / CHECKPOINT) as tmp:
+    with atomic_path(out_dir / MODEL_WEIGHTS) as tmp:
         torch.save(model.state_dict(), tmp)
     write_csv(out_dir / TRAINING_LOG, loop.rows)
     final_val = next((r["val_miou"] for r in reversed(loop.rows) if r["val_miou"] is not None), None)

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-RESUME = "last.pt"
+from data.artifacts import RESUME_CHECKPOINT
 
 StepFn = Callable[[Any], "tuple[torch.Tensor, dict]"]
 OnStep = Callable[["TrainingLoop", int, "list[tuple[float, dict]]"], "str | None"]
@@ -85,7 +85,7 @@ class TrainingLoop:
 
     @property
     def resume_path(self) -> Path | None:
-        return Path(self.resume_dir) / RESUME if self.resume_dir else None
+        return Path(self.resume_dir) / RESUME_CHECKPOINT if self.resume_dir else None
 
     def seconds(self) -> float:
         """Training time so far, including the time before a resume."""
