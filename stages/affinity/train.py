@@ -395,7 +395,7 @@ def train_affinity(cfg: TrainAffinityConfig, manifest: Manifest, ids: Sequence[s
     torch.save(model.state_dict(), out_dir / MODEL_WEIGHTS)
     write_csv(out_dir / TRAINING_LOG, loop.rows)
     return {"final_loss": loop.rows[-1]["loss"], "steps": result.step, "images": len(ids),
-            "images_without_labels": unlabelled, "seconds": result.seconds}
+            "images_without_labels": unlabelled, "resumed_from": result.resumed_from, "seconds": result.seconds}
 
 
 def _affinity_step(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], device: torch.device,

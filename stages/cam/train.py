@@ -171,7 +171,7 @@ def train_cam(cfg: TrainCAMConfig, manifest: Manifest, out_dir: str | os.PathLik
         write_csv(out_dir / TRAINING_LOG, loop.rows)
     distributed.barrier()  # no rank reports success before rank 0's files are in place
     return {"final_loss": loop.rows[-1]["loss"], "steps": result.step, "images": len(ids),
-            "seconds": result.seconds}
+            "resumed_from": result.resumed_from, "seconds": result.seconds}
 
 
 def _cam_log(loop: TrainingLoop, step: int, micro: list[tuple[float, dict]], cfg: TrainCAMConfig,

@@ -121,4 +121,4 @@ def pretrain_backbone(cfg: PretrainBackboneConfig, out_dir: str | os.PathLike, d
     torch.save(model.backbone.state_dict(), out_dir / BACKBONE_WEIGHTS)  # out_dir is the stage's temporary directory
     write_csv(out_dir / TRAINING_LOG, loop.rows)
     return {"final_loss": loop.rows[-1]["loss"], "held_out_accuracy": accuracy, "chance": 1.0 / num_classes,
-            "images": cfg.steps * cfg.batch_size, "seconds": result.seconds}
+            "images": cfg.steps * cfg.batch_size, "resumed_from": result.resumed_from, "seconds": result.seconds}
