@@ -91,7 +91,7 @@ class StageTask(luigi.Task):
     code: tuple[str, ...] = ()     # library modules this stage runs (their imports are followed)
     gpus = 0                       # CUDA devices compute() uses when it runs on CUDA (see `resources`)
     accepts_messages = False
-    # A compared method's chain (Report.compare; stages.config.variant_overrides): per task family the parameters
+    # A compared method's chain (Report.compare; pipeline.variants.variant_overrides): per task family the parameters
     # it overrides, and its name, which lists those overrides that reach this task (see `stage_in_variant`), so
     # one name is one computation. The overridden parameters themselves enter the key.
     variant = luigi.Parameter(default="")
