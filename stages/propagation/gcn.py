@@ -269,15 +269,15 @@ class GCNGraph:
 
 @dataclass(frozen=True)
 class GCNTraining:
-    """The GCN's hyperparameters (WSGCN's values)."""
+    """The GCN's hyperparameters: the ``Propagate.gcn_*`` knobs (WSGCN's values), whose defaults they take."""
 
-    hidden: int = 16
-    dropout: float = 0.3
-    lr: float = 0.01
-    weight_decay: float = 5e-4
-    epochs: int = 250
-    entropy_weight: float = 10.0
-    smooth_weight: float = 0.01
+    hidden: int = PropagateConfig.gcn_hidden
+    dropout: float = PropagateConfig.gcn_dropout
+    lr: float = PropagateConfig.gcn_lr
+    weight_decay: float = PropagateConfig.gcn_weight_decay
+    epochs: int = PropagateConfig.gcn_epochs
+    entropy_weight: float = PropagateConfig.gcn_entropy_weight
+    smooth_weight: float = PropagateConfig.gcn_smooth_weight
 
     @classmethod
     def from_config(cls, cfg: PropagateConfig) -> GCNTraining:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from data.labelspace import IGNORE_INDEX
+from stages.config import TrainSeedNetConfig
 from stages.seed_net.growing import (
     CRFRefineConfig,
     LabelStep,
@@ -65,10 +66,11 @@ __all__ = [
 class DGCNConfig:
     """DGCN supervision update and losses (hustvl/DGCN train.py unless noted)."""
 
-    k: int = 10                   # K = 10: neighbours = d <= 10th smallest distance of the row (self included)
+    # k, seed_capacity and update_threshold are the TrainSeedNet.dgcn_* knobs (DGCN's values, stages/config.py).
+    k: int = TrainSeedNetConfig.dgcn_k      # K = 10: neighbours = d <= 10th smallest distance of the row (self incl.)
     edge_capacity: float = 1.0    # g.add_edge(i, j, 1, 1) per directed kNN pair
-    seed_capacity: float = 10.0   # add_tedge(node, 0, 10) for seeds of c, (10, 0) for seeds of other classes
-    update_threshold: float = 0.7  # np.where(pred_c > 0.7, cut, cue)
+    seed_capacity: float = TrainSeedNetConfig.dgcn_seed_capacity   # add_tedge(node, 0, 10) for seeds of c, ...
+    update_threshold: float = TrainSeedNetConfig.dgcn_update_threshold   # np.where(pred_c > 0.7, cut, cue)
     softmax_floor: float = 1e-7   # softmax(pred, min_prob = 1e-7)
     # Ours: p clipped to [eps, 1 - eps] before -log10 (the reference relies on the softmax floor to stay finite).
     unary_eps: float = 1e-7

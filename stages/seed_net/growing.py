@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from data.labelspace import IGNORE_INDEX
+from stages.config import TrainSeedNetConfig
 from stages.refine.crf import dense_crf
 
 CRF_UNARIES = ("linear", "log")
@@ -66,9 +67,10 @@ class CRFRefineConfig:
 class DSRGConfig:
     """DSRG training-time seed growing and losses (speedinghzl/DSRG train-s.prototxt + pylayers.py)."""
 
-    bg_threshold: float = 0.99    # UpdateSeedLayer3 th1 (train-s.prototxt param_str): background candidates
-    fg_threshold: float = 0.85    # UpdateSeedLayer3 th2: foreground candidates
-    connectivity: int = 8         # CC_labeling_8 (8-connected components); 4 also accepted
+    # The TrainSeedNet.dsrg_* knobs, declared (with DSRG's values) in stages/config.py:
+    bg_threshold: float = TrainSeedNetConfig.dsrg_bg_threshold   # UpdateSeedLayer3 th1: background candidates
+    fg_threshold: float = TrainSeedNetConfig.dsrg_fg_threshold   # UpdateSeedLayer3 th2: foreground candidates
+    connectivity: int = TrainSeedNetConfig.dsrg_connectivity     # CC_labeling_8; 4 also accepted
     softmax_floor: float = 1e-4   # SoftmaxLayer: softmax + min_prob, renormalised
     count_floor: float = 1e-4     # SeedLossLayer3: T.maximum(count, min_prob)
     constrain_clip: tuple[float, float] = (0.05, 20.0)   # ConstrainLossLayer T.clip(Q / p, 0.05, 20)
