@@ -453,7 +453,8 @@ class EvalSegmentation(ShardedStage):
         return list(manifest.splits["val"])
 
     def compute_shard(self, ids, out_dir, writer, manifest, progress) -> dict:
-        from stages.segmentation.predict import load_segmenter, predict_images
+        from stages.segmentation.model import load_segmenter
+        from stages.segmentation.predict import predict_images
 
         trained = self.upstream()["model"]
         device = resolve_device(runtime().device)

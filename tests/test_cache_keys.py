@@ -28,7 +28,7 @@ TRAINERS = ("PretrainBackbone", "TrainCAM", "TrainAffinity", "TrainSeedNet", "Pr
 AFFINITY_PROPAGATIONS = "Propagate[propagation=a2gnn|gcn|rw_irn|rw_psa]"   # read an affinity net
 SEED_NET_PROPAGATIONS = "Propagate[propagation=dsrg|graphcut]"            # read a TrainSeedNet net
 CRF_USERS = ("ExtractSeeds", "TrainSeedNet", "Propagate[propagation=a2gnn|dsrg|gcn|graphcut]", "RefineCRF",
-             "EvalPseudoLabels", "TrainSegmentation", "EvalSegmentation", "Report")
+             "EvalPseudoLabels", "EvalSegmentation", "Report")
 SEGMENTER_USERS = ("TrainSeedNet", SEED_NET_PROPAGATIONS, "TrainSegmentation", "EvalSegmentation", "Report")
 REGISTRY_USERS = (*NETS, "EvalCAM", "ExtractSeeds", "RefineCRF", "EvalPseudoLabels")   # models.registry
 SEED_NET = ("TrainSeedNet", SEED_NET_PROPAGATIONS)
@@ -104,7 +104,8 @@ RUNS: dict[str, tuple[str, ...]] = {
     "stages.seeds.rules": ("ExtractSeeds", "Propagate[propagation=gcn]", "EvalPseudoLabels"),
     "stages.seeds.supervision": ("ExtractSeeds[supervision=box|point|scribble]",),
     "stages.segmentation": SEGMENTER_USERS,
-    "stages.segmentation.predict": SEGMENTER_USERS,
+    "stages.segmentation.model": SEGMENTER_USERS,
+    "stages.segmentation.predict": ("EvalSegmentation", "Report"),     # the test-time CRF, PNGs and metrics
     "stages.segmentation.train": ("TrainSeedNet", SEED_NET_PROPAGATIONS, "TrainSegmentation"),
     "stages.training": TRAINERS,
     "stages.training.distributed": ("TrainCAM",),

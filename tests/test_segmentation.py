@@ -15,7 +15,8 @@ from models.resnet import create_backbone
 from pipeline.checks import validate_config as validate
 from stages.config import EvalSegmentationConfig, TrainSegmentationConfig
 from stages.metrics import segmentation_scores
-from stages.segmentation.predict import load_matching, load_segmenter, predict_images, predict_probs
+from stages.segmentation.model import load_matching, load_segmenter, predict_probs
+from stages.segmentation.predict import predict_images
 from stages.segmentation.train import (
     SegmentationSet,
     augment,

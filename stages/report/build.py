@@ -59,7 +59,7 @@ def build_report(cfg: ReportConfig, manifest: Manifest, dirs: dict[str, Path], c
                  comparison: list[dict] | None = None) -> dict:
     """``report.html`` and ``report.md`` in ``out_dir`` from the stage directories ``dirs``."""
     from stages.report.html import ReportInputs, write_report
-    from stages.segmentation.predict import load_segmenter
+    from stages.segmentation.model import load_segmenter
 
     validate(cfg)
 

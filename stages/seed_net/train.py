@@ -46,7 +46,7 @@ from stages.config import TrainSeedNetConfig, validate
 from stages.runtime import seed_everything
 from stages.seed_net.graphcut import DGCNConfig, dgcn_step, make_pool
 from stages.seed_net.growing import DSRGConfig, dsrg_step
-from stages.segmentation.predict import load_matching, predict_probs
+from stages.segmentation.model import load_matching, predict_probs
 from stages.segmentation.train import augment, batch_schedule, nearest_resize
 from stages.training.engine import TrainingLoop
 from stages.training.optim import make_optimizer

@@ -31,7 +31,7 @@ from data.manifest import Manifest
 from data.transforms import normalize
 from stages.config import TrainSegmentationConfig, validate
 from stages.runtime import seed_everything
-from stages.segmentation.predict import build_model, evaluate_model
+from stages.segmentation.model import build_model, evaluate_model
 from stages.training.engine import TrainingLoop
 from stages.training.optim import make_optimizer, poly_lr
 
