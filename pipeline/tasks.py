@@ -250,10 +250,6 @@ class TrainAffinity(TrainingStage):
                               out_dir, resolve_device(rt.device), cam_backbone_state=cam_state,
                               loader_workers=rt.loader_workers, progress=self.progress, resume_dir=self.resume_dir)
 
-    def inference_code(self) -> tuple[str, ...]:
-        """The modules that load this net and run it for the propagation step."""
-        return self.code_roots()
-
     def propagation_inputs(self, cfg: C.PropagateConfig, manifest, device):
         """``inputs(rgb, keys)`` of the trained net for Propagate, checked against the propagation it feeds."""
         from stages.affinity.train import affinity_net_inputs, load_affinity_model
@@ -289,10 +285,6 @@ class TrainSeedNet(TrainingStage):
                               resolve_device(rt.device), resume_dir=self.resume_dir, loader_workers=rt.loader_workers,
                               processes=rt.cut_processes, progress=self.progress)
 
-    def inference_code(self) -> tuple[str, ...]:
-        """The modules that load this net and predict with it for the propagation step."""
-        return self.code_roots()
-
     def propagation_inputs(self, cfg: C.PropagateConfig, manifest, device):
         """``inputs(rgb, keys)``: this net's multi-scale probabilities, checked against the propagation it feeds."""
         from stages.propagation.propagate import validate_propagation
@@ -304,7 +296,8 @@ class TrainSeedNet(TrainingStage):
 
 @with_config(C.PropagateConfig)
 class Propagate(ShardedStage):
-    """Random walk from the CAMs over the learned affinities: pseudo-label PNGs and class scores."""
+    """Pseudo-label PNGs and class scores from the CAMs, the seeds and a trained net, by the chosen propagation
+    method (``propagation``: a record of stages.propagation, which names the net it reads)."""
 
     code = ("stages.propagation.propagate",)
     shard_gpus = 1
@@ -321,11 +314,10 @@ class Propagate(ShardedStage):
         return self.stage(TrainAffinity) if self.method.trained_by == AFFINITY_NET else self.stage(TrainSeedNet)
 
     def code_roots(self) -> tuple[str, ...]:
-        """The step, the chosen method's module, and the trained net's inference code (the other methods' modules
-        are not run, so they are not part of the key)."""
+        """The step, the chosen method's module, and the trained net's modules, which load and run it here (the
+        other methods' modules are not run, so they are not part of the key)."""
         from stages.propagation import PROPAGATION_METHODS
-        trainer = self.trainer()
-        return (*self.code, PROPAGATION_METHODS.module_of(self.propagation), *trainer.inference_code())
+        return (*self.code, PROPAGATION_METHODS.module_of(self.propagation), *self.trainer().code_roots())
 
     def key_params(self, cfg) -> dict:
         """All knobs but other methods' own (``<method>_*``): tuning one method never recomputes another's labels."""
