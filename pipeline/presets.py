@@ -22,6 +22,9 @@ The rules, applied when ``pipeline`` is imported (before Luigi reads any paramet
   (the Slurm template's job file), as the project's ``configs/<file name>``.
 
 ``python -m pipeline config --effective`` prints every value in force and the file it came from (:func:`sources`).
+
+Installing reloads Luigi's configuration from these files, so code that sets options by hand (tests, notebooks)
+imports ``pipeline`` first and sets them afterwards (tests/conftest.py does).
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ import luigi.configuration
 import pytest
 import torch
 
+import pipeline  # noqa: F401 - resolves the presets (pipeline.presets) before any fixture sets luigi's config
+
 REPO = Path(__file__).resolve().parent.parent
 TINY_CFG = REPO / "configs" / "tiny.cfg"
 

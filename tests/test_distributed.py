@@ -210,7 +210,8 @@ def test_luigi_trains_the_cam_net_with_two_processes(luigi_config, tmp_path):
     assert (Path(tmp_path) / "work" / "logs" / f"TrainCAM-{task.key}.torchrun.log").is_file()
     from data.io import read_json
     metrics = read_json(stage / PROVENANCE)["metrics"]
-    assert set(metrics) == {"final_loss", "steps", "images", "seconds"} and metrics["steps"] == 6
+    assert set(metrics) == {"final_loss", "steps", "images", "resumed_from", "seconds"} and metrics["steps"] == 6
+    assert metrics["resumed_from"] == 0
 
     two = loss_curve(stage)
     one = run_one_process(task.config, Manifest.load(task.input_dir("dataset")), tmp_path / "one")
