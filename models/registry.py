@@ -44,32 +44,22 @@ class Registry(Generic[F]):
         return name in self._entries
 
 
-class LazyRegistry:
+class LazyRegistry(Registry[str]):
     """A registry whose entries live in other modules, named ``"package.module:attribute"`` and imported on first
     use. A step lists its methods this way so that importing the step never imports every method: a stage's cache
     key covers the modules it imports (pipeline.hashing), and :meth:`module_of` tells the stage which method
     module to add for the configured choice. Adding a method is one module plus one line in the table."""
 
     def __init__(self, kind: str, entries: dict[str, str]):
-        self.kind = kind
-        self._entries = dict(entries)
+        super().__init__(kind)
+        self._entries.update(entries)
 
     def module_of(self, name: str, key: str | None = None) -> str:
         """The module that defines ``name`` (not imported); ``key`` names the config knob in the error."""
-        try:
-            return self._entries[name].partition(":")[0]
-        except KeyError:
-            where = f"{key} = {name!r}: " if key else ""
-            raise KeyError(f"{where}unknown {self.kind} {name!r}; available: {', '.join(self.names())}") from None
+        return super().get(name, key).partition(":")[0]
 
     def get(self, name: str, key: str | None = None):
         """The registered object, importing its module."""
         module = importlib.import_module(self.module_of(name, key))
         attribute = self._entries[name].partition(":")[2]
         return getattr(module, attribute) if attribute else module
-
-    def names(self, pattern: str = "*") -> list[str]:
-        return sorted(n for n in self._entries if fnmatch.fnmatch(n, pattern))
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._entries

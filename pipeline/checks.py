@@ -79,10 +79,10 @@ def check_names(family: str, cfg: object) -> None:
         check(cfg)
 
 
-def validate_config(cfg: object) -> None:
-    """Everything the pipeline checks of a stage's config before running it: values, then registered names."""
+def validate_config(cfg: object, family: str | None = None) -> None:
+    """Everything the pipeline checks of stage ``family``'s config before running it (the family of ``cfg``'s
+    class by default): values, then registered names."""
     from stages import config as C
 
     C.validate(cfg)
-    family = next(name for name, cls in C.STAGE_CONFIGS.items() if isinstance(cfg, cls))
-    check_names(family, cfg)
+    check_names(family or next(name for name, cls in C.STAGE_CONFIGS.items() if isinstance(cfg, cls)), cfg)

@@ -27,7 +27,7 @@ from data.artifacts import PARTS_SUFFIX, PROVENANCE, RESUME_SUFFIX, SHARD_INDEX
 from data.io import atomic_path, read_json, remove_path, write_json
 from data.manifest import Manifest
 from pipeline import hashing
-from pipeline.checks import check_names
+from pipeline.checks import validate_config
 from pipeline.devices import assigned_gpus, will_use_cuda
 from pipeline.settings import runtime
 from pipeline.submit import run_as_job  # also registers [submitit] for --submitit-* on the command line
@@ -101,8 +101,7 @@ class StageTask(luigi.Task):
         super().__init__(*args, **kwargs)
         if self.config_class is not None:
             # Fail while scheduling, naming the key, rather than hours later inside the stage (once per task).
-            C.validate(self.config)
-            check_names(self.get_task_family(), self.config)
+            validate_config(self.config, self.get_task_family())
 
     # -- identity
     @cached_property

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from functools import cached_property
 from pathlib import Path
 
 import luigi
@@ -308,6 +309,7 @@ class Propagate(ShardedStage):
         from stages.propagation import PROPAGATION_METHODS
         return PROPAGATION_METHODS.get(self.propagation, key="Propagate.propagation")
 
+    @cached_property
     def trainer(self) -> StageTask:
         """The stage that trains the net this method reads: TrainAffinity or TrainSeedNet."""
         from stages.propagation.method import AFFINITY_NET
@@ -317,7 +319,7 @@ class Propagate(ShardedStage):
         """The step, the chosen method's module, and the trained net's modules, which load and run it here (the
         other methods' modules are not run, so they are not part of the key)."""
         from stages.propagation import PROPAGATION_METHODS
-        return (*self.code, PROPAGATION_METHODS.module_of(self.propagation), *self.trainer().code_roots())
+        return (*self.code, PROPAGATION_METHODS.module_of(self.propagation), *self.trainer.code_roots())
 
     def key_params(self, cfg) -> dict:
         """All knobs but other methods' own (``<method>_*``): tuning one method never recomputes another's labels."""
@@ -326,20 +328,18 @@ class Propagate(ShardedStage):
         return {k: v for k, v in dataclasses.asdict(cfg).items() if not k.startswith(tuple(others))}
 
     def upstream(self) -> dict[str, StageTask]:
-        trainer = self.trainer()
+        trainer = self.trainer
         return {"dataset": self.stage(PrepareDataset), "cams": self.stage(MakeCAM), "seeds": self.stage(ExtractSeeds),
                 ("affinity" if isinstance(trainer, TrainAffinity) else "seed_net"): trainer}
 
     def compute_shard(self, ids, out_dir, writer, manifest, progress) -> dict:
         from stages.propagation.propagate import propagate_images
 
-        upstream = self.upstream()
         device = resolve_device(runtime().device)
-        trainer = self.trainer()
-        inputs = trainer.propagation_inputs(self.config, manifest, device)
+        inputs = self.trainer.propagation_inputs(self.config, manifest, device)
         return propagate_images(self.config, manifest, ids, shard_store(self.input_dir("cams")),
                                 self.input_dir("seeds"), inputs, out_dir, writer, device, progress=progress,
-                                supervision=upstream["seeds"].supervision)
+                                supervision=self.upstream()["seeds"].supervision)
 
 
 @with_config(C.EvalPseudoLabelsConfig)
@@ -495,7 +495,7 @@ class Report(StageTask):
             evaluation = upstream[f"compare:{spec}" if spec else "pseudo_eval"]
             chain = evaluation.upstream()
             propagate, seeds = chain["labels"], chain["seeds"]
-            trainer = propagate.upstream().get("affinity") or propagate.upstream()["seed_net"]
+            trainer = propagate.trainer
             records = {name: read_json(task.stage_dir / PROVENANCE) for name, task in
                        (("trainer", trainer), ("propagate", propagate), ("crf", chain["refined"]))}
             rows.append({"method": spec or f"{propagate.propagation}/{seeds.supervision} (main chain)",

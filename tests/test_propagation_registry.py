@@ -70,6 +70,6 @@ def test_the_stage_and_the_comparison_pick_it_up(new_method, luigi_config):
                                             "TrainAffinity": {"affinity_method": "irnet"}}
     luigi_config("Propagate", "propagation", "rw_top1")
     task = Propagate()
-    assert isinstance(task.trainer(), TrainAffinity)
+    assert isinstance(task.trainer, TrainAffinity)
     assert "stages.propagation.rw_top1" in task.code_modules
     assert "stages.propagation.gcn" not in task.code_modules
