@@ -27,6 +27,17 @@ def test_label_space_roundtrip_and_errors(tmp_path):
         LabelSpace.load(path)
 
 
+def test_one_ignore_value_and_a_label_space_asking_for_another_names_its_file(tmp_path):
+    path = tmp_path / "ls.json"
+    path.write_text('{"names": ["background", "a"], "ignore_index": 255}')
+    assert LabelSpace.load(path).ignore_index == 255
+    path.write_text('{"names": ["background", "a"], "ignore_index": 254}')
+    with pytest.raises(ValueError, match=r"ls\.json: ignore_index = 254; only 255 is supported"):
+        LabelSpace.load(path)
+    with pytest.raises(ValueError, match="only 255"):
+        LabelSpace(names=("background", "a"), ignore_index=0)
+
+
 def test_label_png_roundtrip_and_checks(tmp_path):
     labels = np.array([[0, 1, 2], [255, 20, 0]], np.uint8)
     path = tmp_path / "a.png"
