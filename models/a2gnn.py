@@ -241,8 +241,8 @@ class A2GNNAffinityNet(AffinityNet):
 
     def __init__(self, backbone: nn.Module, window_radius: int = 3, gated_weight: float = 3.0,
                  gated_sigma_rgb: float = 0.1, gated_sigma_xy: float = 6.0, freeze_backbone: bool = False,
-                 freeze_bn: bool = True):
-        super().__init__(backbone, freeze_backbone=freeze_backbone, freeze_bn=freeze_bn)
+                 freeze_bn: bool = True, frozen_early: bool = False):
+        super().__init__(backbone, freeze_backbone=freeze_backbone, freeze_bn=freeze_bn, frozen_early=frozen_early)
         if window_radius < 1:
             raise ValueError(f"A2GNN window radius must be >= 1, got {window_radius}")
         self.window_radius = window_radius

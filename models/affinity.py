@@ -118,12 +118,14 @@ class AffinityNet(nn.Module):
     """PSA's AffinityNet: a 3-level 1x1 ELU head (64/128/256 -> 448 channels) on the last three taps.
 
     ``freeze_backbone`` stops the backbone training altogether; otherwise it trains with every BatchNorm on
-    its running statistics and fixed affine parameters when ``freeze_bn`` (PSA's recipe).
+    its running statistics and fixed affine parameters when ``freeze_bn`` (PSA's recipe), and without its
+    :func:`early_blocks` when ``frozen_early`` (PSA's and A2GNN's ``not_training`` list).
     """
 
     head_widths = (64, 128, 256)
 
-    def __init__(self, backbone: nn.Module, freeze_backbone: bool = False, freeze_bn: bool = True):
+    def __init__(self, backbone: nn.Module, freeze_backbone: bool = False, freeze_bn: bool = True,
+                 frozen_early: bool = False):
         super().__init__()
         channels = list(backbone.tap_channels)
         if len(channels) < 3:
@@ -141,6 +143,8 @@ class AffinityNet(nn.Module):
         for name, p in backbone.named_parameters():
             if freeze_backbone or (self.freeze_bn and _is_norm_param(backbone, name)):
                 p.requires_grad_(False)
+        for block in early_blocks(backbone) if frozen_early else []:
+            block.requires_grad_(False)
         self.label_stride = _probe_stride(backbone, -3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,6 +175,13 @@ class AffinityNet(nn.Module):
         new_w, new_b = _split_decay([(n, p) for n, p in self.named_parameters() if not n.startswith("backbone.")])
         return [{"params": old_w, "lr_mult": 1.0}, {"params": old_b, "lr_mult": 2.0, "decay": False},
                 {"params": new_w, "lr_mult": 10.0}, {"params": new_b, "lr_mult": 20.0, "decay": False}]
+
+
+def early_blocks(backbone: nn.Module) -> list[nn.Module]:
+    """The stem and the first residual stage, which PSA's, SEAM's and A2GNN's affinity nets never train:
+    ResNet-38's conv1a, b2, b2_1 and b2_2; a ResNet's conv1, bn1 and layer1."""
+    names = ("conv1a", "b2", "b2_1", "b2_2") if hasattr(backbone, "conv1a") else ("conv1", "bn1", "layer1")
+    return [getattr(backbone, name) for name in names]
 
 
 def _is_norm_param(root: nn.Module, name: str) -> bool:

@@ -29,6 +29,11 @@ def _extract_seeds(cfg) -> None:
 def _train_affinity(cfg) -> None:
     from stages.affinity import AFFINITY_METHODS
     AFFINITY_METHODS.module_of(cfg.affinity_method, key="TrainAffinity.affinity_method")
+    if cfg.affinity_method == "irnet" and not cfg.pretrained and not cfg.init_from_cam:
+        # IRNet's backbone never trains: without weights its boundary head would learn on random features.
+        raise ValueError("TrainAffinity.pretrained is empty and init_from_cam is false: IRNet would train on a "
+                         "random, frozen backbone. Set TrainAffinity.pretrained to ImageNet weights (.pth; IRN: a "
+                         "separate ImageNet ResNet-50) or synthetic, or init_from_cam = true")
 
 
 def _propagate(cfg) -> None:
@@ -37,8 +42,10 @@ def _propagate(cfg) -> None:
 
 
 def _refine(cfg) -> None:
+    from stages.config import METHOD_CRF
     from stages.refine.crf import CRF_PRESETS
-    CRF_PRESETS.get(cfg.preset, key="RefineCRF.preset")
+    if cfg.preset != METHOD_CRF:  # else the propagation's record names it (pipeline.tasks.RefineCRF.crf_preset)
+        CRF_PRESETS.get(cfg.preset, key="RefineCRF.preset")
 
 
 def _eval_segmentation(cfg) -> None:
@@ -59,9 +66,9 @@ def _train_seed_net(cfg) -> None:
 
 
 def _report(cfg) -> None:
-    from pipeline.variants import variant_overrides
+    from pipeline.variants import comparison
     for spec in cfg.compare:
-        variant_overrides(spec)  # raises, naming the entry
+        comparison(spec)  # raises, naming the entry
 
 
 NAME_CHECKS: dict[str, Callable[[object], None]] = {

@@ -27,8 +27,9 @@ from pipeline.framework import (
     stage_in_variant,
     with_config,
 )
+from pipeline.presets import PROJECT_CFG
 from pipeline.settings import runtime
-from pipeline.variants import variant_overrides
+from pipeline.variants import Comparison, comparison
 from stages import config as C
 from stages.runtime import resolve_device
 
@@ -249,7 +250,8 @@ class TrainAffinity(TrainingStage):
             cam_state = torch.load(self.input_dir("cam_net") / MODEL_WEIGHTS, map_location="cpu", weights_only=True)
         return train_affinity(with_weights_path(self), manifest, manifest.splits["train"], seed_label, seed_scores,
                               out_dir, resolve_device(rt.device), cam_backbone_state=cam_state,
-                              loader_workers=rt.loader_workers, progress=self.progress, resume_dir=self.resume_dir)
+                              loader_workers=rt.loader_workers, progress=self.progress, resume_dir=self.resume_dir,
+                              supervision=self.upstream()["seeds"].supervision)
 
     def propagation_inputs(self, cfg: C.PropagateConfig, manifest, device):
         """``inputs(rgb, keys)`` of the trained net for Propagate, checked against the propagation it feeds."""
@@ -376,14 +378,33 @@ class RefineCRF(ShardedStage):
 
     code = ("stages.refine.refine",)
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.crf_preset  # noqa: B018  (fails while scheduling when the method has no CRF of its own)
+
+    @cached_property
+    def crf_preset(self) -> str:
+        """The preset applied: ``preset``, or with ``preset = method`` the propagation record's ``final_crf``."""
+        if self.preset != C.METHOD_CRF:
+            return self.preset
+        method = self.stage(Propagate).method
+        if not method.final_crf:
+            raise ValueError(f"RefineCRF.preset = {C.METHOD_CRF}: propagation {method.name} has no final CRF of its "
+                             "own in its reference code; name a preset of stages/refine/crf.py instead")
+        return method.final_crf
+
     def upstream(self) -> dict[str, StageTask]:
         return {"dataset": self.stage(PrepareDataset), "labels": self.stage(Propagate)}
 
     def compute_shard(self, ids, out_dir, writer, manifest, progress) -> dict:
         from stages.refine.refine import refine_pseudo_labels
         rt = runtime()
-        return refine_pseudo_labels(self.config, manifest, ids, shard_store(self.input_dir("labels")), out_dir,
+        cfg = dataclasses.replace(self.config, preset=self.crf_preset)
+        return refine_pseudo_labels(cfg, manifest, ids, shard_store(self.input_dir("labels")), out_dir,
                                     resolve_device(rt.device), progress=progress)
+
+    def compute(self, out_dir: Path) -> dict:
+        return {**super().compute(out_dir), "crf_preset": self.crf_preset}
 
 
 LABEL_SOURCES = ("pseudo", "gt")
@@ -478,28 +499,46 @@ class Report(StageTask):
 
     code = ("stages.report.html", "stages.report.build")
 
+    @cached_property
+    def comparisons(self) -> list[Comparison]:
+        """``compare``'s entries with the overrides each runs (pipeline.variants)."""
+        return [comparison(spec) for spec in self.compare]
+
     def upstream(self) -> dict[str, StageTask]:
+        compared: dict[str, StageTask] = {}
+        for entry in self.comparisons:
+            compared[f"compare:{entry.spec}"] = stage_in_variant(EvalPseudoLabels, entry.overrides)
+            if self.compare_segmentation:
+                compared[f"compare-deeplab:{entry.spec}"] = stage_in_variant(EvalSegmentation, entry.overrides)
         return {"dataset": PrepareDataset(), "cam_eval": EvalCAM(), "cams": MakeCAM(), "seeds": ExtractSeeds(),
                 "labels": Propagate(), "refined": RefineCRF(), "pseudo_eval": EvalPseudoLabels(),
                 "segmenter": TrainSegmentation(), "segmentation": EvalSegmentation(),
                 "ceiling_segmenter": TrainSegmentation(labels="gt"),
-                "ceiling": EvalSegmentation(labels="gt"),
-                **{f"compare:{spec}": stage_in_variant(EvalPseudoLabels, variant_overrides(spec))
-                   for spec in self.compare}}
+                "ceiling": EvalSegmentation(labels="gt"), **compared}
 
     def comparison(self) -> list[dict]:
-        """One row per method, the main chain's first, then ``compare``'s: pseudo-label mIoU and compute time."""
+        """One row per method, the main chain's first, then ``compare``'s: the recipe it ran, its mIoU from the CAM
+        to DeepLab on its labels, and compute times."""
+        from pipeline.presets import describe, loaded_files
         upstream = self.upstream()
+        presets = [p for p in loaded_files() if p.resolve() != PROJECT_CFG]
+        entries = [Comparison("", describe(presets[-1]) if presets else "defaults", {}), *self.comparisons]
+        ceiling = read_json(upstream["ceiling"].stage_dir / METRICS).get("miou")
         rows = []
-        for spec in ("", *self.compare):
+        for entry in entries:
+            spec = entry.spec
             evaluation = upstream[f"compare:{spec}" if spec else "pseudo_eval"]
             chain = evaluation.upstream()
             propagate, seeds = chain["labels"], chain["seeds"]
             trainer = propagate.trainer
             records = {name: read_json(task.stage_dir / PROVENANCE) for name, task in
                        (("trainer", trainer), ("propagate", propagate), ("crf", chain["refined"]))}
+            deeplab = upstream.get(f"compare-deeplab:{spec}" if spec else "segmentation")
+            deeplab_miou = read_json(deeplab.stage_dir / METRICS).get("miou") if deeplab else None
             rows.append({"method": spec or f"{propagate.propagation}/{seeds.supervision} (main chain)",
+                         "recipe": entry.recipe or "main chain's seeds", "crf_preset": chain["refined"].crf_preset,
                          "trainer": trainer.stage_name, **read_json(evaluation.stage_dir / METRICS)["chain"],
+                         "deeplab_miou": deeplab_miou, "ceiling_miou": ceiling,
                          "train_seconds": records["trainer"]["seconds"],
                          # summed over shards: the compute time whatever the number of workers
                          "propagate_seconds": records["propagate"]["metrics"].get("shard_seconds"),

@@ -1,13 +1,106 @@
-"""A compared method (``Report.compare``), ``propagation[/supervision]``, as per-stage parameter overrides, read
-from the method's record: the propagation, the net that trains it, and the seeds' supervision."""
+"""What ``Report.compare`` runs beside the main chain, from the same CAMs, as per-stage parameter overrides.
+
+Two kinds of entry:
+
+* a **recipe**: a preset file (``demo_wsgcn.cfg``; a path, or a file of ``configs/``). The method runs as that
+  preset runs it from the seeds on: its seed rule, its affinity or seed-net recipe, its walk, its final CRF and its
+  DeepLab, i.e. every knob of :data:`RECIPE_FAMILIES` takes the value the preset (with its bases) gives it. The
+  CAMs and the evaluation protocol stay the main chain's, so the rows compare.
+* ``propagation[/supervision]@main``: the method on the main chain's seeds and recipes, with only what the
+  method needs changed (its propagation, the net its record names, the seeds' supervision).
+
+Overrides list only the knobs that differ from the main chain's, so stages both chains share keep one task and one
+directory (pipeline.framework.stage_in_variant).
+"""
 
 from __future__ import annotations
 
-from stages.config import SUPERVISIONS
+import configparser
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from stages.config import STAGE_CONFIGS, SUPERVISIONS
+
+# The stages a recipe entry takes from its preset: everything after the CAMs up to the retrained DeepLab.
+RECIPE_FAMILIES = ("ExtractSeeds", "TrainAffinity", "TrainSeedNet", "Propagate", "RefineCRF", "TrainSegmentation")
+MAIN_CHAIN = "@main"
+RECIPE_SUFFIX = ".cfg"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One ``Report.compare`` entry: its overrides ``{task family: {parameter: value}}`` and what it runs."""
+
+    spec: str
+    recipe: str          # the preset file it runs (as printed), or "" for a method on the main chain's seeds
+    overrides: dict[str, dict[str, object]]
+
+
+def comparison(spec: str) -> Comparison:
+    """The comparison ``spec`` names, or a ValueError naming the entry."""
+    if spec.endswith(RECIPE_SUFFIX):
+        path = recipe_path(spec)
+        from pipeline.presets import describe
+        return Comparison(spec, describe(path), recipe_overrides(path))
+    if spec.endswith(MAIN_CHAIN):
+        return Comparison(spec, "", variant_overrides(spec.removesuffix(MAIN_CHAIN)))
+    raise ValueError(f"Report.compare entry {spec!r}: name a recipe preset (e.g. demo_wsgcn.cfg: the method with "
+                     f"its own seeds, training and CRF) or '{spec}{MAIN_CHAIN}' (the method on the main chain's seeds)")
+
+
+def recipe_path(spec: str) -> Path:
+    """A recipe entry's file: the path as given (from the current directory), else ``configs/<its name>``."""
+    from pipeline.presets import PRESETS_DIR
+    for candidate in (Path(spec).expanduser(), PRESETS_DIR / Path(spec).name):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ValueError(f"Report.compare entry {spec!r}: no such preset (looked for {spec} and {PRESETS_DIR / spec})")
+
+
+def recipe_values(path: Path, families: Iterable[str] = RECIPE_FAMILIES) -> dict[str, dict[str, object]]:
+    """Every knob of ``families`` as the preset ``path`` (with its bases) sets it, else its default."""
+    import luigi
+
+    from pipeline.framework import _plain
+    from pipeline.presets import chain, read_file
+
+    merged = configparser.ConfigParser(interpolation=None)
+    merged.optionxform = str  # type: ignore[assignment,method-assign]
+    for file in chain(path):
+        merged.read_dict(read_file(file))
+    values: dict[str, dict[str, object]] = {}
+    for family in families:
+        params = dict(luigi.task_register.Register.get_task_cls(family).get_params())
+        values[family] = {}
+        for knob in dataclasses.fields(STAGE_CONFIGS[family]):
+            if merged.has_option(family, knob.name):
+                try:
+                    values[family][knob.name] = _plain(params[knob.name].parse(merged.get(family, knob.name)))
+                except ValueError as exc:
+                    raise ValueError(f"{path}: [{family}] {knob.name}: {exc}") from exc
+            else:
+                values[family][knob.name] = knob.default
+    return values
+
+
+def recipe_overrides(path: Path) -> dict[str, dict[str, object]]:
+    """The knobs where the recipe ``path`` differs from the main chain's configuration."""
+    import luigi
+
+    overrides: dict[str, dict[str, object]] = {}
+    for family, values in recipe_values(path).items():
+        main = luigi.task_register.Register.get_task_cls(family)().config
+        differing = {k: v for k, v in values.items() if getattr(main, k) != v}
+        if differing:
+            overrides[family] = differing
+    return overrides
 
 
 def variant_overrides(spec: str) -> dict[str, dict[str, object]]:
-    """``{task family: {parameter: value}}`` that turn the main chain into the chain of method ``spec``."""
+    """``{task family: {parameter: value}}`` that turn the main chain into the chain of method ``spec``
+    (``propagation[/supervision]``), read from the method's record."""
     from stages.propagation import PROPAGATION_METHODS
     from stages.propagation.method import AFFINITY_NET
 

@@ -182,6 +182,9 @@ class TrainAffinityConfig:
     pretrained: str = ""                      # ImageNet weights (.pth); IRN/PSA start from these | synthetic
     init_from_cam: bool = True                # no ImageNet weights: start from the CAM net's backbone
     freeze_backbone: bool = True              # IRN: the backbone never trains; PSA: it does (frozen BN)
+    # affinitynet, a2gnn: the stem and first residual stage never train (PSA, SEAM, A2GNN freeze ResNet-38's conv1a,
+    # b2, b2_1, b2_2; on a ResNet conv1 + layer1)
+    frozen_early_blocks: bool = True
     strides: tuple[int, ...] = (1, 2, 1, 1)   # ResNet backbones; IRN: (1, 2, 2, 1)
     radius: int = 10                          # training pair radius: IRN 10, PSA/SEAM 5
     num_epochs: int = 3                       # IRN 3, PSA/SEAM 8
@@ -274,11 +277,16 @@ class EvalPseudoLabelsConfig:
     pred_ignore: str = "background"           # predicted 255: background (IRN) | exclude (WSGCN)
 
 
+METHOD_CRF = "method"   # RefineCRF.preset: the propagation method's own final CRF
+
+
 @dataclass(frozen=True)
 class RefineCRFConfig:
     """``[RefineCRF]``: dense CRF on the propagated class scores (stages.refine.crf presets)."""
 
-    preset: str = "a2gnn_final"               # registry: stages.refine.crf.CRF_PRESETS
+    # registry: stages.refine.crf.CRF_PRESETS, or "method": the final CRF of the propagation method's paper (its
+    # record's final_crf: a2gnn_final, wsgcn_final, dgcn_test for graphcut and dsrg; IRN and PSA have none in code)
+    preset: str = "a2gnn_final"
     shard_size: int = 256
 
 
@@ -373,9 +381,11 @@ class ReportConfig:
     """``[Report]``: the run's HTML report."""
 
     gallery_images: int = 6                   # eval images shown side by side through every stage
-    # Propagation methods run beside the main chain (same CAMs) and compared side by side in the report, each
-    # "propagation" or "propagation/supervision", e.g. ["gcn", "a2gnn", "a2gnn/box", "graphcut", "dsrg"]
+    # Methods run beside the main chain from the same CAMs, compared side by side in the report (pipeline.variants):
+    # a recipe preset, the method as its paper runs it from the seeds on (e.g. ["demo_wsgcn.cfg", "demo_dgcn.cfg"]),
+    # or "propagation[/supervision]@main", the method on the main chain's seeds (e.g. "gcn@main", "a2gnn/box@main")
     compare: tuple[str, ...] = ()
+    compare_segmentation: bool = True         # also retrain DeepLab on each compared method's pseudo labels
 
 
 STAGE_CONFIGS = {

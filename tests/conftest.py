@@ -12,6 +12,7 @@ import luigi
 import luigi.configuration
 import pytest
 import torch
+from luigi.configuration import LuigiConfigParser
 
 import pipeline  # noqa: F401 - resolves the presets (pipeline.presets) before any fixture sets luigi's config
 
@@ -48,11 +49,14 @@ def one_thread():
 def luigi_config(tmp_path):
     """Load luigi.cfg + configs/tiny.cfg with work_dir in a temporary directory; returns a setter."""
     parser = luigi.configuration.get_config()
+    installed = LuigiConfigParser._config_paths
 
     def reset(paths: list[str]) -> None:
         for section in parser.sections():
             parser.remove_section(section)
         parser.read(paths)
+        # what pipeline.presets.loaded_files() reports (the report names the preset the main chain ran)
+        LuigiConfigParser._config_paths = paths or installed
 
     reset([str(REPO / "luigi.cfg"), str(TINY_CFG)])
     parser.set("wsss", "work_dir", str(tmp_path / "work"))

@@ -370,3 +370,61 @@ def test_cuda_matches_cpu():
     assert math.isclose(float(cpu_loss), float(gpu_loss), rel_tol=1e-3)
     rgb = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
     np.testing.assert_allclose(infer_boundary(model, rgb, cuda), infer_boundary(model.cpu(), rgb, CPU), atol=1e-4)
+
+
+def _score_maps_must_not_be_read(image_id: str):
+    raise AssertionError(f"la/ha score maps of {image_id} were read")
+
+
+@pytest.mark.parametrize("method, supervision", [("a2gnn", "image"), ("affinitynet", "box"),
+                                                 ("affinitynet", "point"), ("irnet", "image")])
+def test_affinity_nets_train_on_the_seed_png_where_their_reference_does(tiny_manifest, tmp_path, method,
+                                                                        supervision):
+    # A2GNN's seed rule stores la/ha maps, but its affinity net reads the label PNG; annotation-merged seeds exist
+    # only as the PNG. Before the fix the stored maps won, and A2GNN's net trained on PSA's la/ha rule.
+    cfg = TrainAffinityConfig(affinity_method=method, radius=3, num_epochs=1, batch_size=4, crop_size=48,
+                              scale_range=(1.0, 1.0), freeze_backbone=method == "irnet", init_from_cam=False)
+    ids = tiny_manifest.splits["train"][:4]
+    metrics = train_affinity(cfg, tiny_manifest, ids, gt_seeds(tiny_manifest), _score_maps_must_not_be_read,
+                             tmp_path, CPU, supervision=supervision)
+    assert math.isfinite(metrics["final_loss"]) and metrics["steps"] == 1
+
+
+def test_affinitynet_on_image_level_seeds_reads_the_score_maps(tiny_manifest, tmp_path):
+    read = []
+
+    def scores(image_id: str):
+        read.append(image_id)
+        return gt_scores(tiny_manifest)(image_id)
+    cfg = TrainAffinityConfig(affinity_method="affinitynet", radius=3, num_epochs=1, batch_size=4, crop_size=48,
+                              scale_range=(1.0, 1.0), freeze_backbone=False, init_from_cam=False)
+    train_affinity(cfg, tiny_manifest, tiny_manifest.splits["train"][:4], gt_seeds(tiny_manifest), scores,
+                   tmp_path, CPU, supervision="image")
+    assert read  # PSA's train_aff: pair labels from the la/ha CRF maps
+
+
+@pytest.mark.parametrize("method", ["affinitynet", "a2gnn"])
+@pytest.mark.parametrize("backbone, early, later", [("resnet_mini", ("conv1", "bn1", "layer1"), "layer2"),
+                                                     ("resnet38_mini", ("conv1a", "b2", "b2_1", "b2_2"), "b3")])
+def test_psa_and_a2gnn_affinity_nets_never_train_their_early_blocks(method, backbone, early, later):
+    from stages.affinity import AFFINITY_METHODS
+    cfg = TrainAffinityConfig(affinity_method=method, backbone=backbone, freeze_backbone=False, init_from_cam=False)
+    net = AFFINITY_METHODS.get(method)(cfg, None)
+    for name in early:
+        assert not any(p.requires_grad for p in getattr(net.backbone, name).parameters()), name
+    assert any(p.requires_grad for p in getattr(net.backbone, later).parameters())
+    unfrozen = AFFINITY_METHODS.get(method)(TrainAffinityConfig(
+        affinity_method=method, backbone=backbone, freeze_backbone=False, init_from_cam=False,
+        frozen_early_blocks=False), None)
+    assert any(p.requires_grad for p in getattr(unfrozen.backbone, early[-1]).parameters())
+
+
+def test_irnet_refuses_a_random_frozen_backbone_naming_the_knob():
+    from pipeline.checks import validate_config
+    random_backbone = TrainAffinityConfig(affinity_method="irnet", pretrained="", init_from_cam=False)
+    with pytest.raises(ValueError, match="TrainAffinity.pretrained is empty"):
+        validate_config(random_backbone, "TrainAffinity")
+    for fine in (TrainAffinityConfig(affinity_method="irnet", pretrained="synthetic", init_from_cam=False),
+                 TrainAffinityConfig(affinity_method="irnet", init_from_cam=True),
+                 TrainAffinityConfig(affinity_method="affinitynet", freeze_backbone=False, init_from_cam=False)):
+        validate_config(fine, "TrainAffinity")

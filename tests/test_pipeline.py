@@ -9,7 +9,7 @@ from pathlib import Path
 import luigi
 import numpy as np
 import pytest
-from conftest import REPO, copy_repo, luigi_cmd, run_cli, run_luigi
+from conftest import REPO, TINY_CFG, copy_repo, luigi_cmd, run_cli, run_luigi
 
 from pipeline.framework import shard_store
 from pipeline.tasks import (
@@ -142,8 +142,9 @@ def test_psa_seam_family_runs_end_to_end(luigi_config):
 
 def test_compared_methods_run_beside_the_main_chain(luigi_config, tmp_path):
     """Report.compare runs each graph method (and box seeds) from the same CAMs and tables them in the report."""
-    methods = ["graphcut", "dsrg", "gcn", "a2gnn/box", "rw_irn/box"]
+    methods = ["graphcut@main", "dsrg@main", "gcn@main", "a2gnn/box@main", "rw_irn/box@main"]
     luigi_config("Report", "compare", json.dumps(methods))
+    luigi_config("Report", "compare_segmentation", "false")  # test_recipe_comparison... covers DeepLab per method
     # A few epochs per image: the test checks the wiring, tests/test_gcn.py and test_a2gnn.py the methods.
     for option, value in [("gcn_epochs", 5), ("a2gnn_seed_epochs", 3), ("a2gnn_gcrf_epochs", 3)]:
         luigi_config("Propagate", option, value)
@@ -173,9 +174,36 @@ def test_compared_methods_run_beside_the_main_chain(luigi_config, tmp_path):
     assert [row.split(" | ")[0].lstrip("| ") for row in rows] == ["rw_irn/image (main chain)", *methods]
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert all(cell not in ("", "-") for cell in cells[1:6]), row  # every mIoU and the gain are filled in
+        assert all(cell not in ("", "-") for cell in cells[2:8]), row  # every mIoU, the CRF and the gain
+        assert cells[1] == ("main chain's seeds" if "@main" in cells[0] else "configs/tiny.cfg")
     html = (Report().stage_dir / "report.html").read_text()
     assert 'id="methods"' in html and summary  # the section and its nav entry
+
+
+def test_recipe_comparison_runs_the_recipe_from_the_main_chains_cams_down_to_deeplab(luigi_config, tmp_path):
+    """A recipe entry runs every stage after the CAMs as its preset does (here WSGCN's GCN and its own final CRF)
+    and retrains DeepLab on its labels; what the recipe sets for the CAM stages is not used."""
+    recipe = tmp_path / "tiny_wsgcn.cfg"
+    recipe.write_text(f"[preset]\nbase = {TINY_CFG}\n\n[TrainCAM]\nnum_epochs = 7\n\n"
+                      "[Propagate]\npropagation = gcn\ngcn_epochs = 5\n\n[RefineCRF]\npreset = method\n")
+    luigi_config("Report", "compare", json.dumps([str(recipe)]))
+    result = run_luigi(FullWSSS(), workers=1)
+    assert result.status == luigi.LuigiStatusCode.SUCCESS, result.summary_text
+    graph = stage_graph()
+    assert [n for n in graph if n.startswith(("TrainCAM", "MakeCAM", "ExtractSeeds", "TrainAffinity"))] == [
+        "TrainCAM", "MakeCAM", "ExtractSeeds", "TrainAffinity"]  # shared with the main chain
+    refined = graph["RefineCRF@gcn_epochs=5,propagation=gcn,preset=method"]
+    assert refined.crf_preset == "wsgcn_final" and RefineCRF().crf_preset == "a2gnn_final"
+    assert json.loads((refined.stage_dir / "provenance.json").read_text())["metrics"]["crf_preset"] == "wsgcn_final"
+    deeplab = graph["TrainSegmentation@gcn_epochs=5,propagation=gcn,preset=method"]
+    assert deeplab.upstream()["pseudo_labels"].stage_dir == refined.stage_dir
+    markdown = (Report().stage_dir / "report.md").read_text()
+    table = markdown.split("## Propagation methods compared")[1].split("\n## ")[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| method")]
+    assert [(r[0], r[1], r[6]) for r in rows] == [("rw_irn/image (main chain)", "configs/tiny.cfg", "a2gnn_final"),
+                                                  (str(recipe), str(recipe), "wsgcn_final")]
+    assert all(r[8] not in ("", "-") and r[9].endswith("%") for r in rows)  # DeepLab on its labels / ceiling
 
 
 @pytest.mark.parametrize(("section", "option", "value", "message"), [
@@ -185,6 +213,7 @@ def test_compared_methods_run_beside_the_main_chain(luigi_config, tmp_path):
     ("Propagate", "propagation", "magic", "Propagate.propagation"),
     ("Propagate", "alpha", -1, "Propagate.alpha"),
     ("TrainCAM", "cam_method", "magic", "TrainCAM.cam_method"),
+    ("RefineCRF", "preset", "method", "rw_irn has no final CRF"),
 ])
 def test_bad_method_or_alpha_fails_before_running_naming_the_key(luigi_config, tmp_path, section, option, value,
                                                                   message):

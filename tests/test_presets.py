@@ -49,6 +49,11 @@ CHAINS = {
     "configs/tiny.cfg": ["luigi.cfg", "configs/tiny.cfg"],
     "configs/voc.cfg": ["luigi.cfg", "configs/voc.cfg"],
     "configs/voc_seam.cfg": ["luigi.cfg", "configs/voc.cfg", "configs/voc_seam.cfg"],
+    **{f"configs/{p}_{m}.cfg": ["luigi.cfg", f"configs/{p}.cfg", f"configs/{p}_{m}.cfg"]
+       for p in ("demo", "voc") for m in ("psa", "wsgcn", "dgcn", "dsrg")},
+    **{f"configs/{p}_a2gnn{s}.cfg": ["luigi.cfg", f"configs/{p}.cfg", f"configs/{p}_seam.cfg", f"configs/{p}_a2gnn.cfg",
+                                      *([f"configs/{p}_a2gnn{s}.cfg"] if s else [])]
+       for p in ("demo", "voc") for s in ("", "_point", "_scribble", "_box")},
 }
 
 Values = dict[tuple[str, str], object]

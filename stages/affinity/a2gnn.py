@@ -29,7 +29,8 @@ def build(cfg: TrainAffinityConfig, cam_backbone_state: dict | None, pretrained:
         raise ValueError("TrainAffinity.displacement applies to affinity_method = irnet only")
     return A2GNNAffinityNet(build_backbone(cfg, cam_backbone_state, pretrained), window_radius=cfg.window_radius,
                             gated_weight=cfg.gated_weight, gated_sigma_rgb=cfg.gated_sigma_rgb,
-                            gated_sigma_xy=cfg.gated_sigma_xy, freeze_backbone=cfg.freeze_backbone)
+                            gated_sigma_xy=cfg.gated_sigma_xy, freeze_backbone=cfg.freeze_backbone,
+                            frozen_early=cfg.frozen_early_blocks)
 
 
 def window_pair_masks(labels: Tensor, radius: int) -> dict[str, Tensor]:

@@ -5,6 +5,8 @@ Two methods share one loop:
 - ``affinitynet`` (PSA/SEAM): the backbone trains (BatchNorm frozen) under a feature head; pair labels come
   from the la/ha CRF score stacks (8x8 block mean, la/ha rule) or, when a seed method gives only labels, from
   the label map; loss 1/4 bg+ + 1/4 fg+ + 1/2 neg.
+- ``a2gnn`` (A2GNN, :mod:`stages.affinity.a2gnn`): AffinityNet's head over a square window; pair labels from the
+  seed PNG only (:func:`reads_score_seeds`).
 - ``irnet`` (IRN): frozen backbone, boundary head at stride 4; labels are the seed map sampled x1/4 (nearest);
   loss (L_pos + L_neg) / 2 with L_pos = (bg+ + fg+) / 2, plus the displacement terms when that branch is on.
 
@@ -107,7 +109,8 @@ def build_affinitynet(cfg: TrainAffinityConfig, cam_backbone_state: dict | None,
     """PSA's AffinityNet; ``pretrained=False`` builds the bare architecture (to load a checkpoint into)."""
     if cfg.displacement:
         raise ValueError("TrainAffinity.displacement applies to affinity_method = irnet only")
-    return AffinityNet(build_backbone(cfg, cam_backbone_state, pretrained), freeze_backbone=cfg.freeze_backbone)
+    return AffinityNet(build_backbone(cfg, cam_backbone_state, pretrained), freeze_backbone=cfg.freeze_backbone,
+                       frozen_early=cfg.frozen_early_blocks)
 
 
 def build_irnet(cfg: TrainAffinityConfig, cam_backbone_state: dict | None, pretrained: bool = True) -> IRNet:
@@ -256,6 +259,16 @@ def _resize_stack(stack: np.ndarray, size: tuple[int, int], interpolation: int) 
     return np.stack([cv2.resize(c, (size[1], size[0]), interpolation=interpolation) for c in stack])
 
 
+def reads_score_seeds(cfg: TrainAffinityConfig, supervision: str) -> bool:
+    """Whether the pair labels come from PSA's la/ha CRF score maps (when stored) rather than the seed PNG.
+
+    Only PSA/SEAM's AffinityNet reads the maps (``train_aff`` loads the la and ha CRF folders), and only on
+    image-level seeds: the maps know nothing of points, scribbles or boxes, which the PNG carries. A2GNN's seed
+    rule stores la/ha maps too, but its affinity net reads the label PNG alone; IRNet reads the PNG (IR labels).
+    """
+    return cfg.affinity_method == "affinitynet" and supervision == "image"
+
+
 def seeds_of(image_id: str, size: tuple[int, int] | None, seed_label: SeedLabelFn | None,
              seed_scores: SeedScoresFn | None) -> tuple[str, np.ndarray]:
     """("scores", (2K+2, H, W) la then ha) or ("label", (1, H, W) uint8), checked against the image size
@@ -345,13 +358,18 @@ def train_affinity(cfg: TrainAffinityConfig, manifest: Manifest, ids: Sequence[s
                    seed_scores: SeedScoresFn | None, out_dir: str | os.PathLike, device: torch.device,
                    cam_backbone_state: dict | None = None, loader_workers: int = 0,
                    progress: Callable[[float, str], None] | None = None, resume_dir: Path | None = None,
-                   checkpoint_every: int = 0, stop_after: int | None = None) -> dict:
+                   checkpoint_every: int = 0, stop_after: int | None = None, supervision: str = "image") -> dict:
     """Train on ``ids``; writes ``model.pt`` (state dict) and ``log.csv`` into ``out_dir``; returns metrics.
+
+    ``seed_scores`` is read only where the method's reference reads score maps (:func:`reads_score_seeds` for the
+    seeds' ``supervision``); otherwise the pair labels come from ``seed_label``.
 
     With ``resume_dir`` the run is checkpointed there every ``checkpoint_every`` steps (0: every epoch) and a
     later call with the same ``resume_dir`` continues from there (:mod:`stages.training.engine`);
     ``stop_after`` ends early without the final files (tests: a kill)."""
     _check_config(cfg)
+    if not reads_score_seeds(cfg, supervision):
+        seed_scores = None
     out_dir = Path(out_dir)
     ids = list(ids)
     if len(ids) < cfg.batch_size:

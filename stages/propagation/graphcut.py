@@ -4,5 +4,5 @@ a segmentation net trains (TrainSeedNet, stages/seed_net/graphcut.py); its predi
 from stages.propagation.method import SEED_NET, PropagationMethod
 from stages.propagation.seed_net import predicted_scores
 
-METHOD = PropagationMethod(name="graphcut", run=predicted_scores, trained_by=SEED_NET,
+METHOD = PropagationMethod(name="graphcut", run=predicted_scores, trained_by=SEED_NET, final_crf="dgcn_test",
                            reference="DGCN (hustvl/DGCN): graph cuts on a kNN graph during training")

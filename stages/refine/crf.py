@@ -251,6 +251,8 @@ for _name, _preset in {
     "wsgcn_final": CRFPreset("scores", (3.0, 3.0), (50.0, 5.0, 3.0), softmax_scores=True),
     # A2GNN mytool.crf_inference_inf: final pseudo labels from softmax(GNN) (or GNN + 3 RW, renormalised).
     "a2gnn_final": CRFPreset("scores", (2.0, 3.0), (50.0, 5.0, 10.0)),
+    # DGCN evaluate.py (hustvl): softmax of the summed multi-scale logits, then this CRF at full resolution.
+    "dgcn_test": CRFPreset("scores", (3.0, 3.0), (80.0, 13.0, 10.0)),
     # deeplab-pytorch libs/utils/crf.py with configs/voc12.yaml's CRF section (main.py crf): test time.
     "deeplab_test": CRFPreset("scores", (1.0, 3.0), (67.0, 3.0, 4.0)),
 }.items():

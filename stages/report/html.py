@@ -266,12 +266,15 @@ def headline_rows(inputs: ReportInputs) -> list[tuple[str, str, str]]:
     return rows
 
 
-COMPARISON_NOTE = ("Pseudo-label mIoU (%) on the eval images of each method run from the same CAMs "
-                   "(method/supervision); 'vs CAM' = the best of before/after CRF minus the CAM's mIoU. Training = "
-                   "the net the method needs (affinity or seed-trained segmenter); propagation = compute time per "
-                   "image summed over workers.")
-COMPARISON_HEADER = ("method", "CAM", "seeds", "pseudo labels", "after CRF", "vs CAM", "training",
-                     "propagation per image", "trained net")
+COMPARISON_NOTE = ("Each method run from the same CAMs: a recipe preset runs as that preset runs it from the seeds "
+                   "on (its seed rule, training, walk, final CRF and DeepLab); 'main chain's seeds' runs the method "
+                   "with the main chain's recipes. Pseudo-label mIoU (%) on the eval images, DeepLab's on val; "
+                   "'vs CAM' = the best of before/after CRF minus the CAM's mIoU; '/ ceiling' = DeepLab on the "
+                   "method's labels over DeepLab on GT. Training = the net the method needs (affinity or "
+                   "seed-trained segmenter); propagation = compute time per image summed over workers.")
+COMPARISON_HEADER = ("method", "recipe", "CAM", "seeds", "pseudo labels", "after CRF", "CRF", "vs CAM",
+                     "DeepLab", "/ ceiling", "training", "propagation per image", "trained net")
+COMPARISON_NUMERIC = [False, False, True, True, True, True, False, True, True, True, True, True, False]
 
 
 def comparison_rows(inputs: ReportInputs) -> list[tuple[str, ...]]:
@@ -283,9 +286,13 @@ def comparison_rows(inputs: ReportInputs) -> list[tuple[str, ...]]:
         per_image = None
         if row.get("propagate_seconds") is not None and row.get("propagated_images"):
             per_image = row["propagate_seconds"] / row["propagated_images"]
-        rows.append((str(row.get("method")), format_percent(row.get("cam_miou")), format_percent(row.get("seed_miou")),
-                     format_percent(row.get("pseudo_label_miou")), format_percent(row.get("refined_miou")),
+        deeplab, ceiling = _finite_or_none(row.get("deeplab_miou")), _finite_or_none(row.get("ceiling_miou"))
+        rows.append((str(row.get("method")), str(row.get("recipe", "")), format_percent(row.get("cam_miou")),
+                     format_percent(row.get("seed_miou")), format_percent(row.get("pseudo_label_miou")),
+                     format_percent(row.get("refined_miou")), str(row.get("crf_preset", "")),
                      f"{100 * (_as_float(best) - _as_float(row['cam_miou'])):+.1f}" if gain else "-",
+                     format_percent(deeplab), f"{100 * deeplab / ceiling:.1f}%" if deeplab is not None and ceiling
+                     else "-",
                      format_duration(row["train_seconds"]) if row.get("train_seconds") is not None else "-",
                      f"{1000 * per_image:.0f} ms" if per_image is not None else "-", str(row.get("trainer", ""))))
     return rows
@@ -699,7 +706,7 @@ def _render_html(inputs: ReportInputs, names: list[str], palette: np.ndarray, fi
     if inputs.comparison:
         heading("methods")
         out.append(f"<p>{_esc(COMPARISON_NOTE)}</p>")
-        out.append(_table(COMPARISON_HEADER, comparison_rows(inputs), numeric=[False] + [True] * 7))
+        out.append(_table(COMPARISON_HEADER, comparison_rows(inputs), numeric=COMPARISON_NUMERIC))
 
     heading("per-class")
     stages = per_class_stages(inputs, names)
@@ -814,7 +821,7 @@ def _render_markdown(inputs: ReportInputs, names: list[str], compute_seconds: fl
     lines += _md_table(["stage", "mIoU (%)", "details"], headline_rows(inputs), numeric=[False, True, False])
     if inputs.comparison:
         lines += ["", "## Propagation methods compared", "", COMPARISON_NOTE, ""]
-        lines += _md_table(COMPARISON_HEADER, comparison_rows(inputs), numeric=[False] + [True] * 7)
+        lines += _md_table(COMPARISON_HEADER, comparison_rows(inputs), numeric=COMPARISON_NUMERIC)
     lines += ["", "## Per-class IoU", ""]
     stages = per_class_stages(inputs, names)
     if stages:
