@@ -8,6 +8,7 @@ from torch import nn
 
 from models.norm import batchnorm_eval
 from models.resnet import ResNet
+from models.resnet38 import ResNet38
 
 SEAM_EPS = 1e-5
 
@@ -75,5 +76,50 @@ class CAMNet(nn.Module):
 
     def training_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Multilabel soft-margin loss on the GAP logits; returns (loss, parts for the log)."""
+        loss = F.multilabel_soft_margin_loss(self(images), labels)
+        return loss, {"cls": loss.detach()}
+
+
+def psa_param_groups(model: nn.Module, new_modules: list[nn.Module], head_lr_mult: float) -> list[dict]:
+    """PSA's four groups (PSA, SEAM): pretrained weights 1x, pretrained biases 2x (no decay), new weights
+    ``head_lr_mult`` x, new biases 2 * ``head_lr_mult`` x (no decay)."""
+    new_ids = {id(p) for m in new_modules for p in m.parameters()}
+    groups: dict[str, list] = {key: [] for key in ("old_w", "old_b", "new_w", "new_b")}
+    for name, p in model.named_parameters():
+        kind = "b" if name.endswith("bias") else "w"
+        groups[("new_" if id(p) in new_ids else "old_") + kind].append(p)
+    return [{"params": groups["old_w"], "lr_mult": 1.0, "decay": True},
+            {"params": groups["old_b"], "lr_mult": 2.0, "decay": False},
+            {"params": groups["new_w"], "lr_mult": head_lr_mult, "decay": True},
+            {"params": groups["new_b"], "lr_mult": 2.0 * head_lr_mult, "decay": False}]
+
+
+class PSACAMNet(nn.Module):
+    """PSA's classification network (``jiwoon-ahn/psa`` resnet38_cls): ResNet-38, Dropout2d(0.5) on conv6, GAP and a
+    bias-free 1x1 fc8 (Xavier); multilabel soft-margin loss. Its CAM is ReLU(fc8 applied to conv6) at stride 8,
+    max-normalised after the multi-scale sum. BN and the first ``frozen_stages`` stages of ResNet-38 stay fixed
+    (PSA: conv1a, b2, b2_1, b2_2 = 2)."""
+
+    cam_normalization = "max"
+
+    def __init__(self, backbone: ResNet38, num_classes: int, freeze_bn: bool = True, frozen_stages: int = 2):
+        super().__init__()
+        self.backbone = backbone.set_frozen(freeze_bn, frozen_stages)
+        self.dropout = nn.Dropout2d(0.5)
+        self.classifier = nn.Conv2d(backbone.tap_channels[-1], num_classes, 1, bias=False)
+        nn.init.xavier_uniform_(self.classifier.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits (B, C): dropout, GAP, fc8."""
+        pooled = F.adaptive_avg_pool2d(self.dropout(self.backbone(x)), 1)
+        return self.classifier(pooled).flatten(1)
+
+    def cam(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.classifier(self.backbone(x)))
+
+    def param_groups(self, head_lr_mult: float = 10.0) -> list[dict]:
+        return psa_param_groups(self, [self.classifier], head_lr_mult)
+
+    def training_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         loss = F.multilabel_soft_margin_loss(self(images), labels)
         return loss, {"cls": loss.detach()}

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.cam import max_norm
+from models.cam import max_norm, psa_param_groups
 from models.resnet import ResNet
 from models.resnet38 import ResNet38
 
@@ -139,16 +139,7 @@ class SEAMNet(nn.Module):
         """SEAM's four groups: pretrained weights 1x, pretrained biases 2x (no decay), new weights
         ``head_lr_mult`` x, new biases 2 * ``head_lr_mult`` x (no decay). Trainable BN affine parameters
         (no freeze_bn) count as pretrained weights / biases."""
-        new_modules = [self.classifier, self.pcm]
-        new_ids = {id(p) for m in new_modules for p in m.parameters()}
-        groups = {key: [] for key in ("old_w", "old_b", "new_w", "new_b")}
-        for name, p in self.named_parameters():
-            kind = "b" if name.endswith("bias") else "w"
-            groups[("new_" if id(p) in new_ids else "old_") + kind].append(p)
-        return [{"params": groups["old_w"], "lr_mult": 1.0, "decay": True},
-                {"params": groups["old_b"], "lr_mult": 2.0, "decay": False},
-                {"params": groups["new_w"], "lr_mult": head_lr_mult, "decay": True},
-                {"params": groups["new_b"], "lr_mult": 2.0 * head_lr_mult, "decay": False}]
+        return psa_param_groups(self, [self.classifier, self.pcm], head_lr_mult)
 
     def training_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """SEAM's loss on a Siamese pair (images, images rescaled by ``rescale``); returns (loss, parts)."""

@@ -91,7 +91,7 @@ class PretrainBackboneConfig:
 class TrainCAMConfig:
     """``[TrainCAM]``: the classification network whose CAMs seed everything."""
 
-    cam_method: str = "cam"                   # registry: stages.cam.CAM_METHODS (cam | seam)
+    cam_method: str = "cam"                   # registry: stages.cam.CAM_METHODS (cam | psa | seam)
     backbone: str = "resnet_mini"             # IRN: resnet50
     pretrained: str = ""                      # ImageNet weights (.pth, torchvision layout) | synthetic
     strides: tuple[int, ...] = (1, 2, 1, 1)   # per ResNet stage; IRN: (1, 2, 2, 1), output stride 16

@@ -54,6 +54,19 @@ IRN = {
     ("Propagate", "bg_threshold"): (0.25, f"{IPW} §1.8"),
 }
 PSA = {
+    ("TrainCAM", "cam_method"): ("psa", f"{IPW} §2.3"),
+    ("TrainCAM", "backbone"): ("resnet38", f"{IPW} §2.2"),
+    ("TrainCAM", "freeze_bn"): (True, f"{IPW} §2.2"),
+    ("TrainCAM", "frozen_stages"): (2, f"{IPW} §2.2 (conv1a, b2, b2_1, b2_2)"),
+    ("TrainCAM", "num_epochs"): (15, f"{IPW} §2.3"),
+    ("TrainCAM", "batch_size"): (16, f"{IPW} §2.3"),
+    ("TrainCAM", "lr"): (0.1, f"{IPW} §2.3"),
+    ("TrainCAM", "weight_decay"): (5e-4, f"{IPW} §2.3"),
+    ("TrainCAM", "momentum_quirk"): (True, f"{IPW} §2.3"),
+    ("TrainCAM", "resize_long"): ((256, 512), f"{IPW} §2.3"),
+    ("TrainCAM", "crop_size"): (448, f"{IPW} §2.3"),
+    ("TrainCAM", "color_jitter"): (0.3, f"{IPW} §2.3"),
+    ("MakeCAM", "scales"): ((1.0, 0.5, 1.5, 2.0), f"{IPW} §2.4"),
     ("ExtractSeeds", "seed_method"): ("psa", f"{IPW} §2.4"),
     ("ExtractSeeds", "alpha_low"): (4.0, f"{IPW} §2.4"),
     ("ExtractSeeds", "alpha_high"): (32.0, f"{IPW} §2.4"),
@@ -213,7 +226,7 @@ REFERENCE = {
     "voc_dsrg.cfg": DSRG,
 }
 # The references whose optimiser passes weight decay into SGD's momentum slot, per trained stage.
-QUIRK = {"voc.cfg": ("TrainCAM", "TrainAffinity"), "voc_psa.cfg": ("TrainAffinity",),
+QUIRK = {"voc.cfg": ("TrainCAM", "TrainAffinity"), "voc_psa.cfg": ("TrainCAM", "TrainAffinity"),
          "voc_seam.cfg": ("TrainCAM", "TrainAffinity"), "voc_a2gnn.cfg": ("TrainCAM", "TrainAffinity")}
 
 

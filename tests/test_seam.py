@@ -247,3 +247,39 @@ def test_train_cam_with_seam_logs_loss_parts_and_make_cams(tmp_path):
     with pytest.raises(ValueError, match="TrainCAM.strides"):
         train_cam(TrainCAMConfig(cam_method="seam", backbone="resnet_mini", strides=(1, 2, 2, 1), batch_size=8),
                   manifest, tmp_path, torch.device("cpu"), loader_workers=0)
+
+
+def test_psa_cam_net_trains_its_head_and_late_blocks_and_gives_stride_8_cams(tmp_path):
+    from data.dense import DenseMapReader, DenseMapWriter
+    from models.cam import PSACAMNet
+    from stages.cam.infer import make_cams
+    from stages.cam.methods import build_cam_model, load_cam_model
+    from stages.cam.train import train_cam
+    from stages.config import DatasetConfig, TrainCAMConfig
+    from stages.dataset.prepare import prepare_dataset
+
+    net = build_cam_model(TrainCAMConfig(cam_method="psa", backbone="resnet38_mini", freeze_bn=True,
+                                         frozen_stages=2), 5)
+    assert isinstance(net, PSACAMNet) and net.classifier.bias is None
+    for name in ("conv1a", "b2", "b2_1", "b2_2"):   # PSA's not_training list, and every BN
+        assert not any(p.requires_grad for p in getattr(net.backbone, name).parameters()), name
+    assert any(p.requires_grad for p in net.backbone.b3.parameters())
+    groups = net.param_groups(10.0)
+    assert [g["lr_mult"] for g in groups] == [1.0, 2.0, 10.0, 20.0]
+    assert any(p is net.classifier.weight for p in groups[2]["params"])
+    x = torch.randn(2, 3, 64, 48)
+    assert net(x).shape == (2, 5) and net.eval().cam(x).shape == (2, 5, 8, 6)
+    with pytest.raises(ValueError, match="ResNet-38"):
+        build_cam_model(TrainCAMConfig(cam_method="psa", backbone="resnet_mini"), 5)
+
+    manifest = prepare_dataset(DatasetConfig(profile="tiny"), tmp_path / "data", log=lambda m: None)
+    cfg = TrainCAMConfig(cam_method="psa", backbone="resnet38_mini", num_epochs=1, batch_size=8,
+                         resize_long=(56, 96), crop_size=48, color_jitter=0.3)
+    result = train_cam(cfg, manifest, tmp_path, torch.device("cpu"), loader_workers=0)
+    assert np.isfinite(result["final_loss"])
+    model = load_cam_model(cfg, manifest.label_space.num_classes - 1, tmp_path, torch.device("cpu"))
+    writer = DenseMapWriter(tmp_path / "cams.h5")
+    make_cams(model, manifest, manifest.splits["eval"][:1], writer, (1.0, 0.5), True, torch.device("cpu"))
+    writer.close()
+    arrays, _ = DenseMapReader([tmp_path / "cams.h5"]).read(manifest.splits["eval"][0], ["high_res"])
+    assert arrays["high_res"].max() <= 1.0 + 1e-6   # IRN/PSA's per-class max normalisation

@@ -6,5 +6,6 @@ from models.registry import LazyRegistry
 
 CAM_METHODS = LazyRegistry("CAM method", {
     "cam": "stages.cam.irn:build",
+    "psa": "stages.cam.psa:build",
     "seam": "stages.cam.seam:build",
 })
