@@ -27,9 +27,11 @@ demo-seam: install
 	LUIGI_CONFIG_PATH=configs/demo_seam.cfg $(BIN)/luigi --module pipeline FullWSSS $(DEMO_FLAGS)
 	LUIGI_CONFIG_PATH=configs/demo_seam.cfg $(BIN)/python -m pipeline summary
 
-# The demo chain plus every graph propagation method from the same CAMs, tabled side by side in the report.
+# The demo chain plus every method's own recipe (configs/demo_<method>.cfg) from the same CAMs, tabled side by side in
+# the report and in the summary: CAM -> seeds -> pseudo labels -> its CRF -> DeepLab on them / the ceiling.
 demo-compare: install
 	LUIGI_CONFIG_PATH=configs/demo_compare.cfg $(BIN)/luigi --module pipeline FullWSSS $(DEMO_FLAGS)
+	LUIGI_CONFIG_PATH=configs/demo_compare.cfg $(BIN)/python -m pipeline summary
 
 test: install
 	$(BIN)/python -m pytest -q

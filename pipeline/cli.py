@@ -113,9 +113,20 @@ def cmd_summary(args: argparse.Namespace) -> int:
             footer.append(f"DeepLab trained on {who}: val mIoU {100 * metrics['miou']:.2f} "
                           f"({100 * metrics['miou_no_crf']:.2f} before the CRF)")
         if family == "Report":
+            footer += compared_methods(task.stage_dir / "report.md")
             footer.append(f"Report: {task.stage_dir / 'report.html'}")
     print("\n" + "\n".join(footer) if footer else "")
     return 0
+
+
+def compared_methods(report_md: Path) -> list[str]:
+    """The report's table of compared methods (``Report.compare``), as printed there, or nothing."""
+    text = report_md.read_text() if report_md.is_file() else ""
+    heading = "## Propagation methods compared"
+    if heading not in text:
+        return []
+    table = [line for line in text.split(heading, 1)[1].split("\n## ", 1)[0].splitlines() if line.startswith("|")]
+    return ["Methods compared (report.md):", *table]
 
 
 def _fmt(value: object) -> str:

@@ -204,6 +204,9 @@ def test_recipe_comparison_runs_the_recipe_from_the_main_chains_cams_down_to_dee
     assert [(r[0], r[1], r[6]) for r in rows] == [("rw_irn/image (main chain)", "configs/tiny.cfg", "a2gnn_final"),
                                                   (str(recipe), str(recipe), "wsgcn_final")]
     assert all(r[8] not in ("", "-") and r[9].endswith("%") for r in rows)  # DeepLab on its labels / ceiling
+    from pipeline.cli import compared_methods
+    printed = compared_methods(Report().stage_dir / "report.md")   # what `python -m pipeline summary` prints
+    assert printed[0].startswith("Methods compared") and len(printed) == 1 + 2 + len(rows)
 
 
 @pytest.mark.parametrize(("section", "option", "value", "message"), [
