@@ -39,7 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PARTS = ("env", "pytest_cuda", "crf", "walk", "deeplab", "shards", "allocator")
 # Per-part caps in seconds (real run, dry run); the budget's remainder caps them further.
-TIMEOUTS = {"env": (240, 60), "pytest_cuda": (150, 90), "crf": (90, 60), "walk": (90, 60), "deeplab": (120, 60),
+TIMEOUTS = {"env": (240, 240), "pytest_cuda": (150, 90), "crf": (90, 60), "walk": (90, 60), "deeplab": (120, 60),
             "shards": (240, 120), "allocator": (120, 60)}
 # Imported by name to decide whether the environment is complete (distribution -> module).
 MODULES = {"torch": "torch", "numpy": "numpy", "scipy": "scipy", "pillow": "PIL", "h5py": "h5py",
@@ -117,7 +117,8 @@ def prepare_python(args: argparse.Namespace, logs: list[str], timeout: float) ->
             f"CUDA build: {found['torch_cuda_build']})")
         code, out = run_logged([*pip, args.torch_spec], logs, "pip torch", deadline - time.monotonic())
         if code != 0:
-            raise RuntimeError(f"pip install {args.torch_spec} failed:\n{out[-2000:]}")
+            how = "timed out" if code is None else f"exited {code}"
+            raise RuntimeError(f"pip install {args.torch_spec} {how}:\n{out[-2000:]}")
         installed.append(args.torch_spec)
     missing = [s for s in requirements() if distribution_name(s) != "torch"
                and not found["modules"].get(MODULES.get(distribution_name(s), distribution_name(s)))]
@@ -125,7 +126,8 @@ def prepare_python(args: argparse.Namespace, logs: list[str], timeout: float) ->
         log(f"installing {', '.join(missing)}")
         code, out = run_logged([*pip, *missing], logs, "pip requirements", deadline - time.monotonic())
         if code != 0:
-            raise RuntimeError(f"pip install of {', '.join(missing)} failed:\n{out[-2000:]}")
+            how = "timed out" if code is None else f"exited {code}"
+            raise RuntimeError(f"pip install of {', '.join(missing)} {how}:\n{out[-2000:]}")
         installed += missing
     return python, installed
 
