@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch installs from a local wheel here; any other spec would pull GBs of CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo demo-seam demo-compare test lint bench clean-venv
+.PHONY: install demo demo-seam demo-compare test lint bench gpu-check clean-venv
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,19 @@ lint: install
 
 bench: install
 	$(BIN)/python -m bench
+
+# On a GPU machine (README "Checking a GPU machine"): its own environment (GPU_VENV, created with the system's
+# site-packages so that a preinstalled CUDA torch is kept; GPU_TORCH_SPEC is pip-installed only where that torch
+# is missing or CPU-only; GPU_WHEELS=DIR installs offline from a folder of wheels), then the CUDA tests and the
+# GPU benches, results in GPU_CHECK_OUT. Not TORCH_SPEC: its default is the CPU wheel of this project's CI.
+GPU_VENV ?= .venv-gpu
+GPU_TORCH_SPEC ?= torch
+GPU_CHECK_OUT ?= bench/results/gpu
+GPU_WHEELS ?=
+GPU_CHECK_FLAGS ?=
+gpu-check:
+	$(PYTHON) bench/gpu_check.py --venv $(GPU_VENV) --torch-spec "$(GPU_TORCH_SPEC)" --out $(GPU_CHECK_OUT) \
+		$(if $(GPU_WHEELS),--wheels $(GPU_WHEELS)) $(GPU_CHECK_FLAGS)
 
 clean-venv:
 	rm -rf $(VENV)

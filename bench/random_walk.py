@@ -10,7 +10,9 @@ wall time and the peak resident memory of its first call above the state just be
 At 500x375 the dense reference does 8 squarings of an 11,750^2 matrix (~26 TFLOP): about 2.5 minutes on 2 idle
 cores at ~190 GFLOP/s, longer on a shared machine. The sparse walk takes about a second.
 
-Run alone with ``python -m bench.random_walk``; ``make bench`` includes it (bench/propagation.py).
+Run alone with ``python -m bench.random_walk``; ``make bench`` includes it (bench/propagation.py). ``make gpu-check``
+(bench/gpu_parts.py) measures the same walk on CUDA through ``run_variant``'s ``device``; there the peak is the
+CUDA allocator's (``torch.cuda.max_memory_allocated``), not the resident memory.
 """
 
 from __future__ import annotations
@@ -60,26 +62,32 @@ def make_inputs(name: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return smooth_cam_stack(rng, NUM_CLASSES, h, w, max_sigma=0.25), boundary
 
 
-def run_variant(name: str, variant: str, out_dir: Path) -> dict:
+def run_variant(name: str, variant: str, out_dir: Path, device: str = "cpu") -> dict:
     """Inside a fresh process: peak memory of the first propagate_irn call (first-call costs included), and
-    its time; the sparse walk is also timed as the best of 3 further calls (the dense one is too slow)."""
+    its time; the sparse walk (and on CUDA the dense one too) is also timed as the best of 3 further calls (the
+    dense one is too slow on the CPU). Scores and labels go to ``out_dir`` as ``<name>_<variant>_<device>_*``."""
     torch.set_num_threads(os.cpu_count() or 1)
     cam, boundary = make_inputs(name)
     height, width, steps = IMAGES[name]
-    dense = variant == "dense"
+    dense, dev = variant == "dense", torch.device(device)
+    on_cuda = dev.type == "cuda"
+    if on_cuda:
+        torch.cuda.init()                 # context creation is not the walk's memory
+        torch.cuda.reset_peak_memory_stats(dev)
     with PeakMemory() as memory:
         start = time.perf_counter()
-        scores, label = propagate_irn(cam, boundary, (height, width), steps=steps, dense_reference=dense)
-        first_seconds = time.perf_counter() - start
+        scores, label = propagate_irn(cam, boundary, (height, width), steps=steps, device=dev, dense_reference=dense)
+        first_seconds = time.perf_counter() - start   # the result is on the host: the device is synchronised
+    peak = torch.cuda.max_memory_allocated(dev) if on_cuda else memory.peak
     seconds = first_seconds
-    for _ in range(0 if dense else 3):
+    for _ in range(0 if dense and not on_cuda else 3):
         start = time.perf_counter()
-        propagate_irn(cam, boundary, (height, width), steps=steps)
+        propagate_irn(cam, boundary, (height, width), steps=steps, device=dev, dense_reference=dense)
         seconds = min(seconds, time.perf_counter() - start)
-    np.save(out_dir / f"{name}_{variant}_scores.npy", scores)
-    np.save(out_dir / f"{name}_{variant}_label.npy", label)
-    return {"seconds": seconds, "first_seconds": first_seconds, "peak_bytes": memory.peak,
-            "memory_method": memory.method}
+    np.save(out_dir / f"{name}_{variant}_{dev.type}_scores.npy", scores)
+    np.save(out_dir / f"{name}_{variant}_{dev.type}_label.npy", label)
+    return {"seconds": seconds, "first_seconds": first_seconds, "peak_bytes": peak,
+            "memory_method": "cuda max_memory_allocated" if on_cuda else memory.method}
 
 
 def bench_random_walk(images: tuple[str, ...] = ("demo", "voc")) -> dict:
@@ -89,8 +97,8 @@ def bench_random_walk(images: tuple[str, ...] = ("demo", "voc")) -> dict:
         for name in images:
             measured = {v: in_fresh_process("bench.random_walk", "--variant", f"{name}:{v}", "--out", tmp)
                         for v in ("sparse", "dense")}
-            labels = {v: np.load(Path(tmp) / f"{name}_{v}_label.npy") for v in measured}
-            scores = {v: np.load(Path(tmp) / f"{name}_{v}_scores.npy") for v in measured}
+            labels = {v: np.load(Path(tmp) / f"{name}_{v}_cpu_label.npy") for v in measured}
+            scores = {v: np.load(Path(tmp) / f"{name}_{v}_cpu_scores.npy") for v in measured}
             sparse, dense = measured["sparse"], measured["dense"]
             height, width, steps = IMAGES[name]
             results[name] = {
@@ -109,13 +117,14 @@ def bench_random_walk(images: tuple[str, ...] = ("demo", "voc")) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", help="internal: IMAGE:VARIANT (sparse | dense) to measure in this process")
+    parser.add_argument("--variant", help="internal: IMAGE:VARIANT[:DEVICE] (sparse | dense; cpu | cuda) to "
+                        "measure in this process")
     parser.add_argument("--out", type=Path, help="internal: folder for the variant's scores and labels")
     parser.add_argument("--images", default="demo,voc", help="comma-separated: demo, voc")
     args = parser.parse_args()
     if args.variant:
-        name, variant = args.variant.split(":")
-        print(json.dumps(run_variant(name, variant, args.out)))
+        name, variant, *device = args.variant.split(":")
+        print(json.dumps(run_variant(name, variant, args.out, *device)))
         return
     for name, figures in bench_random_walk(tuple(args.images.split(","))).items():
         print(name)

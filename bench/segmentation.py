@@ -2,8 +2,8 @@
 
 CPU: DeepLab-v2 and -v3+ on the demo's ``resnet_mini`` at the demo crop (112) and batch (10), images/s,
 against the CAM network's training step on the same backbone (the baseline). CUDA, when present:
-DeepLab-v2 ResNet-101 at deeplab-pytorch's crop 321, batch 5, with AMP (bfloat16) and channels-last,
-against float32 in the default layout.
+DeepLab-v2 ResNet-101 MSC at deeplab-pytorch's crop 321, batch 5, with AMP (bfloat16) and channels-last,
+against float32 in the default layout (:func:`precision_step_rates`, also what ``make gpu-check`` runs).
 """
 
 from __future__ import annotations
@@ -49,6 +49,25 @@ def _segmenter_step(name: str, backbone: str, classes: int, batch: int, crop: in
     return step
 
 
+def precision_step_rates(device: torch.device, backbone: str = "resnet101", classes: int = 21, batch: int = 5,
+                         crop: int = 321, repeat: int = 5, msc: bool = True) -> dict:
+    """DeepLab-v2's training step in float32 (default layout) and with AMP (bfloat16) + channels-last: images/s
+    of each, their ratio, and on CUDA each one's peak allocated MiB (None on the CPU)."""
+    on_cuda = device.type == "cuda"
+    out: dict = {"backbone": backbone, "classes": classes, "batch": batch, "crop": crop, "msc": msc}
+    for label, fast in (("fp32", False), ("amp_channels_last", True)):
+        if on_cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        step = _segmenter_step("deeplabv2", backbone, classes, batch, crop, device, amp=fast, channels_last=fast,
+                               msc=msc)
+        out[f"{label}_images_per_s"] = _images_per_s(step, batch, device, repeat)
+        out[f"{label}_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20 if on_cuda else None
+        del step
+    out["speedup_amp_channels_last"] = out["amp_channels_last_images_per_s"] / out["fp32_images_per_s"]
+    return out
+
+
 def bench_segmentation(repeat: int = 5) -> dict:
     cpu = torch.device("cpu")
     batch, crop, classes = 10, 112, 11
@@ -71,14 +90,12 @@ def bench_segmentation(repeat: int = 5) -> dict:
         out[f"{name}_resnet_mini_images_per_s"] = rate
         out[f"{name}_ratio_vs_cam_training"] = base / rate
     if torch.cuda.is_available():
-        gpu = torch.device("cuda")
         torch.backends.cudnn.benchmark = True
-        fp32 = _images_per_s(_segmenter_step("deeplabv2", "resnet101", 21, 5, 321, gpu, msc=True), 5, gpu, repeat)
-        fast = _images_per_s(_segmenter_step("deeplabv2", "resnet101", 21, 5, 321, gpu, amp=True, channels_last=True,
-                                             msc=True), 5, gpu, repeat)
-        out.update({"cuda_device": torch.cuda.get_device_name(), "cuda_deeplabv2_r101_msc_fp32_images_per_s": fp32,
-                    "cuda_deeplabv2_r101_msc_amp_channels_last_images_per_s": fast,
-                    "cuda_speedup_amp_channels_last": fast / fp32})
+        rates = precision_step_rates(torch.device("cuda"), repeat=repeat)
+        out.update({"cuda_device": torch.cuda.get_device_name(),
+                    "cuda_deeplabv2_r101_msc_fp32_images_per_s": rates["fp32_images_per_s"],
+                    "cuda_deeplabv2_r101_msc_amp_channels_last_images_per_s": rates["amp_channels_last_images_per_s"],
+                    "cuda_speedup_amp_channels_last": rates["speedup_amp_channels_last"]})
     return out
 
 

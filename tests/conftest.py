@@ -18,6 +18,21 @@ import pipeline  # noqa: F401 - resolves the presets (pipeline.presets) before a
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_CFG = REPO / "configs" / "tiny.cfg"
+# The device the `cuda` tests compare with the CPU. `cpu` runs their code with the CPU standing in for CUDA: it
+# proves they still call the library correctly (bench/gpu_check.py's dry run does this), never that CUDA agrees.
+CUDA_TEST_DEVICE = os.environ.get("WSSS_CUDA_TEST_DEVICE", "cuda")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A `cuda` test skips (naming why) when CUDA is absent; `-m "not cuda"` deselects them all by default."""
+    if item.get_closest_marker("cuda") and CUDA_TEST_DEVICE == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (torch.cuda.is_available() is False)")
+
+
+@pytest.fixture
+def cuda_device() -> torch.device:
+    """CUDA for the `cuda` tests (or the stand-in named by $WSSS_CUDA_TEST_DEVICE)."""
+    return torch.device(CUDA_TEST_DEVICE)
 
 
 @pytest.fixture(scope="session")

@@ -589,3 +589,34 @@ def test_reference_schedule_on_a_demo_size_image(supervision):
     probs, index = run_method(PropagateConfig(propagation="a2gnn"), inputs, supervision=supervision, boxes=boxes)
     assert probs.shape == (2, 112, 144)
     assert float((np.array([0, 3])[index] == inputs["truth"]).mean()) > 0.9
+
+
+@pytest.mark.cuda
+def test_window_attention_on_cuda_matches_cpu(cuda_device):
+    gen = torch.Generator().manual_seed(9)
+    window = torch.rand(25, 4, 6, generator=gen, dtype=torch.float64)
+    h = torch.randn(24, 5, generator=gen, dtype=torch.float64)
+    beta = torch.rand((), generator=gen, dtype=torch.float64)
+    on_device = WindowGraph.from_window_affinity(window.to(cuda_device))
+    torch.testing.assert_close(window_attention(h.to(cuda_device), beta.to(cuda_device), on_device).cpu(),
+                               window_attention(h, beta, WindowGraph.from_window_affinity(window)),
+                               rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.cuda
+def test_batched_a2gnn_on_cuda_matches_per_image_and_recovers_the_layout(cuda_device):
+    empty = planted_inputs(48, 64, seed=3)
+    empty["seeds"][:] = 255
+    planted = planted_inputs(48, 64, seed=0)
+    items = [method_arguments(planted), method_arguments(two_class_inputs(48, 64, seed=2)), method_arguments(empty),
+             method_arguments(planted_inputs(40, 56, seed=1), "box", np.array([[3, 0, 0, 20, 39]]))]
+    cfg = dataclasses.replace(FAST, a2gnn_crf_preset="")
+    together = propagate_a2gnn_many(cfg, items, cuda_device)
+    alone = [propagate_a2gnn(cfg, **item, device=cuda_device) for item in items]
+    for (probs, index), (want_probs, want_index) in zip(together, alone):
+        np.testing.assert_allclose(probs, want_probs, rtol=0, atol=1e-4)
+        assert float((index == want_index).mean()) >= 0.999
+    # CUDA draws other initial weights than the CPU (generators differ per device): compare with the layout.
+    for _probs, index in (together[0], propagate_a2gnn(cfg, **items[0], device=CPU)):
+        assert float((np.array([0, 3])[index] == planted["truth"]).mean()) > 0.9
+    assert {0, 1, 2} <= set(np.unique(together[1][1]).tolist())

@@ -359,13 +359,13 @@ def test_radius_too_large_for_the_crop_is_named(tiny_manifest, tmp_path):
 
 
 @pytest.mark.cuda
-def test_cuda_matches_cpu():
+def test_cuda_matches_cpu(cuda_device):
     from stages.affinity.train import training_loss
     torch.manual_seed(0)
     model = IRNet(create_backbone("resnet_mini"), displacement=True)
     images, labels = torch.randn(2, 3, 64, 64), torch.randint(0, 3, (2, 16, 16))
     cpu_loss = training_loss(model, images, labels, 5)[0]
-    cuda = torch.device("cuda")
+    cuda = cuda_device
     gpu_loss = training_loss(model.to(cuda), images.to(cuda), labels.to(cuda), 5)[0]
     assert math.isclose(float(cpu_loss), float(gpu_loss), rel_tol=1e-3)
     rgb = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
@@ -428,3 +428,24 @@ def test_irnet_refuses_a_random_frozen_backbone_naming_the_knob():
                  TrainAffinityConfig(affinity_method="irnet", init_from_cam=True),
                  TrainAffinityConfig(affinity_method="affinitynet", freeze_backbone=False, init_from_cam=False)):
         validate_config(fine, "TrainAffinity")
+
+
+@pytest.mark.cuda
+def test_affinitynet_on_cuda_matches_cpu(cuda_device):
+    from stages.affinity.train import training_loss
+    torch.manual_seed(0)
+    model = AffinityNet(create_backbone("resnet_mini"))
+    images, labels = torch.randn(2, 3, 96, 96), torch.randint(0, 3, (2, 12, 12))
+    losses, grads = [], []
+    for device in (CPU, cuda_device):
+        model.to(device).zero_grad(set_to_none=True)
+        loss = training_loss(model, images.to(device), labels.to(device), 5)[0]
+        loss.backward()
+        losses.append(float(loss))
+        grads.append(model.backbone.conv1.weight.grad.cpu())
+    assert math.isclose(*losses, rel_tol=1e-3)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-5)
+    assert float(grads[0].abs().sum()) > 0
+    rgb = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    np.testing.assert_allclose(infer_features(model, rgb, cuda_device), infer_features(model.cpu(), rgb, CPU),
+                               atol=1e-4)

@@ -184,18 +184,18 @@ def test_refine_many_pool_equals_inline_in_input_order():
 # ---------------------------------------------------------------------------------------------- CUDA
 
 @pytest.mark.cuda
-def test_cuda_matches_cpu_torch():
+def test_cuda_matches_cpu_torch(cuda_device):
     rgb, _, scores = noisy_scene(1)
     features = torch.rand(2000, 5, generator=torch.Generator().manual_seed(0)) * 3
-    on_cpu, on_gpu = PermutohedralLattice(features), PermutohedralLattice(features.cuda())
+    on_cpu, on_gpu = PermutohedralLattice(features), PermutohedralLattice(features.to(cuda_device))
     # The lattice is built with the same float32 element-wise operations on both devices.
     assert on_gpu.n_vertices == on_cpu.n_vertices
     assert torch.equal(on_gpu.weights.cpu(), on_cpu.weights)
     for preset in ("psa_seeds", "deeplab_test"):
         cpu = refine(rgb, scores, preset, backend="torch", device="cpu", marginals=True)
-        gpu = refine(rgb, scores, preset, backend="torch", device="cuda", marginals=True)
+        gpu = refine(rgb, scores, preset, backend="torch", device=cuda_device, marginals=True)
         assert float(np.abs(cpu - gpu).max()) < 1e-3
         assert (cpu.argmax(0) == gpu.argmax(0)).mean() >= 0.999
     items = [(rgb, scores), (rgb[:60, :80], scores[:, :60, :80])]
-    many = refine_many(items, "psa_seeds", backend="torch", device="cuda", processes=4)
+    many = refine_many(items, "psa_seeds", backend="torch", device=cuda_device, processes=2)
     assert [m.shape for m in many] == [rgb.shape[:2], (60, 80)]

@@ -383,3 +383,30 @@ def test_full_pipeline_with_gcn_propagation(luigi_config):
     assert probs.shape[0] == 1 + len(manifest["image_labels"][some])
     metrics = json.loads((EvalPseudoLabels().stage_dir / "metrics.json").read_text())
     assert 0 < metrics["chain"]["pseudo_label_miou"] <= 1
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["dense", "topk"])
+def test_gcn_adjacency_on_cuda_matches_cpu(mode, cuda_device):
+    boundary = random_boundary(9, 11, seed=3)
+    cpu = gcn_adjacency(boundary, 10.0, 3, 16, mode, topk=12)
+    gpu = gcn_adjacency(boundary.to(cuda_device), 10.0, 3, 16, mode, topk=12)
+    assert gpu.device.type == cuda_device.type and gpu.layout == cpu.layout
+    dense = (lambda a: a.to_dense()) if mode == "topk" else (lambda a: a)
+    torch.testing.assert_close(dense(gpu).cpu(), dense(cpu), atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.cuda
+def test_gcn_training_on_cuda_batches_like_alone_and_separates_the_clusters(cuda_device):
+    graphs = [toy_graph(1, 10, classes=2, dense=True), toy_graph(2, 14, classes=3), toy_graph(3, 7, classes=2)]
+    together = train_gcns(graphs, FAST, device=cuda_device)
+    for graph, batched in zip(graphs, together):
+        (alone,) = train_gcns([graph], FAST, device=cuda_device)
+        torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-4)
+    # CUDA draws other initial weights than the CPU (generators differ per device): compare the predictions.
+    graph = toy_graph(0)
+    (on_device,) = train_gcns([graph], FAST, device=cuda_device)
+    (on_cpu,) = train_gcns([graph], FAST, device="cpu")
+    assert torch.equal(on_device.argmax(0), on_cpu.argmax(0))
+    half = graph.num_nodes // 2
+    assert (on_device.argmax(0)[:half] == 0).all() and (on_device.argmax(0)[half:] == 1).all()

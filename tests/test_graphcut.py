@@ -165,3 +165,31 @@ def test_losses_are_shared_with_dsrg_and_gradients_flow():
     assert features.grad is None                          # the graph is built on detached features
     expected = step.seed_loss + step.constrain_loss
     assert step.loss.item() == pytest.approx(expected.item())
+
+
+@pytest.mark.cuda
+def test_knn_and_cuts_on_cuda_match_cpu(cuda_device):
+    case = make_case(12, 14, 2, 8, seed=7)
+    features = torch.from_numpy(case["features"]).double()      # float64: no near-tie flips between devices
+    on_cpu = knn_edges(features, 10, block_elements=500)
+    on_device = knn_edges(features.to(cuda_device), 10, block_elements=500)
+    for want, got in zip(on_cpu, on_device):
+        assert isinstance(got, np.ndarray) and np.array_equal(got, want)
+    probs, seeds, present = (torch.from_numpy(case[k]) for k in ("probs", "seeds", "present"))
+    labels = update_labels(probs, features, seeds, present)
+    device_labels = update_labels(probs.to(cuda_device), features.to(cuda_device), seeds, present)
+    assert device_labels.device.type == cuda_device.type
+    assert torch.equal(device_labels.cpu(), labels) and (labels != _).sum() > (seeds != _).sum()
+    # The training step: losses and gradients on the device against the CPU.
+    images = np.random.default_rng(1).integers(0, 256, (2, 96, 112, 3), dtype=np.uint8)
+    grads, losses, step_labels = [], [], []
+    for device in (torch.device("cpu"), cuda_device):
+        logits = torch.log(probs).to(device).requires_grad_()
+        step = dgcn_step(logits, features.float().to(device), images, seeds.to(device), present.to(device))
+        step.loss.backward()
+        losses.append(step.loss.item())
+        grads.append(logits.grad.cpu())
+        step_labels.append(step.labels.cpu())
+    assert step_labels[1].shape == (2, 12, 14) and float((step_labels[1] == step_labels[0]).double().mean()) >= 0.99
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-6)

@@ -233,9 +233,25 @@ def test_bad_arguments_name_the_argument():
 
 
 @pytest.mark.cuda
-def test_cuda_matches_cpu():
+def test_cuda_matches_cpu(cuda_device):
     cam, boundary, _ = two_region_case(120, 160)
     cpu_scores, cpu_label = propagate_irn(cam, boundary, (120, 160))
-    gpu_scores, gpu_label = propagate_irn(cam, boundary, (120, 160), device="cuda")
+    gpu_scores, gpu_label = propagate_irn(cam, boundary, (120, 160), device=cuda_device)
     np.testing.assert_allclose(cpu_scores, gpu_scores, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(cpu_label, gpu_label)
+    # IRN's own form, T^t by squaring on the device, against the sparse walk on the device.
+    dense_scores, dense_label = propagate_irn(cam, boundary, (120, 160), device=cuda_device, dense_reference=True)
+    np.testing.assert_allclose(gpu_scores, dense_scores, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(gpu_label, dense_label)
+
+
+@pytest.mark.cuda
+def test_psa_walk_on_cuda_matches_cpu(cuda_device):
+    rng = np.random.default_rng(4)
+    cam, features, hole = psa_case(88, 120)
+    features = features + rng.normal(0, 0.5, features.shape).astype(np.float32)
+    cpu_scores, cpu_label = propagate_psa(cam, features, alpha=4.0)
+    gpu_scores, gpu_label = propagate_psa(cam, features, alpha=4.0, device=cuda_device)
+    np.testing.assert_allclose(cpu_scores, gpu_scores, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(cpu_label, gpu_label)
+    assert gpu_label[hole] == 1                             # not a trivial agreement: the walk filled the hole

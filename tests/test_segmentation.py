@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -201,3 +202,44 @@ def test_predict_and_evaluate_with_and_without_crf(tiny_manifest, tmp_path, one_
     assert raw.shape == crf.shape == (n, n) and raw.sum() == crf.sum() > 0
     assert all((tmp_path / "pred" / "labels" / f"{i}.png").is_file() for i in ids)
     assert all((tmp_path / "pred" / "raw" / f"{i}.png").is_file() for i in ids)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["deeplabv2", "deeplabv3plus"])
+def test_forward_and_backward_on_cuda_match_cpu(name, cuda_device):
+    torch.manual_seed(0)
+    net = create_segmenter(name, "resnet_mini", 5, freeze_bn=True, msc=True).train()
+    x, y = torch.randn(2, 3, 64, 80), torch.randint(0, 5, (2, 64, 80))
+    y[:, :4] = 255
+    results = []
+    for device in (torch.device("cpu"), cuda_device):
+        net.to(device).zero_grad(set_to_none=True)
+        outputs = net(x.to(device))
+        loss = segmentation_loss(outputs, y.to(device))
+        loss.backward()
+        results.append((outputs[-1].detach().cpu(), float(loss), net.base.backbone.conv1.weight.grad.cpu()))
+    (cpu_out, cpu_loss, cpu_grad), (gpu_out, gpu_loss, gpu_grad) = results
+    torch.testing.assert_close(gpu_out, cpu_out, rtol=1e-3, atol=1e-4)
+    assert gpu_loss == pytest.approx(cpu_loss, rel=1e-4)
+    torch.testing.assert_close(gpu_grad, cpu_grad, rtol=1e-3, atol=1e-5)
+    assert float(cpu_grad.abs().sum()) > 0
+
+
+@pytest.mark.cuda
+def test_amp_channels_last_step_on_cuda_follows_float32(cuda_device):
+    """The bench's fast training step (bfloat16 autocast, channels-last) computes the float32 loss to bf16
+    precision, and its gradients point the same way."""
+    torch.manual_seed(0)
+    net = create_segmenter("deeplabv2", "resnet_mini", 5, freeze_bn=True, msc=True).to(cuda_device).train()
+    x, y = torch.randn(2, 3, 64, 80, device=cuda_device), torch.randint(0, 5, (2, 64, 80), device=cuda_device)
+    losses, grads = [], []
+    for fast in (False, True):
+        fmt = torch.channels_last if fast else torch.contiguous_format
+        net.to(memory_format=fmt).zero_grad(set_to_none=True)
+        with torch.autocast(cuda_device.type, dtype=torch.bfloat16, enabled=fast):
+            loss = segmentation_loss(net(x.to(memory_format=fmt)), y)
+        loss.backward()
+        losses.append(float(loss))
+        grads.append(torch.cat([p.grad.flatten().float() for p in net.parameters() if p.grad is not None]))
+    assert math.isfinite(losses[1]) and losses[1] == pytest.approx(losses[0], rel=0.05)
+    assert float(torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0)) > 0.95
