@@ -89,11 +89,14 @@ class SEAMNet(nn.Module):
     """SEAM's network with CAMNet's interface (``training_loss``, ``param_groups``, ``cam``).
 
     ``num_classes`` counts foreground classes; the head adds the background channel. ``cam(x)`` gives the
-    PCM output's foreground channels at stride 8, summed over scales by make_cam, which then applies
-    ReLU and per-class min-max normalisation (``cam_normalization = "minmax"``).
+    PCM output's foreground channels at stride 8, summed over scales by make_cam in SEAM's order (resize to the
+    input size with align_corners=True as ``forward``, then to the image size, mirror back after resizing:
+    ``cam_upsampling = "seam"``), which then applies ReLU and per-class min-max normalisation
+    (``cam_normalization = "minmax"``).
     """
 
     cam_normalization = "minmax"
+    cam_upsampling = "seam"
 
     def __init__(self, backbone: ResNet38 | ResNet, num_classes: int, freeze_bn: bool = True, frozen_stages: int = 2,
                  rescale: float = 0.3, ecr_top: float = 0.2, min_pool: float = 0.25):

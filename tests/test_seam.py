@@ -206,6 +206,41 @@ def test_make_cam_on_seam_gives_min_max_normalised_maps():
         assert np.allclose(flat.max(axis=1), 1, atol=1e-3) and np.all(flat.min(axis=1) == 0)
 
 
+def seam_reference_cam(net: SEAMNet, rgb: np.ndarray, keys: list[int], scales: tuple[float, ...]) -> np.ndarray:
+    """infer_SEAM.py's order, pass by pass: the network's PCM output at the scaled size (align_corners=True),
+    to the image size (align_corners=False), mirrored back after resizing; summed, ReLU, per-class min-max."""
+    from data.transforms import normalize, rescale
+    h, w = rgb.shape[:2]
+    total = 0
+    for scale in scales:
+        image = torch.from_numpy(normalize(rescale(rgb, scale)))[None]
+        for mirrored in (False, True):
+            with torch.no_grad():
+                _, cam_rv = net(image.flip(-1) if mirrored else image)
+            cam = F.interpolate(cam_rv[:, 1:], (h, w), mode="bilinear", align_corners=False)[0]
+            cam = cam[[k - 1 for k in keys]].numpy()
+            total = total + (cam[..., ::-1] if mirrored else cam)
+    total = np.maximum(total, 0)
+    lo, hi = total.min(axis=(1, 2), keepdims=True), total.max(axis=(1, 2), keepdims=True)
+    total[total < lo + 1e-5] = 0
+    return (total - lo - 1e-5) / (hi - lo + 1e-5)
+
+
+def test_make_cam_on_seam_follows_infer_seam_order():
+    """Two-step resize, mirror after resizing (SEAM); IRN's one-step pad-and-crop order gives other maps."""
+    torch.manual_seed(0)
+    net = SEAMNet(create_backbone("resnet38_mini"), 6, freeze_bn=False, frozen_stages=0).eval()
+    rgb = np.random.default_rng(1).integers(0, 255, (37, 53, 3), dtype=np.uint8)
+    scales = (1.0, 0.5, 1.5)
+    _, high = multiscale_cam(net, rgb, [2, 5], scales, True, 8, torch.device("cpu"))
+    reference = seam_reference_cam(net, rgb, [2, 5], scales)
+    np.testing.assert_allclose(high, np.maximum(reference, 0), atol=1e-4)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(net, "cam_upsampling", "irn", raising=False)
+        _, irn_order = multiscale_cam(net, rgb, [2, 5], scales, True, 8, torch.device("cpu"))
+    assert np.abs(irn_order - reference).max() > 1e-2
+
+
 def test_color_jitter_zero_draws_nothing_and_positive_changes_colours():
     from data.transforms import color_jitter, train_transform
     rgb = np.random.default_rng(3).integers(0, 255, (20, 30, 3), dtype=np.uint8)
