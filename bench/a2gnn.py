@@ -55,7 +55,7 @@ WINDOW_RADIUS = 3
 def make_inputs(name: str, index: int = 0, model: torch.nn.Module | None = None) -> dict:
     """Image ``index``'s render, seeds, CAMs and the a2gnn net's window graph, all deterministic; ``model`` (the
     randomly initialised affinity net every image shares) is built when not given."""
-    from stages.propagation.a2gnn import infer_window_graph
+    from stages.affinity.a2gnn import infer_window_graph
 
     height, width, _ = IMAGES[name]
     rng = np.random.default_rng(SEED if index == 0 else [SEED, index])

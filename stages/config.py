@@ -258,6 +258,10 @@ class PropagateConfig:
     a2gnn_gcrf_sigma_xy: float = 6.0          # A2GNN: 6 (grid cells)
     a2gnn_gcrf_sigma_rgb: float = 0.1         # A2GNN: 0.1 (ImageNet-normalised image)
     a2gnn_mp_weight: float = 1.0              # box multi-point loss; A2GNN 1
+    # Where the seed, multi-point and consistency losses read the GNN: "image" = its logits and embeddings upsampled
+    # bilinearly onto the padded image, every labelled pixel counted (A2GNN); "grid" = the stride-s nodes, seeds
+    # sampled at block centres (cheaper; seeds smaller than a block can be missed; other labels, see the README).
+    a2gnn_loss_resolution: str = "image"      # image | grid
     a2gnn_rw: bool = True                     # fuse the random walk (image and point supervision only); A2GNN on
     a2gnn_rw_weight: float = 3.0              # A2GNN: p = softmax + 3 rw
     a2gnn_rw_beta: float = 8.0                # A2GNN: A^8

@@ -47,13 +47,17 @@ from stages.metrics import with_background
 from stages.propagation import PROPAGATION_METHODS
 from stages.propagation.a2gnn import (
     GridBox,
+    LossPixels,
+    bilinear_taps,
     gated_crf_loss,
     grid_boxes,
     multi_point_loss,
     propagate_a2gnn,
     propagate_a2gnn_many,
     resolve_schedule,
+    sample_taps,
     seed_channels,
+    seed_loss,
     window_random_walk,
 )
 from stages.propagation.propagate import propagate_images, validate_propagation
@@ -256,12 +260,99 @@ def test_multi_point_loss_picks_row_and_column_maxima_and_drops_inconsistent_nod
     labels[[1 * w + 3, 2 * w + 1]] = 1                      # (1, 3) should go, (2, 1) stays
     labels[0 * w + 1] = 2                                   # another class: untouched
     labels[0] = 1                                           # outside the box: untouched
-    loss, checked = multi_point_loss(logits, embedding, [box], labels, (h, w))
+    pixels = LossPixels.labelled(labels.view(h, w), (h, w), 1)
+    loss, checked = multi_point_loss(logits, embedding, [box], pixels)
     expected = F.cross_entropy(logits[rows + cols], torch.ones(6, dtype=torch.long))
     torch.testing.assert_close(loss, expected)              # identical point embeddings: no spread term
-    assert int(checked[1 * w + 3]) == 255 and int(checked[2 * w + 1]) == 1
-    assert int(checked[0 * w + 1]) == 2 and int(checked[0]) == 1
-    assert int(labels[1 * w + 3]) == 1                      # the input is not modified
+    after = dict(zip((pixels.ys * w + pixels.xs).tolist(), checked.tolist()))
+    assert after == {1 * w + 3: 255, 2 * w + 1: 1, 0 * w + 1: 2, 0: 1}
+    assert int(pixels.labels[(pixels.ys == 1) & (pixels.xs == 3)]) == 1   # the input is not modified
+
+
+def test_loss_pixels_read_the_bilinearly_upsampled_grid():
+    """The taps give F.interpolate's values (align_corners=False, x stride) at any pixel, borders included."""
+    torch.manual_seed(0)
+    grid, stride = (5, 7), 8
+    values = torch.randn(grid[0] * grid[1], 3)
+    full = F.interpolate(values.T.reshape(1, 3, *grid), (40, 56), mode="bilinear", align_corners=False)[0]
+    ys = torch.tensor([0, 0, 3, 4, 17, 39, 39, 20])
+    xs = torch.tensor([0, 55, 3, 4, 30, 0, 55, 11])
+    index, weight = bilinear_taps(ys, xs, grid, stride)
+    torch.testing.assert_close(sample_taps(values, index, weight), full[:, ys, xs].T)
+    same, ones = bilinear_taps(ys[:3] % 5, xs[:3] % 7, grid, 1)        # stride 1: each pixel is its own node
+    torch.testing.assert_close(sample_taps(values, same, ones), values[(ys[:3] % 5) * 7 + xs[:3] % 7])
+
+
+def reference_box_losses(logits: torch.Tensor, embedding: torch.Tensor, labels: torch.Tensor, box: tuple,
+                         grid: tuple[int, int], stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """mytool.py's train_with_mp_nocrf, written out: logits and embedding upsampled to the padded label map,
+    per-pixel row/column points, consistency check, then CE(bg seeds) + CE(fg seeds) on the checked labels."""
+    size = (grid[0] * stride, grid[1] * stride)
+    pred = F.interpolate(logits.T.reshape(1, -1, *grid), size, mode="bilinear", align_corners=False)[0]
+    fts = F.interpolate(embedding.T.reshape(1, -1, *grid), size, mode="bilinear", align_corners=False)[0]
+    channel, x0, y0, x1, y1 = box
+    region = pred[:, y0:y1 + 1, x0:x1 + 1]
+    rows = region[channel].argmax(1)                                    # per row, the best column
+    cols = region[channel].argmax(0)
+    picked = torch.cat([region[:, torch.arange(y1 - y0 + 1), rows], region[:, cols, torch.arange(x1 - x0 + 1)]], 1)
+    fbox = fts[:, y0:y1 + 1, x0:x1 + 1]
+    points = torch.cat([fbox[:, torch.arange(y1 - y0 + 1), rows], fbox[:, cols, torch.arange(x1 - x0 + 1)]], 1).T
+    norms = points.norm(dim=1, keepdim=True)
+    cos = (points @ points.T) / (norms @ norms.T + 1e-7)
+    target = torch.full((picked.shape[1],), channel)
+    mp = F.cross_entropy(picked.T, target, reduction="sum") / picked.shape[1] + (1 - cos).sum() / cos.numel()
+    labels = labels.clone()
+    similarity = F.cosine_similarity(fbox.detach(), points.detach().mean(0)[:, None, None], dim=0)
+    inside = labels[y0:y1 + 1, x0:x1 + 1]
+    inside[(similarity < 0) & (inside == channel)] = 255
+    bg, fg = labels.clone(), labels.clone()
+    bg[labels != 0] = 255
+    fg[labels == 0] = 255
+    seed = F.cross_entropy(pred[None], bg[None], ignore_index=255) + F.cross_entropy(pred[None], fg[None],
+                                                                                         ignore_index=255)
+    return mp + seed, labels
+
+
+def test_image_resolution_losses_match_the_reference_formulation():
+    """Seed, multi-point and consistency losses on the padded image (A2GNN): same value, gradients and checked
+    labels as the reference's dense upsampling."""
+    torch.manual_seed(3)
+    grid, stride, classes = (4, 5), 8, 3
+    logits = torch.randn(20, classes, requires_grad=True)
+    embedding = torch.randn(20, 6, requires_grad=True)
+    labels = torch.full((32, 40), 255, dtype=torch.long)
+    labels[2:12, 3:30] = 0
+    labels[14:30, 6:35] = 2
+    labels[20:26, 20:24] = 1
+    box = (2, 5, 13, 36, 31)                                            # channel, x0, y0, x1, y1 (pixels)
+    want, want_labels = reference_box_losses(logits, embedding, labels, box, grid, stride)
+    want_grads = torch.autograd.grad(want, (logits, embedding))
+    pixels = LossPixels.labelled(labels, grid, stride)
+    mp, checked = multi_point_loss(logits, embedding, [GridBox(2, 13, 31, 5, 36)], pixels)
+    got = mp + seed_loss(pixels.sample(logits), checked)
+    torch.testing.assert_close(got, want)
+    for ours, theirs in zip(torch.autograd.grad(got, (logits, embedding)), want_grads):
+        torch.testing.assert_close(ours, theirs)
+    assert torch.equal(checked, want_labels[pixels.ys, pixels.xs])
+    assert int((checked == 255).sum()) > 0                              # the check did drop something
+
+
+def test_point_seeds_off_block_centres_reach_the_gnn():
+    """Single-pixel seeds that miss every block centre: the image-resolution losses (A2GNN) train on them; the
+    grid variant sees no seed and keeps the CAM label's scores."""
+    inputs = planted_inputs()
+    seeds = inputs["seeds"]
+    ys, xs = np.nonzero(seeds != 255)
+    moved = np.full_like(seeds, 255)
+    moved[ys + 1, xs + 1] = seeds[ys, xs]                               # one pixel off each centre
+    inputs["seeds"] = moved
+    cfg = dataclasses.replace(FAST, a2gnn_rw=False, a2gnn_crf_preset="")
+    _, index = run_method(cfg, inputs)
+    assert float((np.array([0, 3])[index] == inputs["truth"]).mean()) > 0.9
+    grid_probs, _ = run_method(dataclasses.replace(cfg, a2gnn_loss_resolution="grid"), inputs)
+    np.testing.assert_array_equal(grid_probs, with_background(inputs["high_res"], cfg.cam_bg_threshold))
+    with pytest.raises(ValueError, match="a2gnn_loss_resolution"):
+        validate_propagation(dataclasses.replace(cfg, a2gnn_loss_resolution="pixels"))
 
 
 def test_grid_boxes_whole_image_and_foreign_classes():
@@ -457,8 +548,10 @@ def method_arguments(inputs: dict, supervision: str = "image", boxes: np.ndarray
             "boxes": boxes, "stride": int(inputs["affinity_stride"])}
 
 
-def test_many_images_train_together_and_match_the_per_image_path(monkeypatch):
-    """Two grid sizes, image and box supervision, different class counts in one batch, an empty-seed image."""
+@pytest.mark.parametrize("resolution", ["image", "grid"])
+def test_many_images_train_together_and_match_the_per_image_path(monkeypatch, resolution):
+    """Two grid sizes, image and box supervision, different class counts in one batch, an empty-seed image;
+    losses at either resolution (images of a batch have different numbers of labelled pixels)."""
     empty = planted_inputs(48, 64, seed=3)
     empty["seeds"][:] = 255
     items = [method_arguments(planted_inputs(48, 64, seed=0)),
@@ -466,7 +559,7 @@ def test_many_images_train_together_and_match_the_per_image_path(monkeypatch):
              method_arguments(empty),
              method_arguments(two_class_inputs(48, 64, seed=2)),
              method_arguments(planted_inputs(40, 56, seed=4), "box", np.array([[3, 0, 0, 55, 39]]))]
-    cfg = dataclasses.replace(FAST, a2gnn_crf_preset="")
+    cfg = dataclasses.replace(FAST, a2gnn_crf_preset="", a2gnn_loss_resolution=resolution)
     batch_sizes = []
     train_batch = stages.propagation.a2gnn.train_a2gnn_batch
 

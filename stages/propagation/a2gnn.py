@@ -11,7 +11,13 @@ Two parts, both on the affinity net's stride-s grid (s = 8 for ResNet-38; ``resn
    bilinearly resized to the grid, xy in grid cells) and m_ij = both pixels inside the image (not crop padding).
 2. **Per-image GNN** (:func:`propagate_a2gnn`): node features = the concatenated backbone taps, L1-normalised;
    :class:`models.a2gnn.A2GNN` (256 hidden, dropout 0.5, three attention layers) trained with Adam (wd 5e-4) on
-   the seeds (nearest-downsampled to the grid) with the balanced loss CE(bg seeds) + CE(fg seeds):
+   the seeds with the balanced loss CE(bg seeds) + CE(fg seeds). As the reference, the seed, multi-point and
+   consistency losses read the logits and embeddings upsampled bilinearly onto the padded image, every labelled
+   pixel counting (``Propagate.a2gnn_loss_resolution = image``; :class:`LossPixels` gathers the upsampled values
+   at the labelled pixels only, from their four nodes, instead of forming the upsampled maps: the same values
+   at a cost linear in the labelled pixels). ``grid`` runs them on the nodes, the seeds sampled at block
+   centres: seeds smaller than a block can be missed and each node weighs one seed pixel instead of its block's
+   labelled pixels, so the labels differ (measured in the README):
 
    ============== ===== ============================== ===================================================
    supervision     lr    epochs (seed, + Gated CRF)     losses
@@ -21,12 +27,13 @@ Two parts, both on the affinity net's stride-s grid (s = 8 for ResNet-38; ``resn
    box            0.035 150, 150                       seed + MP; then seed + 0.01 GCRF + MP
    ============== ===== ============================== ===================================================
 
-   GCRF = Gated-CRF Potts loss on softmax(Z) at grid resolution (radius 5, sigma_xy 6 cells, sigma_rgb 0.1 on
-   the normalised image): sum K_ij (1 - <y_i, y_j>) / (h w). MP (box only, :func:`multi_point_loss`): per box of
-   class c, the node of highest class-c logit in every row and every column; CE against c over all points /
-   their count, plus sum (1 - cos) over all ordered point pairs / their count; the consistency check then sets to
-   ignore every node in the box labelled c whose embedding has cosine < 0 to the points' mean embedding
-   (cumulative, every epoch, before that epoch's seed loss, as the reference).
+   GCRF = Gated-CRF Potts loss on softmax(Z) at grid resolution, as the reference's (radius 5, sigma_xy 6 cells,
+   sigma_rgb 0.1 on the normalised image): sum K_ij (1 - <y_i, y_j>) / (h w). MP (box only,
+   :func:`multi_point_loss`): per box of class c, the pixel (node, for ``grid``) of highest class-c logit in every
+   row and every column; CE against c over all points / their count, plus sum (1 - cos) over all ordered point
+   pairs / their count; the consistency check then sets to ignore every seed in the box labelled c whose
+   embedding has cosine < 0 to the points' mean embedding (cumulative, every epoch, before that epoch's seed loss,
+   as the reference).
    Inference: dropout off, logits upsampled bilinearly (x s, then cropped to the image), softmax. Image/point
    supervision adds the random walk: T = column-normalised A^8 of the window affinities, CAM vector
    [(1 - max)^6; CAMs] average-pooled s x s, walked 2^6 = 64 steps (:func:`window_random_walk`: one window
@@ -39,17 +46,17 @@ Two parts, both on the affinity net's stride-s grid (s = 8 for ResNet-38; ``resn
    result equals :func:`propagate_a2gnn`'s (the reference path) up to float summation order, which 100 epochs
    amplify to ~1e-4 in the scores (as a 1e-7 relative change of the inputs does; labels agree).
 
-Deviations from the reference (all incidental per the study's section 6.2, or forced by our data):
+Deviations from the reference (incidental per the study's section 6.2, or forced by our data, except the first):
 
-- The seed, MP and consistency losses run at grid resolution (the reference upsamples logits and embeddings to
-  the padded image and works per pixel). Seeds are sampled at block centres, so sparse seeds (single-pixel
-  points) smaller than a block can be missed.
+- The padding of the image to a multiple of s carries no seed (ignore); the reference pads the seed map with 0
+  (background) for image, point and scribble supervision, so up to s - 1 rows and columns of padding pull the
+  bottom and right border nodes towards background; for boxes it pads with ignore, as we do.
 - Output and random walk are aligned to the padded grid (upsample x s, crop); the reference stretches the GNN's
   padded grid onto the unpadded image.
 - Window neighbours off the grid are ignored in the pair labels and the Gated-CRF/gated kernels (the reference's
   unfold pads them with label 0 = background and zero features: a border artefact; for the Gated CRF the
   difference is a constant).
-- An image whose seeds are all ignore on the grid gets no GNN: it keeps the CAM label's scores (a constant
+- An image with no seed at the losses' resolution gets no GNN: it keeps the CAM label's scores (a constant
   background plane ``cam_bg_threshold`` before the CAMs), as Propagate does for empty seeds. Seed labels not
   among the image's classes (``keys``) are ignored, and so are boxes of such classes.
 - Seeds: one per image from ``a2gnn_seed`` and the image id (weights, betas, dropout masks); the reference does
@@ -58,6 +65,7 @@ Deviations from the reference (all incidental per the study's section 6.2, or fo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -84,6 +92,7 @@ from stages.refine.crf import CRF_PRESETS, refine
 from stages.runtime import image_seed
 
 SUPERVISIONS = ("image", "point", "scribble", "box")
+LOSS_RESOLUTIONS = ("image", "grid")
 # What the registered propagation method reads from its ``affinity`` dict (besides the optional "supervision",
 # "boxes" and "affinity_stride").
 A2GNN_INPUTS = ("window_affinity", "node_features", "rgb", "image_id", "seeds", "keys")
@@ -132,7 +141,8 @@ def gated_crf_losses(probs: Tensor, kernel: Tensor, radius: int) -> Tensor:
 
 @dataclass(frozen=True)
 class GridBox:
-    """A box on the grid: class channel and inclusive cell ranges."""
+    """A box at the losses' resolution (node cells, or pixels of the padded image): class channel and inclusive
+    row / column ranges."""
 
     channel: int
     y0: int
@@ -141,42 +151,133 @@ class GridBox:
     x1: int
 
 
-def multi_point_loss(logits: Tensor, embedding: Tensor, boxes: list[GridBox], labels: Tensor,
-                     grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """A2GNN's box multi-point loss with consistency checking; returns (loss, labels after the check).
+def bilinear_taps(ys: Tensor, xs: Tensor, grid: tuple[int, int], stride: int) -> tuple[Tensor, Tensor]:
+    """The four nodes (P, 4) and weights (P, 4) that give pixels (ys, xs) of the grid's maps upsampled by ``stride``
+    (``F.interpolate``, bilinear, align_corners=False: source = (p + 0.5) / s - 0.5, clamped at the borders);
+    stride 1 gives each pixel its own node with weight 1."""
+    def axis(p: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
+        source = ((p.float() + 0.5) / stride - 0.5).clamp(min=0)
+        low = source.floor().long().clamp(max=size - 1)
+        return low, (low + 1).clamp(max=size - 1), source - low
+    y0, y1, fy = axis(ys, grid[0])
+    x0, x1, fx = axis(xs, grid[1])
+    width = grid[1]
+    index = torch.stack([y0 * width + x0, y0 * width + x1, y1 * width + x0, y1 * width + x1], -1)
+    weight = torch.stack([(1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx], -1)
+    return index, weight
 
-    Per box of class c: the node of highest class-c logit in every row and in every column of the box; CE of
-    their logits against c, summed over all boxes / the number of points; plus sum (1 - cos) of the points'
-    embeddings over all ordered pairs / the number of pairs. Check: nodes of the box labelled c whose embedding
-    has cosine < 0 to the mean embedding of the box's points become ignore (in a copy of ``labels``).
+
+def sample_taps(values: Tensor, index: Tensor, weight: Tensor) -> Tensor:
+    """Node values (N, C) at taps (P, 4) -> (P, C); batched: (B, N, C) at (B, P, 4) -> (B, P, C). Differentiable."""
+    if values.dim() == 2:
+        gather = values.__getitem__
+    else:
+        rows = torch.arange(values.shape[0], device=values.device)[:, None]
+        def gather(idx: Tensor) -> Tensor:
+            return values[rows, idx]
+    out = gather(index[..., 0]) * weight[..., 0, None]
+    for k in range(1, 4):
+        out = out + gather(index[..., k]) * weight[..., k, None]
+    return out
+
+
+@dataclass(frozen=True)
+class LossPixels:
+    """Where the seed, multi-point and consistency losses read the GNN (``Propagate.a2gnn_loss_resolution``).
+
+    The losses see the node maps upsampled bilinearly by ``stride`` (1 = the node grid itself; s = the padded
+    image, as A2GNN's ``F.interpolate`` of the logits to the padded label size). Only labelled pixels enter a
+    loss (the check only ever turns labels into ignore), so the losses need the logits there alone: ``ys``, ``xs``
+    (..., P) are those pixels (-1 = padding of a stacked batch), ``index`` / ``weight`` (..., P, 4) their bilinear
+    taps (:func:`bilinear_taps`; an upsampled map gathered there equals ``F.interpolate``'s up to float rounding,
+    without forming it), ``labels`` (..., P) their channel labels (255 = ignore).
     """
-    height, width = grid
-    labels = labels.clone()
+
+    grid: tuple[int, int]
+    stride: int
+    ys: Tensor
+    xs: Tensor
+    index: Tensor
+    weight: Tensor
+    labels: Tensor
+
+    @classmethod
+    def labelled(cls, labels: Tensor, grid: tuple[int, int], stride: int) -> LossPixels:
+        """The non-ignore pixels of a (grid * stride) label map."""
+        ys, xs = torch.nonzero(labels != IGNORE_INDEX, as_tuple=True)
+        index, weight = bilinear_taps(ys, xs, grid, stride)
+        return cls(tuple(grid), stride, ys, xs, index, weight, labels[ys, xs].long())
+
+    @property
+    def count(self) -> int:
+        return int(self.ys.shape[-1])
+
+    def sample(self, values: Tensor) -> Tensor:
+        """Node values (N, C) or (B, N, C) at the pixels: (P, C) or (B, P, C)."""
+        return sample_taps(values, self.index, self.weight)
+
+    def to(self, device: torch.device) -> LossPixels:
+        return LossPixels(self.grid, self.stride, *(t.to(device) for t in
+                                                    (self.ys, self.xs, self.index, self.weight, self.labels)))
+
+    @staticmethod
+    def stack(members: Sequence[LossPixels]) -> LossPixels:
+        """One batch (leading image dimension), padded to the largest P with ignore pixels of weight 0."""
+        count = max(m.count for m in members)
+        def padded(t: Tensor, fill: float) -> Tensor:
+            extra = count - t.shape[0]
+            return torch.cat([t, t.new_full((extra, *t.shape[1:]), fill)]) if extra else t
+        fields = [torch.stack([padded(getattr(m, name), fill) for m in members])
+                  for name, fill in (("ys", -1), ("xs", -1), ("index", 0), ("weight", 0), ("labels", IGNORE_INDEX))]
+        return LossPixels(members[0].grid, members[0].stride, *fields)
+
+    def with_labels(self, labels: Tensor) -> LossPixels:
+        return dataclasses.replace(self, labels=labels)
+
+    def image(self, b: int, labels: Tensor) -> LossPixels:
+        """Image ``b`` of a stacked batch (padding kept), carrying ``labels``."""
+        return LossPixels(self.grid, self.stride, self.ys[b], self.xs[b], self.index[b], self.weight[b], labels)
+
+
+def multi_point_loss(logits: Tensor, embedding: Tensor, boxes: list[GridBox], pixels: LossPixels
+                     ) -> tuple[Tensor, Tensor]:
+    """A2GNN's box multi-point loss with consistency checking; returns (loss, ``pixels.labels`` after the check).
+
+    At the losses' resolution (node logits (N, C) and embedding (N, D) upsampled by ``pixels.stride``; boxes in
+    its pixels), per box of class c: the pixel of highest class-c logit in every row and in every column of the
+    box; CE of their logits against c, summed over all boxes / the number of points; plus sum (1 - cos) of the
+    points' embeddings over all ordered pairs / the number of pairs. Check: labelled pixels of the box labelled c
+    whose embedding has cosine < 0 to the mean embedding of the box's points become ignore (in a copy). Only the
+    sign matters and the upsampling is linear, so the check reads the upsampled dot product with the mean.
+    """
+    labels = pixels.labels.clone()
     if not boxes:
         return logits.new_zeros(()), labels
-    scores = logits.detach().T.reshape(-1, height, width)
+    height, width = pixels.grid
+    stride = pixels.stride
     ce, points_total, spread, pairs_total = logits.new_zeros(()), 0, logits.new_zeros(()), 0
     for box in boxes:
+        plane = logits.detach()[:, box.channel].reshape(1, 1, height, width)
+        if stride > 1:
+            plane = F.interpolate(plane, (height * stride, width * stride), mode="bilinear", align_corners=False)
+        inside = plane[0, 0, box.y0:box.y1 + 1, box.x0:box.x1 + 1]
         ys = torch.arange(box.y0, box.y1 + 1, device=logits.device)
         xs = torch.arange(box.x0, box.x1 + 1, device=logits.device)
-        inside = scores[box.channel, box.y0:box.y1 + 1, box.x0:box.x1 + 1]
-        row_points = ys * width + box.x0 + inside.argmax(1)
-        col_points = (box.y0 + inside.argmax(0)) * width + xs
-        points = torch.cat([row_points, col_points])
-        target = torch.full((points.numel(),), box.channel, dtype=torch.long, device=logits.device)
-        ce = ce + F.cross_entropy(logits[points], target, reduction="sum")
-        points_total += points.numel()
-        chosen = embedding[points]
+        point_ys = torch.cat([ys, box.y0 + inside.argmax(0)])
+        point_xs = torch.cat([box.x0 + inside.argmax(1), xs])
+        index, weight = bilinear_taps(point_ys, point_xs, pixels.grid, stride)
+        target = torch.full((point_ys.numel(),), box.channel, dtype=torch.long, device=logits.device)
+        ce = ce + F.cross_entropy(sample_taps(logits, index, weight), target, reduction="sum")
+        points_total += point_ys.numel()
+        chosen = sample_taps(embedding, index, weight)
         norms = chosen.norm(dim=1)
         cos = (chosen @ chosen.T) / (norms[:, None] * norms[None, :] + 1e-7)
         spread = spread + (1 - cos).sum()
-        pairs_total += points.numel() ** 2
+        pairs_total += point_ys.numel() ** 2
         with torch.no_grad():
-            prototype = chosen.detach().mean(0)
-            nodes = (ys[:, None] * width + xs[None, :]).reshape(-1)
-            similarity = F.cosine_similarity(embedding.detach()[nodes], prototype[None], dim=1)
-            drop = nodes[(labels[nodes] == box.channel) & (similarity < 0)]
-            labels[drop] = IGNORE_INDEX
+            agreement = pixels.sample(embedding.detach() @ chosen.detach().mean(0)[:, None])[:, 0]
+            in_box = (pixels.ys >= box.y0) & (pixels.ys <= box.y1) & (pixels.xs >= box.x0) & (pixels.xs <= box.x1)
+            labels[in_box & (labels == box.channel) & (agreement < 0)] = IGNORE_INDEX
     return ce / points_total + spread / pairs_total, labels
 
 
@@ -221,13 +322,14 @@ def l1_rows(features: Tensor) -> Tensor:
     return features / features.abs().sum(1, keepdim=True).clamp(min=1e-12)
 
 
-def train_a2gnn(features: Tensor, graph: WindowGraph, labels: Tensor, num_classes: int, cfg: PropagateConfig,
+def train_a2gnn(features: Tensor, graph: WindowGraph, pixels: LossPixels, num_classes: int, cfg: PropagateConfig,
                 schedule: Schedule, rgb_grid: Tensor, boxes: list[GridBox] | None = None, seed: int = 0
                 ) -> tuple[Tensor, Tensor]:
     """Train one fresh :class:`A2GNN` on a graph; returns (logits (N, C), embedding (N, hidden)) in eval mode.
 
-    ``features`` (N, F) L1-normalised node features, ``labels`` (N,) int64 seeds (255 = ignore), ``rgb_grid``
-    (3, h, w) the normalised image on the grid (Gated-CRF kernel). Everything runs on ``features``' device.
+    ``features`` (N, F) L1-normalised node features, ``pixels`` the seeds where the losses read the GNN,
+    ``rgb_grid`` (3, h, w) the normalised image on the grid (Gated-CRF kernel), ``boxes`` at the pixels'
+    resolution. Everything runs on ``features``' device.
     """
     dev = features.device
     generator = torch.Generator(device=dev)
@@ -236,7 +338,8 @@ def train_a2gnn(features: Tensor, graph: WindowGraph, labels: Tensor, num_classe
                   cfg.a2gnn_affinity_weight, generator=generator)
     optimizer = torch.optim.Adam(model.parameters(), lr=schedule.lr, weight_decay=cfg.a2gnn_weight_decay)
     grid = (graph.height, graph.width)
-    labels = labels.to(dev).long().clone()
+    pixels = pixels.to(dev)
+    labels = pixels.labels
     kernel = None
     if schedule.gcrf_epochs > 0 and schedule.gcrf_weight > 0:
         kernel = rgbxy_kernel(rgb_grid[None].to(dev), cfg.a2gnn_gcrf_radius, cfg.a2gnn_gcrf_sigma_rgb,
@@ -248,9 +351,9 @@ def train_a2gnn(features: Tensor, graph: WindowGraph, labels: Tensor, num_classe
         loss = logits.new_zeros(())
         if schedule.multi_point and boxes:
             # The reference checks first, so this epoch's seed loss already sees the dropped nodes.
-            mp, labels = multi_point_loss(logits, embedding, boxes, labels, grid)
+            mp, labels = multi_point_loss(logits, embedding, boxes, pixels.with_labels(labels))
             loss = loss + cfg.a2gnn_mp_weight * mp
-        loss = loss + seed_loss(logits, labels)
+        loss = loss + seed_loss(pixels.sample(logits), labels)
         if kernel is not None and epoch >= schedule.seed_epochs:
             probs = torch.softmax(logits, dim=1).T.reshape(num_classes, *grid)
             loss = loss + schedule.gcrf_weight * gated_crf_loss(probs, kernel, cfg.a2gnn_gcrf_radius)
@@ -261,13 +364,14 @@ def train_a2gnn(features: Tensor, graph: WindowGraph, labels: Tensor, num_classe
         return model(features, graph)
 
 
-def train_a2gnn_batch(features: Tensor, graph: WindowGraph, labels: Tensor, class_counts: list[int],
+def train_a2gnn_batch(features: Tensor, graph: WindowGraph, pixels: LossPixels, class_counts: list[int],
                       cfg: PropagateConfig, schedule: Schedule, rgb_grids: Tensor,
                       boxes: Sequence[list[GridBox]] | None = None, seeds: Sequence[int] | None = None
                       ) -> tuple[Tensor, Tensor]:
     """:func:`train_a2gnn` for B images of one grid at once: (logits (B, N, max C), embeddings (B, N, hidden)).
 
-    ``features`` (B, N, F), ``graph`` stacked (:meth:`WindowGraph.stack`), ``labels`` (B, N), ``class_counts``
+    ``features`` (B, N, F), ``graph`` stacked (:meth:`WindowGraph.stack`), ``pixels`` stacked
+    (:meth:`LossPixels.stack`), ``class_counts``
     the images' C, ``rgb_grids`` (B, 3, h, w), ``boxes`` and ``seeds`` per image. Image b's logits beyond its
     C are -1e9 (slice them off). Each image's result equals its own :func:`train_a2gnn` run with its seed, up to
     float summation order: the loss is the sum of the per-image losses and Adam is elementwise.
@@ -275,8 +379,8 @@ def train_a2gnn_batch(features: Tensor, graph: WindowGraph, labels: Tensor, clas
     count = features.shape[0]
     boxes = list(boxes) if boxes is not None else [[] for _ in range(count)]
     seeds = list(seeds) if seeds is not None else [0] * count
-    if not (len(class_counts) == len(boxes) == len(seeds) == labels.shape[0] == rgb_grids.shape[0] == count):
-        raise ValueError(f"train_a2gnn_batch: {count} feature sets but {labels.shape[0]} label maps, "
+    if not (len(class_counts) == len(boxes) == len(seeds) == pixels.labels.shape[0] == rgb_grids.shape[0] == count):
+        raise ValueError(f"train_a2gnn_batch: {count} feature sets but {pixels.labels.shape[0]} label sets, "
                          f"{len(class_counts)} class counts, {rgb_grids.shape[0]} images, {len(boxes)} box lists "
                          f"and {len(seeds)} seeds")
     dev = features.device
@@ -287,7 +391,8 @@ def train_a2gnn_batch(features: Tensor, graph: WindowGraph, labels: Tensor, clas
                        cfg.a2gnn_affinity_weight, generators=generators)
     optimizer = torch.optim.Adam(model.parameters(), lr=schedule.lr, weight_decay=cfg.a2gnn_weight_decay)
     grid = (graph.height, graph.width)
-    labels = labels.to(dev).long().clone()
+    pixels = pixels.to(dev)
+    labels = pixels.labels
     kernel = None
     if schedule.gcrf_epochs > 0 and schedule.gcrf_weight > 0:
         kernel = rgbxy_kernel(rgb_grids.to(dev), cfg.a2gnn_gcrf_radius, cfg.a2gnn_gcrf_sigma_rgb,
@@ -303,14 +408,14 @@ def train_a2gnn_batch(features: Tensor, graph: WindowGraph, labels: Tensor, clas
             checked = []
             for image, image_boxes in enumerate(boxes):
                 if image_boxes:
-                    mp, image_labels = multi_point_loss(logits[image], embedding[image], image_boxes, labels[image],
-                                                        grid)
+                    mp, image_labels = multi_point_loss(logits[image], embedding[image], image_boxes,
+                                                        pixels.image(image, labels[image]))
                     loss = loss + cfg.a2gnn_mp_weight * mp
                     checked.append(image_labels)
                 else:
                     checked.append(labels[image])
             labels = torch.stack(checked)
-        loss = loss + seed_losses(logits, labels).sum()
+        loss = loss + seed_losses(pixels.sample(logits), labels).sum()
         if kernel is not None and epoch >= schedule.seed_epochs:
             probs = torch.softmax(logits, dim=-1).transpose(1, 2).reshape(count, -1, *grid)
             loss = loss + schedule.gcrf_weight * gated_crf_losses(probs, kernel, cfg.a2gnn_gcrf_radius).sum()
@@ -365,8 +470,8 @@ def seed_channels(seeds: np.ndarray, keys: np.ndarray) -> np.ndarray:
 
 def grid_boxes(boxes: np.ndarray | None, keys: np.ndarray, size: tuple[int, int], grid: tuple[int, int],
                stride: int, image_id: str) -> list[GridBox]:
-    """(M, 5) boxes (label id, x0, y0, x1, y1; inclusive pixel coordinates) -> cells on the grid; boxes of
-    classes not in ``keys`` are left out."""
+    """(M, 5) boxes (label id, x0, y0, x1, y1; inclusive pixel coordinates) -> cells of a ``grid`` whose cells are
+    ``stride`` pixels (stride 1: the pixels themselves); boxes of classes not in ``keys`` are left out."""
     if boxes is None:
         return []
     boxes = np.asarray(boxes)
@@ -385,6 +490,20 @@ def grid_boxes(boxes: np.ndarray | None, keys: np.ndarray, size: tuple[int, int]
             out.append(GridBox(channel_of[label], min(y0 // stride, grid[0] - 1), min(y1 // stride, grid[0] - 1),
                                min(x0 // stride, grid[1] - 1), min(x1 // stride, grid[1] - 1)))
     return out
+
+
+def loss_pixels(channels: np.ndarray, grid: tuple[int, int], stride: int, resolution: str) -> LossPixels:
+    """The labelled pixels of a channel seed map (H, W) at the losses' resolution: ``image`` = the padded image
+    (padding ignored), ``grid`` = the nodes (the seed at each block centre)."""
+    if resolution not in LOSS_RESOLUTIONS:
+        raise ValueError(f"Propagate.a2gnn_loss_resolution = {resolution!r}; choose one of "
+                         f"{', '.join(LOSS_RESOLUTIONS)}")
+    labels = torch.from_numpy(channels)
+    if resolution == "grid":
+        return LossPixels.labelled(block_centres(labels, grid, stride), grid, 1)
+    height, width = channels.shape
+    padded = F.pad(labels, (0, grid[1] * stride - width, 0, grid[0] * stride - height), value=IGNORE_INDEX)
+    return LossPixels.labelled(padded, grid, stride)
 
 
 def grid_stride(size: tuple[int, int], grid: tuple[int, int], stride: int | None) -> int:
@@ -410,7 +529,7 @@ class _A2GNNJob:
     rgb: np.ndarray
     graph: WindowGraph
     features: Tensor      # (N, F), L1 rows
-    labels: Tensor        # (N,) int64, 255 = ignore
+    pixels: LossPixels    # the seeds, where the losses read the GNN
     rgb_grid: Tensor      # (3, h, w)
     boxes: list[GridBox]
     seed: int
@@ -452,8 +571,8 @@ def _prepare_a2gnn(cfg: PropagateConfig, high_res: np.ndarray, window_affinity: 
     stride = grid_stride(size, grid, None if stride is None else int(stride))
     if len(keys) == 0:  # no class: everything is background
         return np.ones((1, height, width), np.float32), np.zeros((height, width), np.uint8)
-    labels = block_centres(torch.from_numpy(seed_channels(seeds, keys)), grid, stride)
-    if not bool((labels != IGNORE_INDEX).any()):
+    pixels = loss_pixels(seed_channels(seeds, keys), grid, stride, cfg.a2gnn_loss_resolution)
+    if pixels.count == 0:
         scores = with_background(high_res, cfg.cam_bg_threshold)
         return scores, scores.argmax(0).astype(np.uint8)
 
@@ -463,9 +582,11 @@ def _prepare_a2gnn(cfg: PropagateConfig, high_res: np.ndarray, window_affinity: 
     schedule = resolve_schedule(cfg, supervision)
     padded = F.pad(torch.from_numpy(normalize(rgb)), (0, grid[1] * stride - width, 0, grid[0] * stride - height))
     rgb_grid = F.interpolate(padded[None], size=grid, mode="bilinear", align_corners=False)[0].to(dev)
-    cells = grid_boxes(boxes, keys, size, grid, stride, image_id) if schedule.multi_point else []
+    cell = stride // pixels.stride
+    cells = grid_boxes(boxes, keys, size, (grid[0] * pixels.stride, grid[1] * pixels.stride), cell,
+                       image_id) if schedule.multi_point else []
     return _A2GNNJob(image_id, (height, width), stride, supervision, schedule, high_res, rgb, graph, features,
-                     labels.reshape(-1).long().to(dev), rgb_grid, cells, image_seed(cfg.a2gnn_seed, image_id))
+                     pixels.to(dev), rgb_grid, cells, image_seed(cfg.a2gnn_seed, image_id))
 
 
 def _finish_a2gnn(cfg: PropagateConfig, job: _A2GNNJob, logits: Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -501,7 +622,7 @@ def propagate_a2gnn(cfg: PropagateConfig, high_res: np.ndarray, window_affinity:
                          supervision, boxes, stride)
     if not isinstance(job, _A2GNNJob):
         return job
-    logits, _ = train_a2gnn(job.features, job.graph, job.labels, job.num_classes, cfg, job.schedule, job.rgb_grid,
+    logits, _ = train_a2gnn(job.features, job.graph, job.pixels, job.num_classes, cfg, job.schedule, job.rgb_grid,
                             job.boxes, seed=job.seed)
     return _finish_a2gnn(cfg, job, logits)
 
@@ -523,7 +644,7 @@ def propagate_a2gnn_many(cfg: PropagateConfig, items: Sequence[Mapping[str, Any]
         job = _prepare_a2gnn(cfg, **item, device=device)
         if isinstance(job, _A2GNNJob):
             # Node-feature and window sizes come from one affinity net, but a group must share them to stack.
-            key = (*job.grid, job.supervision, job.features.shape[1], job.graph.radius)
+            key = (*job.grid, job.supervision, job.features.shape[1], job.graph.radius, job.pixels.stride)
             groups.setdefault(key, []).append((position, job))
         else:
             results[position] = job
@@ -531,7 +652,7 @@ def propagate_a2gnn_many(cfg: PropagateConfig, items: Sequence[Mapping[str, Any]
         jobs = [job for _, job in members]
         logits, _ = train_a2gnn_batch(torch.stack([job.features for job in jobs]),
                                       WindowGraph.stack([job.graph for job in jobs]),
-                                      torch.stack([job.labels for job in jobs]), [job.num_classes for job in jobs],
+                                      LossPixels.stack([job.pixels for job in jobs]), [job.num_classes for job in jobs],
                                       cfg, jobs[0].schedule, torch.stack([job.rgb_grid for job in jobs]),
                                       [job.boxes for job in jobs], [job.seed for job in jobs])
         for (position, job), image_logits in zip(members, logits):
@@ -554,6 +675,9 @@ def validate_a2gnn_config(cfg: PropagateConfig) -> None:
             raise ValueError(f"Propagate.{key} must be > 0, got {getattr(cfg, key)}")
     if not 0 <= cfg.a2gnn_dropout < 1:
         raise ValueError(f"Propagate.a2gnn_dropout must lie in [0, 1), got {cfg.a2gnn_dropout}")
+    if cfg.a2gnn_loss_resolution not in LOSS_RESOLUTIONS:
+        raise ValueError(f"Propagate.a2gnn_loss_resolution = {cfg.a2gnn_loss_resolution!r}; choose one of "
+                         f"{', '.join(LOSS_RESOLUTIONS)}")
     if cfg.a2gnn_crf_preset:
         CRF_PRESETS.get(cfg.a2gnn_crf_preset, key="Propagate.a2gnn_crf_preset")
 
