@@ -12,7 +12,11 @@ channels for narrow ones (``resnet_mini``: 64), which keeps the head from dwarfi
 
 Every model returns logits at its output stride; ``param_groups`` gives deeplab-pytorch's learning-rate
 groups (backbone 1x, head weights 10x, head biases 20x without weight decay, BatchNorm not optimised
-when frozen).
+when frozen). ``rates`` replaces a model's dilation rates: ``deeplabv2`` with ``(12,)`` is DeepLab-LargeFOV's
+single dilation-12 classifier (hustvl/DGCN's ``layer5``). Frozen BatchNorm (``freeze_bn``) keeps its affine
+parameters out of the optimiser and normalises with the pretrained running statistics, or, with
+``bn_batch_stats``, with each training batch's statistics (updating the running ones, used in eval), as
+hustvl/DGCN trains: affine ``requires_grad = False``, the net in train mode.
 """
 
 from __future__ import annotations
@@ -39,13 +43,16 @@ class _Segmenter(nn.Module):
 
     backbone: ResNet
 
-    def __init__(self, freeze_bn: bool):
+    def __init__(self, freeze_bn: bool, bn_batch_stats: bool = False):
         super().__init__()
+        if bn_batch_stats and not freeze_bn:
+            raise ValueError("bn_batch_stats freezes only the BN affine parameters; it needs freeze_bn")
         self.freeze_bn = freeze_bn
+        self.bn_batch_stats = bn_batch_stats
 
     def train(self, mode: bool = True) -> _Segmenter:
         super().train(mode)
-        if mode and self.freeze_bn:
+        if mode and self.freeze_bn and not self.bn_batch_stats:
             batchnorm_eval(self)  # deeplab-pytorch keeps the pretrained statistics throughout
         return self
 
@@ -88,8 +95,8 @@ class SumASPP(nn.Module):
 
 class DeepLabV2(_Segmenter):
     def __init__(self, backbone: ResNet, num_classes: int, rates: Sequence[int] = (6, 12, 18, 24),
-                 freeze_bn: bool = True):
-        super().__init__(freeze_bn)
+                 freeze_bn: bool = True, bn_batch_stats: bool = False):
+        super().__init__(freeze_bn, bn_batch_stats)
         self.backbone = backbone
         self.aspp = SumASPP(backbone.channels[-1], num_classes, rates)
         self.output_stride = backbone.output_stride
@@ -137,8 +144,8 @@ class ConcatASPP(nn.Module):
 
 class DeepLabV3Plus(_Segmenter):
     def __init__(self, backbone: ResNet, num_classes: int, rates: Sequence[int] = (6, 12, 18),
-                 freeze_bn: bool = True):
-        super().__init__(freeze_bn)
+                 freeze_bn: bool = True, bn_batch_stats: bool = False):
+        super().__init__(freeze_bn, bn_batch_stats)
         self.backbone = backbone
         width = head_width(backbone)
         self.aspp = ConcatASPP(backbone.channels[-1], width, rates)
@@ -187,22 +194,27 @@ class MultiScaleInputs(nn.Module):
 
 @SEGMENTERS.register("deeplabv2")
 def deeplabv2(backbone: str, num_classes: int, pretrained: str | None = None, freeze_bn: bool = True,
-              msc: bool = False) -> nn.Module:
+              msc: bool = False, rates: Sequence[int] = (6, 12, 18, 24), bn_batch_stats: bool = False) -> nn.Module:
     """Output stride 8: layer3 and layer4 keep their resolution with dilation 2 and 4."""
     net = DeepLabV2(create_backbone(backbone, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4), pretrained=pretrained),
-                    num_classes, freeze_bn=freeze_bn)
+                    num_classes, rates, freeze_bn=freeze_bn, bn_batch_stats=bn_batch_stats)
     return MultiScaleInputs(net) if msc else net
 
 
 @SEGMENTERS.register("deeplabv3plus")
 def deeplabv3plus(backbone: str, num_classes: int, pretrained: str | None = None, freeze_bn: bool = True,
-                  msc: bool = False) -> nn.Module:
+                  msc: bool = False, rates: Sequence[int] = (6, 12, 18), bn_batch_stats: bool = False) -> nn.Module:
     """Output stride 16 in the encoder (layer4 dilation 2), decoded at stride 4."""
     net = DeepLabV3Plus(create_backbone(backbone, strides=(1, 2, 2, 1), dilations=(1, 1, 1, 2),
-                                        pretrained=pretrained), num_classes, freeze_bn=freeze_bn)
+                                        pretrained=pretrained), num_classes, rates, freeze_bn=freeze_bn,
+                        bn_batch_stats=bn_batch_stats)
     return MultiScaleInputs(net) if msc else net
 
 
 def create_segmenter(name: str, backbone: str, num_classes: int, pretrained: str | None = None,
-                     freeze_bn: bool = True, msc: bool = False) -> nn.Module:
-    return SEGMENTERS.get(name)(backbone, num_classes, pretrained=pretrained, freeze_bn=freeze_bn, msc=msc)
+                     freeze_bn: bool = True, msc: bool = False, rates: Sequence[int] | None = None,
+                     bn_batch_stats: bool = False) -> nn.Module:
+    """A registered segmenter; ``rates`` None = the model's own dilation rates."""
+    extra = {} if rates is None else {"rates": tuple(rates)}
+    return SEGMENTERS.get(name)(backbone, num_classes, pretrained=pretrained, freeze_bn=freeze_bn, msc=msc,
+                                bn_batch_stats=bn_batch_stats, **extra)

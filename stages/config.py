@@ -345,11 +345,15 @@ class TrainSeedNetConfig:
 
     method: str = "graphcut"                  # graphcut (DGCN: per-class s-t cut on a kNN graph) | dsrg
     model: str = "deeplabv2"                  # registry: models.deeplab.SEGMENTERS; graphcut needs deeplabv2
-    #                                           (DGCN: one dilation-12 classifier; DSRG: ASPP 6/12/18/24, ours)
+    head: str = "aspp"                        # deeplabv2's: aspp (DSRG: dilations 6/12/18/24 summed) | dilated12
+    #                                           (DGCN: one 3x3 classifier of dilation 12, DeepLab-LargeFOV's)
     backbone: str = "resnet_mini"             # DGCN, DSRG: resnet101 (DSRG's paper also VGG16)
     pretrained: str = ""                      # ImageNet weights (.pth, torchvision layout) | synthetic
     init_checkpoint: str = ""                 # a whole segmenter's weights, loaded where they fit
-    freeze_bn: bool = True                    # DGCN: BN frozen
+    freeze_bn: bool = True                    # BN affine not trained (DGCN, DSRG); false: BN trained fully
+    bn_mode: str = "frozen"                   # with freeze_bn, the statistics: frozen = the pretrained running
+    #                                           ones (deeplab-pytorch) | batch_stats = each training batch's,
+    #                                           running ones updated for eval (DGCN: affine frozen, net in train)
     iterations: int = 450                     # DGCN: 7 epochs x 662 = 4,634; DSRG: 8,000
     batch_size: int = 10                      # DGCN: 16 (2 GPUs x 8); DSRG: 20
     crop_size: int = 112                      # both: 321 (41x41 output grid)

@@ -16,6 +16,7 @@ from stages.config import TrainSeedNetConfig, all_knobs
 from stages.seed_net.graphcut import DGCNConfig
 from stages.seed_net.growing import DSRGConfig
 from stages.seed_net.train import (
+    build_seed_net,
     label_update_config,
     load_seed_net,
     lr_factor,
@@ -96,6 +97,10 @@ def test_head_is_10x_with_its_bias_unless_deeplab_groups_are_asked_for():
     ({"step_gamma": 0.0}, "step_gamma"),
     ({"predict_scales": ()}, "predict_scales"),
     ({"iterations": 0}, "iterations"),
+    ({"head": "largefov"}, "TrainSeedNet.head"),
+    ({"method": "dsrg", "model": "deeplabv3plus", "head": "dilated12"}, "replaces deeplabv2's ASPP"),
+    ({"bn_mode": "sync"}, "TrainSeedNet.bn_mode"),
+    ({"bn_mode": "batch_stats"}, "needs freeze_bn = true"),
 ])
 def test_bad_config_names_the_key(change, message):
     with pytest.raises(ValueError, match=message):
@@ -141,6 +146,52 @@ def test_node_features_are_layer1_on_the_layer3_grid_plus_layer3(one_thread):
     assert torch.equal(features[:, 16:], layer3)
     assert torch.allclose(features[:, :16, 0, 0], layer1[:, :, 0, 0])        # corners aligned
     assert torch.allclose(features[:, :16, -1, -1], layer1[:, :, -1, -1])
+
+
+def test_dilated12_head_is_one_dilation_12_classifier(one_thread):
+    """DGCN's layer5: a single 3x3 conv of dilation 12 (padding 12, bias) on the last stage, output stride 8."""
+    net = build_seed_net(dataclasses.replace(TINY, head="dilated12"), 5)
+    (conv,) = net.aspp.branches
+    assert (conv.kernel_size, conv.dilation, conv.padding) == ((3, 3), (12, 12), (12, 12))
+    assert conv.bias is not None and conv.in_channels == net.backbone.channels[-1] and conv.out_channels == 5
+    assert len(build_seed_net(TINY, 5).aspp.branches) == 4                # default: DeepLab-v2's ASPP
+    x = torch.randn(2, 3, 48, 64)
+    logits, _ = net.eval().forward_with_features(x)
+    assert logits.shape == (2, 5, 6, 8)
+    torch.testing.assert_close(logits, conv(net.backbone(x)[-1]))
+
+
+def bn_layers(net: torch.nn.Module) -> list[torch.nn.BatchNorm2d]:
+    return [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+@pytest.mark.parametrize("bn_mode", ["batch_stats", "frozen"])
+def test_bn_mode_batch_stats_normalises_with_the_batch_and_keeps_affine_fixed(bn_mode, one_thread):
+    """DGCN's BN: the net in train mode uses (and tracks) batch statistics while its affine parameters, out of the
+    optimiser, stay put; ``frozen`` keeps the running statistics too."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(TINY, freeze_bn=True, bn_mode=bn_mode, pretrained="unused")
+    net = build_seed_net(cfg, 4, pretrained=False).train()
+    for bn in bn_layers(net):                                           # pretrained-like, non-trivial values
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.5, 0.5)
+        bn.running_var.fill_(4.0)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    optimizer = torch.optim.SGD([p for g in optimizer_groups(net, cfg) for p in g["params"]], lr=0.1)
+    x = torch.randn(4, 3, 48, 64) * 3 + 1
+    net(x).square().mean().backward()
+    optimizer.step()
+    after = net.state_dict()
+    bn_names = [name for name, m in net.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for name in bn_names:
+        for field in ("weight", "bias"):
+            assert torch.equal(after[f"{name}.{field}"], before[f"{name}.{field}"]), f"{name}.{field} trained"
+    stats_moved = any(not torch.equal(after[f"{name}.running_mean"], before[f"{name}.running_mean"])
+                      for name in bn_names)
+    assert stats_moved == (bn_mode == "batch_stats")
+    assert not torch.equal(after["aspp.branches.0.weight"], before["aspp.branches.0.weight"])
+    first = bn_layers(net)[0]
+    assert first.training == (bn_mode == "batch_stats")
 
 
 # ----------------------------------------------------------------------------------------------------------------

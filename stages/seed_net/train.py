@@ -11,10 +11,12 @@ Per iteration, on the network's output grid (41x41 for a 321 crop at output stri
 4. loss = balanced seed loss on the new supervision + SEC's constrain-to-boundary loss; SGD.
 
 Recipe (hustvl/DGCN ``train.py``; DSRG ``solver-s.prototxt`` where noted in stages.config.TrainSeedNetConfig):
-SGD momentum 0.9, weight decay 5e-4, backbone 1x, head 10x; linear warm-up, then x0.3 every 3 epochs ("step") or
-poly. Deviations, documented: our DeepLab-v2 head (ASPP 6/12/18/24 summed, as DSRG) also for DGCN, whose head
-is one dilation-12 classifier; warm-up factor (t + 1) / T rather than t / T (no zero-LR first step); images
-normalised with the ImageNet mean and std (DGCN swaps the R and B means).
+SGD momentum 0.9, weight decay 5e-4, backbone 1x, head 10x; linear warm-up with factor (t + 1) / T at 0-based
+iteration t (DGCN's ``lr_step``: base_lr / 200 * (i_iter + 1)), then x0.3 every 3 epochs ("step") or poly.
+DGCN's network is ``head = dilated12`` (one dilation-12 classifier) with ``bn_mode = batch_stats`` (BN affine
+frozen, batch statistics in training); the defaults are DeepLab-v2's ASPP 6/12/18/24 summed (DSRG) and BN on
+its pretrained statistics. Deviation, documented: images normalised with the ImageNet mean and std (DGCN swaps
+the R and B means).
 
 The data order and every augmentation draw are keyed by (seed, epoch, image), the label updates are
 deterministic, and the optimiser state is checkpointed, so a resumed run ends with the same weights.
@@ -52,6 +54,9 @@ from stages.training.engine import TrainingLoop
 from stages.training.optim import make_optimizer
 
 SeedSource = Callable[[str], np.ndarray]
+# TrainSeedNet.head -> deeplabv2's dilation rates (None = the model's own ASPP).
+HEAD_RATES: dict[str, tuple[int, ...] | None] = {"aspp": None, "dilated12": (12,)}
+BN_MODES = ("frozen", "batch_stats")
 ProgressFn = Callable[[float, str], None]
 
 
@@ -93,9 +98,18 @@ def validate_seed_net(cfg: TrainSeedNetConfig) -> None:
             raise ValueError(f"TrainSeedNet.{key} must be non-empty and positive, got {scales}")
     if len(cfg.crf_gaussian) != 2 or len(cfg.crf_bilateral) != 3:
         raise ValueError("TrainSeedNet.crf_gaussian is (sxy, compat) and crf_bilateral (sxy, srgb, compat)")
-    if cfg.freeze_bn and not (cfg.pretrained or cfg.init_checkpoint):
+    if cfg.head not in HEAD_RATES:
+        raise ValueError(f"TrainSeedNet.head = {cfg.head!r}; choose one of {', '.join(HEAD_RATES)}")
+    if cfg.head != "aspp" and cfg.model != "deeplabv2":
+        raise ValueError(f"TrainSeedNet.head = {cfg.head!r} replaces deeplabv2's ASPP; model is {cfg.model!r}")
+    if cfg.bn_mode not in BN_MODES:
+        raise ValueError(f"TrainSeedNet.bn_mode = {cfg.bn_mode!r}; choose one of {', '.join(BN_MODES)}")
+    if cfg.bn_mode == "batch_stats" and not cfg.freeze_bn:
+        raise ValueError("TrainSeedNet.bn_mode = batch_stats keeps the BN affine parameters frozen: it needs "
+                         "freeze_bn = true (freeze_bn = false trains BN fully, on batch statistics)")
+    if cfg.freeze_bn and cfg.bn_mode == "frozen" and not (cfg.pretrained or cfg.init_checkpoint):
         raise ValueError("TrainSeedNet.freeze_bn keeps random BatchNorm statistics unless TrainSeedNet.pretrained "
-                         "or init_checkpoint is set; set one, or freeze_bn = false")
+                         "or init_checkpoint is set; set one, bn_mode = batch_stats, or freeze_bn = false")
 
 
 def label_update_config(cfg: TrainSeedNetConfig) -> DSRGConfig | DGCNConfig:
@@ -196,7 +210,8 @@ def build_seed_net(cfg: TrainSeedNetConfig, num_classes: int, pretrained: bool =
 
     model = create_segmenter(cfg.model, cfg.backbone, num_classes,
                              pretrained=cfg.pretrained if pretrained and cfg.pretrained else None,
-                             freeze_bn=cfg.freeze_bn)
+                             freeze_bn=cfg.freeze_bn, rates=HEAD_RATES[cfg.head],
+                             bn_batch_stats=cfg.bn_mode == "batch_stats")
     if pretrained and cfg.init_checkpoint:
         load_matching(model, cfg.init_checkpoint)
     return model
