@@ -58,6 +58,7 @@ def fake_crf(monkeypatch, la: np.ndarray, ha: np.ndarray) -> None:
     def crf(rgb, scores, gaussian, bilateral, iterations):
         assert (gaussian, bilateral, iterations) == ((4.0, 3.0), (20.0, 3.0, 10.0), 10)  # WSGCN's CRF
         assert scores.shape[1:] == rgb.shape[:2]
+        assert scores.shape[0] == la.shape[0], "the CRF sees background + the present classes only (WSGCN)"
         return next(outputs)
 
     monkeypatch.setattr(gcn_module, "dense_crf", crf)

@@ -10,7 +10,8 @@ Per image, on the stride-4 grid (N = ceil(H/4) * ceil(W/4) nodes):
    reference (entries outside a column's top k count as 0 on both sides of the max); with k >= N it is exact.
 2. **Node features.** IRNet's 160 boundary-branch channels (after ReLU, concatenated) times the weights of its
    final 1x1 boundary conv: each channel's share of the boundary logit (``stages.affinity.train``).
-3. **Partial labels** (WSGCN ``gen_partial_label_with_ratio``): CRF on [(1 - max CAM)^alpha; CAMs] at stride 4
+3. **Partial labels** (WSGCN ``gen_partial_label_with_ratio``): CRF on [(1 - max CAM)^alpha; CAMs] of the
+   present classes (as WSGCN's ``_crf_with_alpha``, which fills its 21-plane array after the CRF) at stride 4
    with alpha 4 (la) and 32 (ha); label = la argmax, la background -> ignore, ha background -> background; kept
    only where the CAM is confident (top 30% of a class's CAM values above 0.1 inside its own argmax region;
    background where (1 - max)^32 wins the argmax and exceeds 0.8), where the CRF is confident (max of
@@ -25,8 +26,6 @@ Deviations from the reference, all deliberate:
 
 - The GCN outputs the image's C classes, not all 21 of VOC; the entropy is still divided by the label space's
   class count (VOC: 21), as the reference's mean over its 21 outputs does, so its weight is unchanged.
-- The partial-label CRF runs on the present classes only; the reference adds zero planes for absent classes
-  (clipped to 1e-5, they take ~1e-5 of the mass each).
 - Seeds: one per image, derived from ``gcn_seed`` and the image id (the reference seeds its process once).
 - A term whose node set is empty (no labelled foreground, background or unlabelled node) is left out; the
   reference's mean turns NaN there. An image with no labelled node at all is not trained: the caller falls
