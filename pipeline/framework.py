@@ -31,6 +31,7 @@ from pipeline.checks import validate_config
 from pipeline.devices import assigned_gpus, will_use_cuda
 from pipeline.settings import runtime
 from pipeline.submit import run_as_job  # also registers [submitit] for --submitit-* on the command line
+from pipeline.variants import plain_value
 from stages import config as C
 from stages.runtime import configure_threads, versions
 
@@ -109,7 +110,7 @@ class StageTask(luigi.Task):
         if self.config_class is None:
             return None
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self.config_class)}
-        return self.config_class(**{k: _plain(v) for k, v in values.items()})
+        return self.config_class(**{k: plain_value(v) for k, v in values.items()})
 
     def upstream(self) -> dict[str, StageTask]:
         """Stages whose artifacts this one reads (their keys enter this key)."""
@@ -274,13 +275,6 @@ def report_progress(task: luigi.Task, percent: float, message: str) -> None:
     task.set_progress_percentage(int(percent))
     task.set_status_message(message)
     logger.info("%s: %s", task.get_task_family(), message)
-
-
-def _plain(value: object) -> object:
-    """Luigi freezes tuples of lists; stages want plain tuples."""
-    if isinstance(value, (tuple, list)):
-        return tuple(_plain(v) for v in value)
-    return value
 
 
 def manifest_of(task: StageTask) -> Manifest:

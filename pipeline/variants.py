@@ -29,6 +29,13 @@ MAIN_CHAIN = "@main"
 RECIPE_SUFFIX = ".cfg"
 
 
+def plain_value(value: object) -> object:
+    """A parameter's value as stages take it: Luigi freezes tuples of lists, stages want plain tuples."""
+    if isinstance(value, (tuple, list)):
+        return tuple(plain_value(v) for v in value)
+    return value
+
+
 @dataclass(frozen=True)
 class Comparison:
     """One ``Report.compare`` entry: its overrides ``{task family: {parameter: value}}`` and what it runs."""
@@ -63,7 +70,6 @@ def recipe_values(path: Path, families: Iterable[str] = RECIPE_FAMILIES) -> dict
     """Every knob of ``families`` as the preset ``path`` (with its bases) sets it, else its default."""
     import luigi
 
-    from pipeline.framework import _plain
     from pipeline.presets import chain, read_file
 
     merged = configparser.ConfigParser(interpolation=None)
@@ -77,7 +83,7 @@ def recipe_values(path: Path, families: Iterable[str] = RECIPE_FAMILIES) -> dict
         for knob in dataclasses.fields(STAGE_CONFIGS[family]):
             if merged.has_option(family, knob.name):
                 try:
-                    values[family][knob.name] = _plain(params[knob.name].parse(merged.get(family, knob.name)))
+                    values[family][knob.name] = plain_value(params[knob.name].parse(merged.get(family, knob.name)))
                 except ValueError as exc:
                     raise ValueError(f"{path}: [{family}] {knob.name}: {exc}") from exc
             else:

@@ -19,7 +19,8 @@ from conftest import REPO
 from pipeline import hashing
 from pipeline.tasks import stage_graph
 
-COMPARE = ("rw_psa", "gcn", "a2gnn", "a2gnn/box", "graphcut", "dsrg", "rw_irn/point", "rw_irn/scribble")
+COMPARE = tuple(f"{spec}@main" for spec in ("rw_psa", "gcn", "a2gnn", "a2gnn/box", "graphcut", "dsrg", "rw_irn/point",
+                                              "rw_irn/scribble"))
 ALL = ("PrepareDataset", "PretrainBackbone", "TrainCAM", "MakeCAM", "EvalCAM", "ExtractSeeds", "TrainAffinity",
        "TrainSeedNet", "Propagate", "RefineCRF", "EvalPseudoLabels", "TrainSegmentation", "EvalSegmentation", "Report")
 NETS = ("PretrainBackbone", "TrainCAM", "MakeCAM", "TrainAffinity", "TrainSeedNet", "Propagate", "TrainSegmentation",
@@ -66,6 +67,7 @@ RUNS: dict[str, tuple[str, ...]] = {
     "stages.cam.infer": ("MakeCAM",),
     "stages.cam.irn": ("TrainCAM", "MakeCAM"),
     "stages.cam.methods": ("TrainCAM", "MakeCAM"),
+    "stages.cam.psa": (),                   # cam_method = psa only
     "stages.cam.seam": (),                  # cam_method = seam only
     "stages.cam.train": ("TrainCAM",),
     "stages.config": (),                    # knobs enter keys by value (pipeline.hashing.VALUE_MODULES)
