@@ -16,26 +16,59 @@ from xml.etree import ElementTree
 import numpy as np
 from PIL import Image
 
+from data.artifacts import image_id_problem
 from data.io import BadInputError, read_image, read_label_png
 from data.labelspace import LabelSpace
 
 
 def read_id_list(path: str | os.PathLike) -> list[str]:
-    """One id per line; blank lines and ``#`` comments skipped; VOC's optional second column dropped."""
+    """One id per line: UTF-8, blank lines and whole-line ``#`` comments skipped, VOC's optional integer second
+    column (``2008_000001 -1``) dropped. Anything that would silently change an id is refused, naming the file
+    and line: a byte-order mark, ``#`` or whitespace inside a line's id, or an id in no canonical spelling
+    (:func:`data.artifacts.image_id_problem`: ``..``, ``./x``, absolute paths, backslashes, control characters).
+    """
     path = Path(path)
     if not path.is_file():
         raise BadInputError(path, "image list is missing")
-    ids = []
-    for line in path.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            ids.append(line.split()[0])
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BadInputError(path, f"image list is not UTF-8 text (byte {err.start}: {err.reason})") from None
+    if text.startswith("\ufeff"):
+        raise BadInputError(path, "line 1: the file starts with a byte-order mark, which would become part of the "
+                                  "first id; save it as UTF-8 without BOM")
+    ids: list[str] = []
+    where: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        image_id = _id_of_line(path, number, line)
+        if image_id is None:
+            continue
+        if image_id in where:
+            raise BadInputError(path, f"line {number}: image id {image_id!r} is listed twice (first on line "
+                                      f"{where[image_id]})")
+        where[image_id] = number
+        ids.append(image_id)
     if not ids:
         raise BadInputError(path, "image list is empty")
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise BadInputError(path, f"image id {dup!r} is listed twice")
     return ids
+
+
+def _id_of_line(path: Path, number: int, line: str) -> str | None:
+    """The id on one line of an id list (None for blank and comment lines), or a BadInputError naming the line."""
+    stripped = line.strip()
+    if not stripped or stripped.startswith("#"):
+        return None
+    if "#" in stripped:
+        raise BadInputError(path, f"line {number}: {stripped!r} has '#' after the id; ids may not contain '#' and "
+                                  "comments must be on a line of their own")
+    fields = stripped.split()
+    if len(fields) > 2 or (len(fields) == 2 and not fields[1].lstrip("+-").isdigit()):
+        raise BadInputError(path, f"line {number}: {stripped!r} is not one id (whitespace inside an id is not "
+                                  "allowed; only VOC's integer second column may follow it)")
+    problem = image_id_problem(fields[0])
+    if problem is not None:
+        raise BadInputError(path, f"line {number}: invalid image id {fields[0]!r}: {problem}")
+    return fields[0]
 
 
 @dataclass(frozen=True)
@@ -47,8 +80,9 @@ class VOCLayout:
 
     def resolve(self, subdir: str, image_id: str, ext: str) -> Path:
         """``root/subdir/<id><ext>``, refusing ids that escape the root (``..``, absolute paths)."""
-        if not image_id or "\x00" in image_id or os.path.isabs(image_id):
-            raise BadInputError(self.root / subdir, f"invalid image id {image_id!r}")
+        problem = image_id_problem(image_id)
+        if problem is not None:
+            raise BadInputError(self.root / subdir, f"invalid image id {image_id!r}: {problem}")
         base = (self.root / subdir).resolve()
         path = (base / f"{image_id}{ext}").resolve()
         if not path.is_relative_to(base):

@@ -35,6 +35,15 @@ def input_fingerprint(cfg: DatasetConfig) -> dict[str, str]:
     return facts
 
 
+def warn_overlap(splits: dict[str, list[str]], lists: dict[str, str], log) -> None:
+    """Ids in both the training and the val list: val scores on them are not held-out scores (allowed, warned)."""
+    val = set(splits["val"])
+    both = [i for i in splits["train"] if i in val]
+    if both:
+        log(f"warning: {len(both)} image id(s) are in both {lists['train']} and {lists['val']} "
+            f"(e.g. {', '.join(both[:3])}): val scores on them are not held out")
+
+
 def prepare_dataset(cfg: DatasetConfig, out_dir: str | os.PathLike, processes: int = 1,
                     log=print) -> Manifest:
     """Write the dataset manifest (and, for ``synthetic``, the images themselves) into ``out_dir``."""
@@ -57,6 +66,7 @@ def prepare_dataset(cfg: DatasetConfig, out_dir: str | os.PathLike, processes: i
     splits: dict[str, list[str]] = {}
     for split, rel in lists.items():
         splits[split] = read_id_list(root / rel)
+    warn_overlap(splits, lists, log)
 
     image_labels: dict[str, list[int]] = {}
     quarantine: list[dict] = []
