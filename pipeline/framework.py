@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("luigi-interface")
 
+PENDING = "pending-"   # a key prefix: an input's content is not known yet (see StageTask.key)
+
 
 def _parameter_for(default: object) -> luigi.Parameter:
     if isinstance(default, bool):
@@ -163,10 +165,29 @@ class StageTask(luigi.Task):
         params.update(self.fingerprint())
         return params
 
-    @cached_property
+    @property
     def key(self) -> str:
-        inputs = {name: task.key for name, task in self.upstream().items()}
-        return hashing.stage_key(self.get_task_family(), self.params_dict, self.code_modules, inputs)
+        """Parameters, code and the inputs' :attr:`content_key`. While an input's content is not known yet (an
+        external dataset not prepared for the current files) the key is a placeholder ``pending-...`` that names
+        no directory and is recomputed on each use; it settles once the input is published."""
+        cached = self.__dict__.get("_settled_key")
+        if cached is not None:
+            return cached
+        inputs, pending = {}, False
+        for name, task in self.upstream().items():
+            content = task.content_key
+            pending |= content is None or content.startswith(PENDING)
+            inputs[name] = content or f"{PENDING}{task.key}"
+        key = hashing.stage_key(self.get_task_family(), self.params_dict, self.code_modules, inputs)
+        if pending:
+            return PENDING + key
+        self.__dict__["_settled_key"] = key
+        return key
+
+    @property
+    def content_key(self) -> str | None:
+        """What stages reading this one put in their keys: its key (None while that content is not known)."""
+        return self.key
 
     @property
     def stage_dir(self) -> Path:
@@ -195,6 +216,11 @@ class StageTask(luigi.Task):
         from stages.refine.crf import set_default_backend  # lazily: stages.refine.crf is only needed by CRF stages
         set_default_backend(rt.crf_backend)
         started = time.time()
+        if self.key.startswith(PENDING):
+            raise RuntimeError(f"{self.get_task_family()}: its inputs are not published yet (key {self.key})")
+        if self.output().exists():  # scheduled before its input settled; that input's content was already used
+            logger.info("%s: %s already holds this result", self.get_task_family(), self.stage_dir)
+            return
         with atomic_path(self.stage_dir, directory=True) as tmp:
             metrics, placement = run_compute(self, tmp)
             write_json(tmp / PROVENANCE, self.provenance(started, metrics) | placement)

@@ -58,6 +58,9 @@ class DatasetConfig:
     eval_seg_dir: str = "SegmentationClass"   # GT used for every evaluation
     image_labels_from: str = "xml"            # xml | mask
     on_bad_input: str = "error"               # error | quarantine (skip and list bad images in the report)
+    # voc: how scheduling sees edits to the data (the key's dataset fingerprint): stat = path, size, mtime and inode
+    # of every file (one stat each); content = their bytes (slow; for filesystems with unreliable mtimes)
+    fingerprint_mode: str = "stat"
 
 
 SUPERVISIONS = ("image", "point", "scribble", "box")   # ExtractSeeds.supervision (stages.seeds.supervision)
@@ -399,6 +402,7 @@ CHOICES = {
     ("DatasetConfig", "kind"): ("synthetic", "voc"),
     ("DatasetConfig", "image_labels_from"): ("xml", "mask"),
     ("DatasetConfig", "on_bad_input"): ("error", "quarantine"),
+    ("DatasetConfig", "fingerprint_mode"): ("stat", "content"),
     ("ExtractSeedsConfig", "supervision"): SUPERVISIONS,
     ("ExtractSeedsConfig", "point_stamp"): ("superpixel", "disk"),
     ("ExtractSeedsConfig", "scribble_label"): ("grown", "affinity"),
