@@ -25,6 +25,7 @@ SCRIBBLE_AFFINITY = "scribble_affinity"   # ExtractSeeds with scribbles: CAM see
 SCRIBBLE_GROWN = "scribble_grown"         # ... and the scribbles grown over superpixels (the GNN's)
 PARTS_SUFFIX = ".parts"     # finished shards of a stage not yet joined, next to its directory
 RESUME_SUFFIX = ".resume"   # training checkpoints of an unfinished stage, next to its directory
+INPUTS_RECORD = "inputs.json"   # in <key>.parts/ and <key>.resume/: the stage directories that work reads (for gc)
 
 
 class UnsafeImageIdError(ValueError):

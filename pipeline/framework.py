@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import luigi
 
-from data.artifacts import PARTS_SUFFIX, PROVENANCE, RESUME_SUFFIX, SHARD_INDEX
+from data.artifacts import INPUTS_RECORD, PARTS_SUFFIX, PROVENANCE, RESUME_SUFFIX, SHARD_INDEX
 from data.io import atomic_path, read_json, remove_path, write_json
 from data.manifest import Manifest
 from pipeline import hashing
@@ -226,12 +226,21 @@ class StageTask(luigi.Task):
             write_json(tmp / PROVENANCE, self.provenance(started, metrics) | placement)
         logger.info("%s done in %.1f s -> %s", self.get_task_family(), time.time() - started, self.stage_dir)
 
+    def input_records(self) -> dict:
+        return {name: {"stage": t.get_task_family(), "key": t.key} for name, t in self.upstream().items()}
+
+    def record_inputs(self, directory: Path) -> None:
+        """Write which stage directories the unfinished work in ``directory`` reads, so that ``gc`` run under
+        another configuration keeps them while that work may resume."""
+        directory.mkdir(parents=True, exist_ok=True)
+        write_json(directory / INPUTS_RECORD, {"stage": self.get_task_family(), "key": self.key,
+                                               "inputs": self.input_records()})
+
     def provenance(self, started: float, metrics: dict) -> dict:
         return {
             "stage": self.get_task_family(), "key": self.key, "params": self.params_dict,
             "code": self.code_modules, "code_digest": hashing.code_digest(self.code_modules),
-            "inputs": {name: {"stage": t.get_task_family(), "key": t.key}
-                       for name, t in self.upstream().items()},
+            "inputs": self.input_records(),
             "seed": self.params_dict.get("seed"), "versions": versions(), "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
             "seconds": round(time.time() - started, 3), "metrics": metrics,
@@ -474,6 +483,7 @@ class ShardTask(luigi.Task):
         parent = self.parent
         members = self.members()
         started = time.time()
+        parent.record_inputs(parent.parts_dir)
         with atomic_path(self.output().part, directory=True) as tmp:
             metrics, placement = run_compute(self, tmp)
             write_json(tmp / f"{self.name}.json", {"stage": parent.get_task_family(), "key": parent.key,
@@ -508,5 +518,7 @@ class TrainingStage(StageTask):
         return self.stage_dir.with_name(self.key + RESUME_SUFFIX)
 
     def run(self) -> None:
+        if not self.output().exists():
+            self.record_inputs(self.resume_dir)
         super().run()
         remove_path(self.resume_dir)  # only once the trained model is published
