@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import luigi
 
 from data.artifacts import INPUTS_RECORD, PARTS_SUFFIX, PROVENANCE, RESUME_SUFFIX, SHARD_INDEX
-from data.io import atomic_path, read_json, remove_path, write_json
+from data.io import atomic_path, naming_a_full_disk, read_json, remove_path, write_json
 from data.manifest import Manifest
 from pipeline import hashing
 from pipeline.checks import validate_config
@@ -221,7 +221,7 @@ class StageTask(luigi.Task):
         if self.output().exists():  # scheduled before its input settled; that input's content was already used
             logger.info("%s: %s already holds this result", self.get_task_family(), self.stage_dir)
             return
-        with atomic_path(self.stage_dir, directory=True) as tmp:
+        with atomic_path(self.stage_dir, directory=True) as tmp, naming_a_full_disk(tmp):
             metrics, placement = run_compute(self, tmp)
             write_json(tmp / PROVENANCE, self.provenance(started, metrics) | placement)
         logger.info("%s done in %.1f s -> %s", self.get_task_family(), time.time() - started, self.stage_dir)
@@ -484,7 +484,7 @@ class ShardTask(luigi.Task):
         members = self.members()
         started = time.time()
         parent.record_inputs(parent.parts_dir)
-        with atomic_path(self.output().part, directory=True) as tmp:
+        with atomic_path(self.output().part, directory=True) as tmp, naming_a_full_disk(tmp):
             metrics, placement = run_compute(self, tmp)
             write_json(tmp / f"{self.name}.json", {"stage": parent.get_task_family(), "key": parent.key,
                                                    "shard": self.shard, "images": members,

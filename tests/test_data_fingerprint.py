@@ -10,6 +10,7 @@ from pathlib import Path
 import luigi
 import numpy as np
 import pytest
+from conftest import run_luigi
 from PIL import Image
 
 from data.voc import read_id_list
@@ -17,7 +18,6 @@ from pipeline.framework import PENDING, StageTask
 from pipeline.tasks import PrepareDataset
 from stages.config import DatasetConfig
 from stages.dataset.prepare import input_fingerprint
-from tests.conftest import run_luigi
 
 RUNS: list[str] = []   # keys CountsManifestReads computed, in order
 
