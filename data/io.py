@@ -196,9 +196,21 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         with Image.open(path) as img:
             img.load()
             rgb = img.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as err:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise BadInputError(path, f"cannot decode image ({err})") from None
     return np.asarray(rgb, dtype=np.uint8)
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) from the image header, without decoding the pixels."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except FileNotFoundError:
+        raise BadInputError(path, "image file is missing") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise BadInputError(path, f"cannot decode image (reading its size: {err})") from None
+    return height, width
 
 
 def read_label_png(path: str | os.PathLike, label_space: LabelSpace | None = None,
@@ -216,7 +228,7 @@ def read_label_png(path: str | os.PathLike, label_space: LabelSpace | None = Non
             img.load()
             mode = img.mode
             labels = np.asarray(img)
-    except (OSError, SyntaxError, ValueError) as err:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise BadInputError(path, f"cannot decode label PNG ({err})") from None
     if mode not in ("P", "L"):
         raise BadInputError(path, f"label PNG must be palette (P) or grey (L) mode, found {mode}: "

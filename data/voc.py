@@ -14,10 +14,9 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 import numpy as np
-from PIL import Image
 
 from data.artifacts import image_id_problem
-from data.io import BadInputError, read_image, read_label_png
+from data.io import BadInputError, image_size, read_image, read_label_png
 from data.labelspace import LabelSpace
 
 
@@ -208,13 +207,7 @@ class VOCLayout:
         return (height, width) if height > 0 and width > 0 else None
 
     def _image_size(self, image_id: str) -> tuple[int, int]:
-        path = self.image_path(image_id)
-        try:
-            with Image.open(path) as img:  # reads the header only
-                width, height = img.size
-        except (OSError, SyntaxError, ValueError) as err:
-            raise BadInputError(path, f"cannot read the image size ({err})") from None
-        return height, width
+        return image_size(self.image_path(image_id))  # reads the header only
 
     def labels_from_mask(self, image_id: str) -> np.ndarray:
         labels = self.read_label(image_id)
@@ -231,8 +224,20 @@ class VOCLayout:
             return self.labels_from_mask(image_id)
         raise ValueError(f"image labels come from 'xml' or 'mask', not {source!r}")
 
-    def check(self, image_id: str, labels_from: str, with_mask: bool) -> np.ndarray:
-        """Validate one image fully (decodes it); returns its image-level labels or raises BadInputError."""
+    def check(self, image_id: str, labels_from: str, with_mask: bool, max_pixels: int = 0,
+              train_mask: bool = False) -> np.ndarray:
+        """Validate one image fully (decodes it); returns its image-level labels or raises BadInputError.
+
+        ``max_pixels`` (> 0) refuses a larger image from its header, before decoding it; ``with_mask`` checks the
+        evaluation mask (``eval_seg_dir``), ``train_mask`` the training mask (``seg_dir``, what the fully supervised
+        ceiling trains on) where one exists: a bad mask is found now, not hours later in training.
+        """
+        if max_pixels > 0:
+            height, width = self._image_size(image_id)
+            if height * width > max_pixels:
+                raise BadInputError(self.image_path(image_id),
+                                    f"image is {width}x{height} = {height * width:,} pixels, above [PrepareDataset] "
+                                    f"max_pixels = {max_pixels:,} (raise it if the machine has the memory)")
         image = self.read_image(image_id)
         labels = self.image_labels(image_id, labels_from)
         if with_mask:
@@ -240,6 +245,9 @@ class VOCLayout:
             if mask.shape != image.shape[:2]:
                 raise BadInputError(self.label_path(image_id, True),
                                     f"label size {mask.shape} differs from image size {image.shape[:2]}")
+        if train_mask and not (with_mask and self.seg_dir == self.eval_seg_dir):  # not read above
+            if self.label_path(image_id).is_file():  # weak-label datasets may have none: only the ceiling needs it
+                self.read_label(image_id, shape=image.shape[:2])
         if not labels.any():
             raise BadInputError(self.image_path(image_id), "image has no foreground class")
         return labels

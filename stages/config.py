@@ -61,6 +61,9 @@ class DatasetConfig:
     # voc: how scheduling sees edits to the data (the key's dataset fingerprint): stat = path, size, mtime and inode
     # of every file (one stat each); content = their bytes (slow; for filesystems with unreliable mtimes)
     fingerprint_mode: str = "stat"
+    # Larger images are refused (or quarantined) from their header, before decoding: memory grows with the pixels
+    # (a 12-megapixel val image took 7.5 GiB). 4 MP is 16x VOC's largest (500x500).
+    max_pixels: int = 4_000_000
 
 
 SUPERVISIONS = ("image", "point", "scribble", "box")   # ExtractSeeds.supervision (stages.seeds.supervision)

@@ -119,9 +119,11 @@ def prepare_dataset(cfg: DatasetConfig, out_dir: str | os.PathLike, processes: i
     contents: dict[str, str] = {}   # id -> digest of its files' bytes: what downstream keys see of the data
     bad: set[str] = set()
     with_mask = {i for s in ("eval", "val") for i in splits[s]}
+    train = set(splits["train"])
     for image_id in dict.fromkeys(i for ids in splits.values() for i in ids):
         try:
-            vec = layout.check(image_id, cfg.image_labels_from, with_mask=image_id in with_mask)
+            vec = layout.check(image_id, cfg.image_labels_from, with_mask=image_id in with_mask,
+                               max_pixels=cfg.max_pixels, train_mask=image_id in train)
         except BadInputError as err:
             if cfg.on_bad_input == "error":
                 raise
