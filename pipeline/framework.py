@@ -520,5 +520,11 @@ class TrainingStage(StageTask):
     def run(self) -> None:
         if not self.output().exists():
             self.record_inputs(self.resume_dir)
-        super().run()
+        try:
+            super().run()
+        except BaseException:
+            # Failed before its first checkpoint: nothing to resume from.
+            if self.resume_dir.is_dir() and [p.name for p in self.resume_dir.iterdir()] == [INPUTS_RECORD]:
+                remove_path(self.resume_dir)
+            raise
         remove_path(self.resume_dir)  # only once the trained model is published

@@ -442,11 +442,24 @@ def _numbers(value: object) -> list:
     return []
 
 
+def unread_knobs(cfg: object) -> tuple[str, ...]:
+    """Name prefixes of knobs this configuration never reads (checked, like their code, only where they run): the
+    annotation knobs under image-level supervision, another propagation method's own knobs."""
+    if isinstance(cfg, ExtractSeedsConfig) and cfg.supervision == "image":
+        return ("box_", "point_", "superpixel", "scribble_")
+    if isinstance(cfg, PropagateConfig):
+        return tuple(f"{method}_" for method in ("gcn", "a2gnn") if method != cfg.propagation)
+    return ()
+
+
 def check_ranges(cfg: object) -> None:
     """Every numeric knob finite and >= 0; probabilities and thresholds in [0, 1]; sizes and scales > 0. The
     error names the knob and the value (``Propagate.beta = nan``)."""
     section = type(cfg).__name__.removesuffix("Config")
+    unread = unread_knobs(cfg)
     for f in dataclasses.fields(cfg):
+        if unread and f.name.startswith(unread):
+            continue
         value = getattr(cfg, f.name)
         numbers = _numbers(value)
         knob = f"{section}.{f.name} = {value!r}"
