@@ -18,6 +18,8 @@
 8. DeepLab training (bench/segmentation.py): images/s of DeepLab-v2/v3+ on ``resnet_mini`` against the CAM
    net's training step on the same backbone; on CUDA, DeepLab-v2 ResNet-101 MSC with AMP + channels-last
    against float32.
+9. Dataset fingerprint (bench/fingerprint.py): PrepareDataset's stat fingerprint of a 10,000-image tree, warm,
+   against a bare ``os.stat`` loop over the same files (target: within 1 s).
 
 Results go to ``bench/results/latest.json`` and are printed as a table.
 """
@@ -40,6 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.crf import bench_crf  # noqa: E402
+from bench.fingerprint import bench_fingerprint  # noqa: E402
 from bench.maps import smooth_cam_stack  # noqa: E402
 from bench.propagation import bench_propagation, table  # noqa: E402
 from bench.pseudo_labels import bench_pseudo_labels  # noqa: E402
@@ -171,7 +174,8 @@ def main() -> None:
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
                "cam_inference": bench_cam_inference(), "storage": bench_storage(), "noop_rerun": bench_noop_rerun(),
                "pseudo_labels": bench_pseudo_labels(), "propagation": bench_propagation(),
-               "scheduling": bench_scheduling(), "crf": bench_crf(), "segmentation": bench_segmentation()}
+               "scheduling": bench_scheduling(), "crf": bench_crf(), "segmentation": bench_segmentation(),
+               "fingerprint": bench_fingerprint()}
     out = REPO / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=1))

@@ -9,6 +9,7 @@ file has been renamed into place, so no HDF5 locking games are needed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -17,9 +18,11 @@ import h5py
 import numpy as np
 
 from data.artifacts import SHARD_INDEX
-from data.io import BadInputError, atomic_path, read_json
+from data.io import BadInputError, DiskFullError, atomic_path, free_bytes, mib, read_json
 
 COMPRESSION = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
+# Kept free beyond an image's uncompressed bytes: HDF5 metadata, and the close that writes it.
+DISK_MARGIN = 8 * 2**20
 
 
 class DenseMapWriter:
@@ -40,6 +43,7 @@ class DenseMapWriter:
 
     def write(self, image_id: str, arrays: Mapping[str, np.ndarray],
               attrs: Mapping[str, object] | None = None) -> None:
+        self._check_space(image_id, arrays)
         group = self._images.create_group(image_id)
         for name, array in arrays.items():
             array = np.asarray(array)
@@ -55,6 +59,18 @@ class DenseMapWriter:
             group.attrs[key] = value
         self.count += 1
 
+    def _check_space(self, image_id: str, arrays: Mapping[str, np.ndarray]) -> None:
+        """Refuse a write the disk cannot hold before HDF5 tries it: libhdf5 hits ENOSPC while evicting chunks from
+        its cache, where h5py can only ignore the error, and the process then crashes (SIGSEGV)."""
+        needed = sum(np.asarray(a).size * (self.dtype.itemsize if np.asarray(a).dtype.kind == "f"
+                                           else np.asarray(a).dtype.itemsize) for a in arrays.values())
+        free = free_bytes(self._tmp)
+        if needed + DISK_MARGIN > free:
+            raise DiskFullError(self.path, f"not enough disk space to write image {image_id!r}: it needs up to "
+                                           f"{mib(needed)} (+ {mib(DISK_MARGIN)} kept free) and {mib(free)} are "
+                                           "free on its filesystem; nothing was published and the partial file is "
+                                           "removed. Free space (or move [wsss] work_dir) and rerun")
+
     def close(self) -> None:
         self._file.attrs["complete"] = 1
         self._file.attrs["n_images"] = self.count
@@ -62,8 +78,12 @@ class DenseMapWriter:
         self._ctx.__exit__(None, None, None)
 
     def abort(self, exc: BaseException | None = None) -> None:
-        self._file.close()
-        self._ctx.__exit__(type(exc) if exc else RuntimeError, exc, None)
+        """Discard the file. Never raises: closing may fail again (a full disk), and the file is deleted anyway."""
+        with contextlib.suppress(Exception):
+            self._file.close()
+        exc = exc if exc is not None else RuntimeError("dense-map writer aborted")
+        with contextlib.suppress(BaseException):
+            self._ctx.__exit__(type(exc), exc, None)
 
     def __enter__(self) -> DenseMapWriter:
         return self
@@ -136,6 +156,18 @@ class DenseMapReader:
             data = group[name][()]
             arrays[name] = data.astype(np.float32) if data.dtype.kind == "f" else data
         return arrays, dict(group.attrs)
+
+    def _check_space(self, image_id: str, arrays: Mapping[str, np.ndarray]) -> None:
+        """Refuse a write the disk cannot hold before HDF5 tries it: libhdf5 hits ENOSPC while evicting chunks from
+        its cache, where h5py can only ignore the error, and the process then crashes (SIGSEGV)."""
+        needed = sum(np.asarray(a).size * (self.dtype.itemsize if np.asarray(a).dtype.kind == "f"
+                                           else np.asarray(a).dtype.itemsize) for a in arrays.values())
+        free = free_bytes(self._tmp)
+        if needed + DISK_MARGIN > free:
+            raise DiskFullError(self.path, f"not enough disk space to write image {image_id!r}: it needs up to "
+                                           f"{mib(needed)} (+ {mib(DISK_MARGIN)} kept free) and {mib(free)} are "
+                                           "free on its filesystem; nothing was published and the partial file is "
+                                           "removed. Free space (or move [wsss] work_dir) and rerun")
 
     def close(self) -> None:
         for handle in self._files.values():

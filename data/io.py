@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import os
 import shutil
@@ -34,6 +35,66 @@ class BadInputError(ValueError):
 
     def __reduce__(self):  # picklable, so a Luigi worker process can report it
         return (type(self), (self.path, self.problem))
+
+
+class DiskFullError(OSError):
+    """A write ran (or would run) out of disk space. The message names the path and the space involved."""
+
+    def __init__(self, path: str | os.PathLike, message: str):
+        self.path = str(path)
+        super().__init__(errno.ENOSPC, f"{self.path}: {message}")
+
+    def __str__(self) -> str:
+        return self.strerror
+
+    def __reduce__(self):  # picklable, so a Luigi worker process can report it
+        return (type(self), (self.path, self.strerror.removeprefix(f"{self.path}: ")))
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Free space on the filesystem holding ``path`` (or its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def tree_bytes(path: str | os.PathLike) -> int:
+    """Bytes in the files under ``path`` (0 when it is gone)."""
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(folder, name)).st_size
+    return total
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """ENOSPC, or a library's wrapping of it (torch.save and HDF5 report it in the message)."""
+    return (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left on device" in str(err)
+
+
+@contextlib.contextmanager
+def naming_a_full_disk(out_dir: str | os.PathLike) -> Iterator[None]:
+    """Turn a full disk while writing ``out_dir`` into a :class:`DiskFullError` naming the path, what was written
+    and what is free (the caller's atomic path then removes the partial output)."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        path = getattr(err, "filename", None) or out_dir
+        written = tree_bytes(out_dir)
+        raise DiskFullError(path, f"no space left on device while writing {out_dir}: it had written "
+                                  f"{mib(written)} and needs more ({mib(free_bytes(out_dir))} free on its "
+                                  "filesystem); nothing was published and the partial output is removed. Free "
+                                  "space (or move [wsss] work_dir) and rerun") from err
 
 
 def temporary_sibling(path: str | os.PathLike) -> Path:
@@ -135,9 +196,21 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         with Image.open(path) as img:
             img.load()
             rgb = img.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as err:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise BadInputError(path, f"cannot decode image ({err})") from None
     return np.asarray(rgb, dtype=np.uint8)
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) from the image header, without decoding the pixels."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except FileNotFoundError:
+        raise BadInputError(path, "image file is missing") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise BadInputError(path, f"cannot decode image (reading its size: {err})") from None
+    return height, width
 
 
 def read_label_png(path: str | os.PathLike, label_space: LabelSpace | None = None,
@@ -155,7 +228,7 @@ def read_label_png(path: str | os.PathLike, label_space: LabelSpace | None = Non
             img.load()
             mode = img.mode
             labels = np.asarray(img)
-    except (OSError, SyntaxError, ValueError) as err:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise BadInputError(path, f"cannot decode label PNG ({err})") from None
     if mode not in ("P", "L"):
         raise BadInputError(path, f"label PNG must be palette (P) or grey (L) mode, found {mode}: "

@@ -95,24 +95,37 @@ class LabelSpace:
             raise ValueError(f"{source}: ignore_index = {spec['ignore_index']}; only {IGNORE_INDEX} is supported "
                              "(label PNGs mark ignored pixels with it)")
         palette = spec.get("palette")
-        return cls(
-            names=tuple(str(n) for n in spec["names"]),
-            palette=voc_palette() if palette is None else np.asarray(palette, dtype=np.uint8),
-        )
+        if palette is not None:
+            palette = _checked_palette(palette, source)
+        return cls(names=tuple(str(n) for n in spec["names"]), palette=voc_palette() if palette is None else palette)
 
     @classmethod
     def load(cls, path: str | Path) -> LabelSpace:
         """Read a label-space file (JSON, or YAML when PyYAML is installed)."""
         path = Path(path)
-        text = path.read_text()
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            raise ValueError(f"{path}: label-space file is missing") from None
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: label-space file is not UTF-8 text (byte {err.start})") from None
         if path.suffix in (".yaml", ".yml"):
             try:
                 import yaml
             except ImportError:
                 raise RuntimeError(f"{path}: reading YAML label spaces needs PyYAML; use JSON instead") from None
-            spec = yaml.safe_load(text)
+            try:
+                spec = yaml.safe_load(text)
+            except yaml.YAMLError as err:
+                raise ValueError(f"{path}: not valid YAML ({err})") from None
         else:
-            spec = json.loads(text)
+            try:
+                spec = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(spec, dict):
+            raise ValueError(f"{path}: a label space is a mapping with 'names' (and 'palette'), "
+                             f"not a {type(spec).__name__}")
         try:
             return cls.from_dict(spec, source=str(path))
         except ValueError as err:
@@ -120,6 +133,21 @@ class LabelSpace:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+
+def _checked_palette(palette: object, source: str) -> np.ndarray:
+    """A palette as uint8 (N, 3); values outside 0..255 would wrap silently, so they are refused."""
+    try:
+        values = np.asarray(palette)
+    except ValueError:   # ragged entries
+        values = np.zeros(0)
+    if values.ndim != 2 or values.shape[1] != 3 or values.dtype.kind not in "iu":
+        raise ValueError(f"{source}: palette must be a list of [r, g, b] triples of integers 0..255")
+    bad = np.flatnonzero(((values < 0) | (values > 255)).any(axis=1))
+    if bad.size:
+        raise ValueError(f"{source}: palette entry {bad[0]} = {values[bad[0]].tolist()}: RGB values must be "
+                         "integers 0..255")
+    return values.astype(np.uint8)
 
 
 VOC_LABEL_SPACE = LabelSpace(VOC_CLASSES)

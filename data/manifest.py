@@ -24,6 +24,9 @@ class Manifest:
     seg_dir: str = "SegmentationClass"
     eval_seg_dir: str = "SegmentationClass"
     quarantine: list[dict] = field(default_factory=list)
+    # id -> digest of the bytes of its files (image, XML, masks, annotations) for an external dataset: an edited file
+    # changes the manifest, and so the keys of every stage that reads the dataset
+    contents: dict[str, str] = field(default_factory=dict)
 
     @property
     def layout(self) -> VOCLayout:
@@ -37,7 +40,7 @@ class Manifest:
     def to_dict(self) -> dict:
         return {"root": str(self.root), "label_space": self.label_space.to_dict(), "splits": self.splits,
                 "image_labels": self.image_labels, "seg_dir": self.seg_dir, "eval_seg_dir": self.eval_seg_dir,
-                "quarantine": self.quarantine}
+                "quarantine": self.quarantine, "contents": self.contents}
 
     def save(self, directory: str | os.PathLike) -> None:
         write_json(Path(directory) / MANIFEST, self.to_dict())
@@ -51,4 +54,5 @@ class Manifest:
             root = Path(directory) / root
         return cls(root=root, label_space=LabelSpace.from_dict(spec["label_space"], str(path)),
                    splits=spec["splits"], image_labels=spec["image_labels"], seg_dir=spec["seg_dir"],
-                   eval_seg_dir=spec["eval_seg_dir"], quarantine=spec.get("quarantine", []))
+                   eval_seg_dir=spec["eval_seg_dir"], quarantine=spec.get("quarantine", []),
+                   contents=spec.get("contents", {}))

@@ -14,28 +14,60 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 import numpy as np
-from PIL import Image
 
-from data.io import BadInputError, read_image, read_label_png
+from data.artifacts import image_id_problem
+from data.io import BadInputError, image_size, read_image, read_label_png
 from data.labelspace import LabelSpace
 
 
 def read_id_list(path: str | os.PathLike) -> list[str]:
-    """One id per line; blank lines and ``#`` comments skipped; VOC's optional second column dropped."""
+    """One id per line: UTF-8, blank lines and whole-line ``#`` comments skipped, VOC's optional integer second
+    column (``2008_000001 -1``) dropped. Anything that would silently change an id is refused, naming the file
+    and line: a byte-order mark, ``#`` or whitespace inside a line's id, or an id in no canonical spelling
+    (:func:`data.artifacts.image_id_problem`: ``..``, ``./x``, absolute paths, backslashes, control characters).
+    """
     path = Path(path)
     if not path.is_file():
         raise BadInputError(path, "image list is missing")
-    ids = []
-    for line in path.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            ids.append(line.split()[0])
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BadInputError(path, f"image list is not UTF-8 text (byte {err.start}: {err.reason})") from None
+    if text.startswith("\ufeff"):
+        raise BadInputError(path, "line 1: the file starts with a byte-order mark, which would become part of the "
+                                  "first id; save it as UTF-8 without BOM")
+    ids: list[str] = []
+    where: dict[str, int] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        image_id = _id_of_line(path, number, line)
+        if image_id is None:
+            continue
+        if image_id in where:
+            raise BadInputError(path, f"line {number}: image id {image_id!r} is listed twice (first on line "
+                                      f"{where[image_id]})")
+        where[image_id] = number
+        ids.append(image_id)
     if not ids:
         raise BadInputError(path, "image list is empty")
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise BadInputError(path, f"image id {dup!r} is listed twice")
     return ids
+
+
+def _id_of_line(path: Path, number: int, line: str) -> str | None:
+    """The id on one line of an id list (None for blank and comment lines), or a BadInputError naming the line."""
+    stripped = line.strip()
+    if not stripped or stripped.startswith("#"):
+        return None
+    if "#" in stripped:
+        raise BadInputError(path, f"line {number}: {stripped!r} has '#' after the id; ids may not contain '#' and "
+                                  "comments must be on a line of their own")
+    fields = stripped.split()
+    if len(fields) > 2 or (len(fields) == 2 and not fields[1].lstrip("+-").isdigit()):
+        raise BadInputError(path, f"line {number}: {stripped!r} is not one id (whitespace inside an id is not "
+                                  "allowed; only VOC's integer second column may follow it)")
+    problem = image_id_problem(fields[0])
+    if problem is not None:
+        raise BadInputError(path, f"line {number}: invalid image id {fields[0]!r}: {problem}")
+    return fields[0]
 
 
 @dataclass(frozen=True)
@@ -47,8 +79,9 @@ class VOCLayout:
 
     def resolve(self, subdir: str, image_id: str, ext: str) -> Path:
         """``root/subdir/<id><ext>``, refusing ids that escape the root (``..``, absolute paths)."""
-        if not image_id or "\x00" in image_id or os.path.isabs(image_id):
-            raise BadInputError(self.root / subdir, f"invalid image id {image_id!r}")
+        problem = image_id_problem(image_id)
+        if problem is not None:
+            raise BadInputError(self.root / subdir, f"invalid image id {image_id!r}: {problem}")
         base = (self.root / subdir).resolve()
         path = (base / f"{image_id}{ext}").resolve()
         if not path.is_relative_to(base):
@@ -174,13 +207,7 @@ class VOCLayout:
         return (height, width) if height > 0 and width > 0 else None
 
     def _image_size(self, image_id: str) -> tuple[int, int]:
-        path = self.image_path(image_id)
-        try:
-            with Image.open(path) as img:  # reads the header only
-                width, height = img.size
-        except (OSError, SyntaxError, ValueError) as err:
-            raise BadInputError(path, f"cannot read the image size ({err})") from None
-        return height, width
+        return image_size(self.image_path(image_id))  # reads the header only
 
     def labels_from_mask(self, image_id: str) -> np.ndarray:
         labels = self.read_label(image_id)
@@ -197,8 +224,20 @@ class VOCLayout:
             return self.labels_from_mask(image_id)
         raise ValueError(f"image labels come from 'xml' or 'mask', not {source!r}")
 
-    def check(self, image_id: str, labels_from: str, with_mask: bool) -> np.ndarray:
-        """Validate one image fully (decodes it); returns its image-level labels or raises BadInputError."""
+    def check(self, image_id: str, labels_from: str, with_mask: bool, max_pixels: int = 0,
+              train_mask: bool = False) -> np.ndarray:
+        """Validate one image fully (decodes it); returns its image-level labels or raises BadInputError.
+
+        ``max_pixels`` (> 0) refuses a larger image from its header, before decoding it; ``with_mask`` checks the
+        evaluation mask (``eval_seg_dir``), ``train_mask`` the training mask (``seg_dir``, what the fully supervised
+        ceiling trains on) where one exists: a bad mask is found now, not hours later in training.
+        """
+        if max_pixels > 0:
+            height, width = self._image_size(image_id)
+            if height * width > max_pixels:
+                raise BadInputError(self.image_path(image_id),
+                                    f"image is {width}x{height} = {height * width:,} pixels, above [PrepareDataset] "
+                                    f"max_pixels = {max_pixels:,} (raise it if the machine has the memory)")
         image = self.read_image(image_id)
         labels = self.image_labels(image_id, labels_from)
         if with_mask:
@@ -206,6 +245,9 @@ class VOCLayout:
             if mask.shape != image.shape[:2]:
                 raise BadInputError(self.label_path(image_id, True),
                                     f"label size {mask.shape} differs from image size {image.shape[:2]}")
+        if train_mask and not (with_mask and self.seg_dir == self.eval_seg_dir):  # not read above
+            if self.label_path(image_id).is_file():  # weak-label datasets may have none: only the ceiling needs it
+                self.read_label(image_id, shape=image.shape[:2])
         if not labels.any():
             raise BadInputError(self.image_path(image_id), "image has no foreground class")
         return labels

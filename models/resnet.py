@@ -136,6 +136,8 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> list[str]:
         raise ValueError(f"{path}: cannot load as a weights-only state dict ({err})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict (parameter name -> tensor)")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     own = model.state_dict()
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]

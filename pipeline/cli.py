@@ -7,12 +7,14 @@ Configuration comes from the same files as ``luigi`` (``./luigi.cfg`` then ``$LU
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
 from pathlib import Path
 
-from data.artifacts import PARTS_SUFFIX, PROVENANCE, RESUME_SUFFIX
-from data.io import is_temporary, read_json, remove_path
+from data.artifacts import INPUTS_RECORD, PARTS_SUFFIX, PROVENANCE, RESUME_SUFFIX
+from data.io import BadInputError, is_temporary, read_json, remove_path
 from pipeline.settings import runtime
 from pipeline.tasks import STAGES, downstream_of, stage_graph
 
@@ -62,23 +64,69 @@ def cmd_clean(args: argparse.Namespace) -> int:
     return 0
 
 
+def _newest_mtime(path: Path) -> float:
+    """When anything under ``path`` last changed (a resuming run touches its newest checkpoint or shard)."""
+    newest = path.lstat().st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for folder, dirs, files in os.walk(path):
+            for name in dirs + files:
+                with contextlib.suppress(FileNotFoundError):
+                    newest = max(newest, os.lstat(os.path.join(folder, name)).st_mtime)
+    return newest
+
+
+def _inputs_of(path: Path) -> list[tuple[str, str]]:
+    """The (family, key) directories the work in ``path`` reads: a published stage's provenance, or the record an
+    unfinished one (``.parts``, ``.resume``) keeps."""
+    record = path / (INPUTS_RECORD if path.name.endswith((PARTS_SUFFIX, RESUME_SUFFIX)) else PROVENANCE)
+    try:
+        inputs = read_json(record).get("inputs", {})
+    except (BadInputError, AttributeError):
+        return []
+    return [(i["stage"], i["key"]) for i in inputs.values() if isinstance(i, dict) and {"stage", "key"} <= i.keys()]
+
+
+def _key_of(path: Path) -> str:
+    return path.name.removesuffix(PARTS_SUFFIX).removesuffix(RESUME_SUFFIX)
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
-    """Remove temporary debris and stage directories the current configuration does not reference."""
+    """Remove temporary debris and stage directories the current configuration does not reference.
+
+    Kept whatever their key: temporary paths and unfinished work (``.parts``, ``.resume``) touched within
+    ``--min-age`` seconds (a run, perhaps under another configuration, may own them), and every directory that
+    kept work reads (transitively, from provenance and the unfinished work's ``inputs.json``).
+    """
     work_dir = Path(runtime().work_dir)
     live = {(task.get_task_family(), task.key) for task in stage_graph().values()}
     now = time.time()
+    entries = [(family, path) for family in [cls.get_task_family() for cls in STAGES]
+               for path in _stage_dirs(work_dir, family)]
+    young = {path for _, path in entries if (is_temporary(path) or path.name.endswith((PARTS_SUFFIX, RESUME_SUFFIX)))
+             and now - _newest_mtime(path) < args.min_age}
+    kept_keys = set(live)
+    kept_keys |= {(family, _key_of(path)) for family, path in entries if path in young and not is_temporary(path)}
+    if args.keep_unreferenced:
+        kept_keys |= {(family, _key_of(path)) for family, path in entries if not is_temporary(path)}
+    by_key: dict[tuple[str, str], list[Path]] = {}
+    for family, path in entries:
+        if not is_temporary(path):
+            by_key.setdefault((family, _key_of(path)), []).append(path)
+    todo = list(kept_keys)
+    while todo:  # what kept work reads is kept
+        for path in by_key.get(todo.pop(), []):
+            for ref in _inputs_of(path):
+                if ref not in kept_keys:
+                    kept_keys.add(ref)
+                    todo.append(ref)
     victims = []
-    for family in [cls.get_task_family() for cls in STAGES]:
-        for path in _stage_dirs(work_dir, family):
-            if is_temporary(path):
-                if now - path.stat().st_mtime >= args.min_age:
-                    victims.append(path)
-                continue
-            key = path.name.removesuffix(PARTS_SUFFIX).removesuffix(RESUME_SUFFIX)
-            if (family, key) not in live and not args.keep_unreferenced:
-                victims.append(path)
-            elif path.name.endswith(PARTS_SUFFIX):  # shards of a live key: resumable work, but debris inside
-                victims += [p for p in path.iterdir() if is_temporary(p) and now - p.stat().st_mtime >= args.min_age]
+    for family, path in entries:
+        if path in young:
+            continue
+        if is_temporary(path) or (family, _key_of(path)) not in kept_keys:
+            victims.append(path)
+        elif path.name.endswith(PARTS_SUFFIX):  # shards of a kept key: resumable work, but debris inside
+            victims += [p for p in path.iterdir() if is_temporary(p) and now - _newest_mtime(p) >= args.min_age]
     for path in victims:
         print(("would remove " if args.dry_run else "removing ") + str(path))
         if not args.dry_run:

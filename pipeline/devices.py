@@ -2,9 +2,10 @@
 
 Luigi's ``[resources] gpu = N`` is a counter: it bounds how many GPU tasks run at once but never says
 *which* device a task gets. This module picks the devices. Each device has a lock file ``gpu<id>.lock`` in
-a per-user directory; a task takes ``n`` of them with non-blocking ``fcntl.flock`` and holds them for its
-lifetime. The kernel drops a flock when its holder dies (even on ``kill -9``), so a crashed task never
-leaves a device reserved. Locks are per host: they coordinate every Luigi invocation on one machine.
+a private per-user directory (0700, checked: never a symlink, another user's or a shared one; lock files are opened
+without following links and never truncated); a task takes ``n`` of them with non-blocking ``fcntl.flock`` and
+holds them for its lifetime. The kernel drops a flock when its holder dies (even on ``kill -9``), so a crashed
+task never leaves a device reserved. Locks are per host: they coordinate every Luigi invocation on one machine.
 
 The chosen ids reach the task as ``CUDA_VISIBLE_DEVICES`` (inherited by torchrun and other
 subprocesses). Nothing here initialises CUDA: detection reads ``CUDA_VISIBLE_DEVICES`` or asks
@@ -19,6 +20,7 @@ import getpass
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -113,16 +115,56 @@ class Allocation:
         return f"Allocation(devices={self.devices})"
 
 
+HOLDER_NOTE_BYTES = 64   # the holder note is written in place at a fixed width: a lock file is never truncated
+
+
+class UnsafeLockError(RuntimeError):
+    """The lock directory or a lock file could let another user interfere (plant links, hold our devices)."""
+
+
+def prepare_lock_dir(lock_dir: Path) -> None:
+    """Create ``lock_dir`` private (0700) and refuse one that is a symlink, not ours, or open to group or others:
+    anyone who can open a lock file can hold the device, and anyone who can write the folder can plant links."""
+    try:
+        lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(lock_dir)
+    except OSError as err:
+        raise UnsafeLockError(f"GPU lock directory {lock_dir}: cannot create it ({err})") from None
+    problem = None
+    if not stat.S_ISDIR(st.st_mode):
+        problem = "is not a directory (a symlink?)"
+    elif st.st_uid != os.getuid():
+        problem = f"belongs to uid {st.st_uid}, not to you (uid {os.getuid()})"
+    elif st.st_mode & 0o077:
+        problem = f"has mode {stat.S_IMODE(st.st_mode):04o}; other users could hold or replace its locks"
+    if problem:
+        raise UnsafeLockError(f"GPU lock directory {lock_dir} {problem}; remove it or make it your own with "
+                              f"mode 0700 (chmod 700), or set [wsss] gpu_lock_dir")
+
+
+def _open_lock(path: Path) -> int:
+    """The lock file, opened without following a symlink and checked to be a plain file of ours, unshared."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as err:  # ELOOP: a symlink was planted there
+        raise UnsafeLockError(f"GPU lock file {path}: refusing to open it ({err})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_nlink != 1:
+        os.close(fd)
+        raise UnsafeLockError(f"GPU lock file {path} is not a plain, unlinked file of yours; remove it")
+    return fd
+
+
 def _try_lock(path: Path) -> int | None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited across exec (PEP 446)
+    fd = _open_lock(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         return None
     # Who holds it, for the timeout message of whoever waits next.
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%H:%M:%S')}\n".encode(), 0)
+    note = f"pid {os.getpid()} since {time.strftime('%H:%M:%S')}"
+    os.pwrite(fd, (note.ljust(HOLDER_NOTE_BYTES - 1) + "\n").encode(), 0)
     return fd
 
 
@@ -130,7 +172,8 @@ def _holders(lock_dir: Path, devices: Sequence[str]) -> str:
     notes = []
     for device_id in devices:
         try:
-            note = (lock_dir / _lock_name(device_id)).read_text().strip()
+            with open(lock_dir / _lock_name(device_id), "rb") as fh:
+                note = fh.read(HOLDER_NOTE_BYTES).decode(errors="replace").strip()
         except OSError:
             note = ""
         notes.append(f"gpu{device_id}: {note or 'held'}")
@@ -152,7 +195,7 @@ def allocate(n: int, lock_dir: str | os.PathLike | None = None, timeout: float =
                          f"({','.join(candidates) or 'none'}); set [wsss] gpus or CUDA_VISIBLE_DEVICES, "
                          f"or use [wsss] device = cpu")
     lock_dir = Path(lock_dir) if lock_dir else default_lock_dir()
-    lock_dir.mkdir(parents=True, exist_ok=True)
+    prepare_lock_dir(lock_dir)
     deadline = time.monotonic() + timeout
     while True:
         taken: list[tuple[str, int]] = []

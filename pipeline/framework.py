@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 
 import luigi
 
-from data.artifacts import PARTS_SUFFIX, PROVENANCE, RESUME_SUFFIX, SHARD_INDEX
-from data.io import atomic_path, read_json, remove_path, write_json
+from data.artifacts import INPUTS_RECORD, PARTS_SUFFIX, PROVENANCE, RESUME_SUFFIX, SHARD_INDEX
+from data.io import atomic_path, naming_a_full_disk, read_json, remove_path, write_json
 from data.manifest import Manifest
 from pipeline import hashing
 from pipeline.checks import validate_config
@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from data.dense import DenseMapWriter
 
 logger = logging.getLogger("luigi-interface")
+
+PENDING = "pending-"   # a key prefix: an input's content is not known yet (see StageTask.key)
 
 
 def _parameter_for(default: object) -> luigi.Parameter:
@@ -164,10 +166,29 @@ class StageTask(luigi.Task):
         params.update(self.fingerprint())
         return params
 
-    @cached_property
+    @property
     def key(self) -> str:
-        inputs = {name: task.key for name, task in self.upstream().items()}
-        return hashing.stage_key(self.get_task_family(), self.params_dict, self.code_modules, inputs)
+        """Parameters, code and the inputs' :attr:`content_key`. While an input's content is not known yet (an
+        external dataset not prepared for the current files) the key is a placeholder ``pending-...`` that names
+        no directory and is recomputed on each use; it settles once the input is published."""
+        cached = self.__dict__.get("_settled_key")
+        if cached is not None:
+            return cached
+        inputs, pending = {}, False
+        for name, task in self.upstream().items():
+            content = task.content_key
+            pending |= content is None or content.startswith(PENDING)
+            inputs[name] = content or f"{PENDING}{task.key}"
+        key = hashing.stage_key(self.get_task_family(), self.params_dict, self.code_modules, inputs)
+        if pending:
+            return PENDING + key
+        self.__dict__["_settled_key"] = key
+        return key
+
+    @property
+    def content_key(self) -> str | None:
+        """What stages reading this one put in their keys: its key (None while that content is not known)."""
+        return self.key
 
     @property
     def stage_dir(self) -> Path:
@@ -196,17 +217,31 @@ class StageTask(luigi.Task):
         from stages.refine.crf import set_default_backend  # lazily: stages.refine.crf is only needed by CRF stages
         set_default_backend(rt.crf_backend)
         started = time.time()
-        with atomic_path(self.stage_dir, directory=True) as tmp:
+        if self.key.startswith(PENDING):
+            raise RuntimeError(f"{self.get_task_family()}: its inputs are not published yet (key {self.key})")
+        if self.output().exists():  # scheduled before its input settled; that input's content was already used
+            logger.info("%s: %s already holds this result", self.get_task_family(), self.stage_dir)
+            return
+        with atomic_path(self.stage_dir, directory=True) as tmp, naming_a_full_disk(tmp):
             metrics, placement = run_compute(self, tmp)
             write_json(tmp / PROVENANCE, self.provenance(started, metrics) | placement)
         logger.info("%s done in %.1f s -> %s", self.get_task_family(), time.time() - started, self.stage_dir)
+
+    def input_records(self) -> dict:
+        return {name: {"stage": t.get_task_family(), "key": t.key} for name, t in self.upstream().items()}
+
+    def record_inputs(self, directory: Path) -> None:
+        """Write which stage directories the unfinished work in ``directory`` reads, so that ``gc`` run under
+        another configuration keeps them while that work may resume."""
+        directory.mkdir(parents=True, exist_ok=True)
+        write_json(directory / INPUTS_RECORD, {"stage": self.get_task_family(), "key": self.key,
+                                               "inputs": self.input_records()})
 
     def provenance(self, started: float, metrics: dict) -> dict:
         return {
             "stage": self.get_task_family(), "key": self.key, "params": self.params_dict,
             "code": self.code_modules, "code_digest": hashing.code_digest(self.code_modules),
-            "inputs": {name: {"stage": t.get_task_family(), "key": t.key}
-                       for name, t in self.upstream().items()},
+            "inputs": self.input_records(),
             "seed": self.params_dict.get("seed"), "versions": versions(), "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
             "seconds": round(time.time() - started, 3), "metrics": metrics,
@@ -442,7 +477,8 @@ class ShardTask(luigi.Task):
         parent = self.parent
         members = self.members()
         started = time.time()
-        with atomic_path(self.output().part, directory=True) as tmp:
+        parent.record_inputs(parent.parts_dir)
+        with atomic_path(self.output().part, directory=True) as tmp, naming_a_full_disk(tmp):
             metrics, placement = run_compute(self, tmp)
             write_json(tmp / f"{self.name}.json", {"stage": parent.get_task_family(), "key": parent.key,
                                                    "shard": self.shard, "images": members,
@@ -476,5 +512,13 @@ class TrainingStage(StageTask):
         return self.stage_dir.with_name(self.key + RESUME_SUFFIX)
 
     def run(self) -> None:
-        super().run()
+        if not self.output().exists():
+            self.record_inputs(self.resume_dir)
+        try:
+            super().run()
+        except BaseException:
+            # Failed before its first checkpoint: nothing to resume from.
+            if self.resume_dir.is_dir() and [p.name for p in self.resume_dir.iterdir()] == [INPUTS_RECORD]:
+                remove_path(self.resume_dir)
+            raise
         remove_path(self.resume_dir)  # only once the trained model is published

@@ -8,6 +8,7 @@ Keys, placement, shards and publication are the framework's (pipeline.framework)
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 from functools import cached_property
@@ -17,7 +18,8 @@ import luigi
 
 from data.artifacts import BACKBONE_WEIGHTS, METRICS, MODEL_WEIGHTS, PROVENANCE, SCRIBBLE_AFFINITY, label_file
 from data.io import read_json
-from data.manifest import Manifest
+from data.manifest import MANIFEST, Manifest
+from pipeline import hashing
 from pipeline.framework import (
     ShardedStage,
     StageTask,
@@ -46,6 +48,25 @@ class PrepareDataset(StageTask):
         from stages.dataset.prepare import input_fingerprint
         fp = input_fingerprint(self.config)
         return {"external_lists": fp} if fp else {}
+
+    def key_params(self, cfg) -> dict:
+        params = dataclasses.asdict(cfg)
+        del params["fingerprint_mode"]  # how the files are fingerprinted; the fingerprint itself is in the key
+        return params
+
+    @property
+    def content_key(self) -> str | None:
+        """An external dataset's manifest, not the stat of its files: touching a file, or an edit that changes
+        nothing the manifest records, reruns PrepareDataset but nothing downstream. None until prepared."""
+        if self.config.kind != "voc":
+            return self.key
+        cached = self.__dict__.get("_content_key")
+        if cached is None and self.complete():
+            manifest = (self.stage_dir / MANIFEST).read_bytes()
+            cached = hashing.stage_key("PrepareDataset.content", self.key_params(self.config), self.code_modules,
+                                       {"manifest": hashlib.sha256(manifest).hexdigest()})
+            self.__dict__["_content_key"] = cached
+        return cached
 
     def compute(self, out_dir: Path) -> dict:
         from stages.dataset.prepare import prepare_dataset

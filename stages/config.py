@@ -22,6 +22,7 @@ only the chosen method's enter the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 
@@ -58,6 +59,12 @@ class DatasetConfig:
     eval_seg_dir: str = "SegmentationClass"   # GT used for every evaluation
     image_labels_from: str = "xml"            # xml | mask
     on_bad_input: str = "error"               # error | quarantine (skip and list bad images in the report)
+    # voc: how scheduling sees edits to the data (the key's dataset fingerprint): stat = path, size, mtime and inode
+    # of every file (one stat each); content = their bytes (slow; for filesystems with unreliable mtimes)
+    fingerprint_mode: str = "stat"
+    # Larger images are refused (or quarantined) from their header, before decoding: memory grows with the pixels
+    # (a 12-megapixel val image took 7.5 GiB). 4 MP is 16x VOC's largest (500x500); 0 = no limit.
+    max_pixels: int = 4_000_000
 
 
 SUPERVISIONS = ("image", "point", "scribble", "box")   # ExtractSeeds.supervision (stages.seeds.supervision)
@@ -417,6 +424,7 @@ CHOICES = {
     ("DatasetConfig", "kind"): ("synthetic", "voc"),
     ("DatasetConfig", "image_labels_from"): ("xml", "mask"),
     ("DatasetConfig", "on_bad_input"): ("error", "quarantine"),
+    ("DatasetConfig", "fingerprint_mode"): ("stat", "content"),
     ("ExtractSeedsConfig", "supervision"): SUPERVISIONS,
     ("ExtractSeedsConfig", "point_stamp"): ("superpixel", "disk"),
     ("ExtractSeedsConfig", "scribble_label"): ("grown", "affinity"),
@@ -433,6 +441,57 @@ CHOICES = {
 }
 
 
+# Ranges every stage's knobs obey, by name, so a knob added later is covered too: every number is finite and
+# non-negative; these are also at most 1 (probabilities, fractions, thresholds on max-normalised scores) ...
+UNIT_INTERVAL_WORDS = ("threshold", "confidence", "fraction", "dropout", "gt_prob", "momentum")
+UNIT_INTERVAL_KNOBS = {"seam_ecr_top", "seam_min_pool", "box_ring", "box_bg_cam", "gcn_cam_floor", "step_gamma",
+                       "color_jitter", "sweep"}
+# ... and these strictly positive (sizes, scales, counts that divide or bound a loop).
+POSITIVE_WORDS = ("size", "scales", "resize_long", "scale_range", "strides", "beta", "batch")
+
+
+def _numbers(value: object) -> list:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, (int, float)):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [n for v in value for n in _numbers(v)]
+    return []
+
+
+def unread_knobs(cfg: object) -> tuple[str, ...]:
+    """Name prefixes of knobs this configuration never reads (checked, like their code, only where they run): the
+    annotation knobs under image-level supervision, another propagation method's own knobs."""
+    if isinstance(cfg, ExtractSeedsConfig) and cfg.supervision == "image":
+        return ("box_", "point_", "superpixel", "scribble_")
+    if isinstance(cfg, PropagateConfig):
+        return tuple(f"{method}_" for method in ("gcn", "a2gnn") if method != cfg.propagation)
+    return ()
+
+
+def check_ranges(cfg: object) -> None:
+    """Every numeric knob finite and >= 0; probabilities and thresholds in [0, 1]; sizes and scales > 0. The
+    error names the knob and the value (``Propagate.beta = nan``)."""
+    section = type(cfg).__name__.removesuffix("Config")
+    unread = unread_knobs(cfg)
+    for f in dataclasses.fields(cfg):
+        if unread and f.name.startswith(unread):
+            continue
+        value = getattr(cfg, f.name)
+        numbers = _numbers(value)
+        knob = f"{section}.{f.name} = {value!r}"
+        if any(not math.isfinite(n) for n in numbers):
+            raise ValueError(f"{knob}: must be a finite number")
+        if any(n < 0 for n in numbers):
+            raise ValueError(f"{knob}: must not be negative")
+        unit = f.name in UNIT_INTERVAL_KNOBS or any(word in f.name for word in UNIT_INTERVAL_WORDS)
+        if unit and any(n > 1 for n in numbers):
+            raise ValueError(f"{knob}: must lie in [0, 1]")
+        if any(word in f.name for word in POSITIVE_WORDS) and any(n <= 0 for n in numbers):
+            raise ValueError(f"{knob}: must be positive")
+
+
 def validate(cfg: object) -> None:
     """Reject values a stage cannot use, naming the key."""
     name = type(cfg).__name__
@@ -441,6 +500,7 @@ def validate(cfg: object) -> None:
         allowed = CHOICES.get((name, f.name))
         if allowed and value not in allowed:
             raise ValueError(f"{name}.{f.name} = {value!r}; choose one of {', '.join(allowed)}")
+    check_ranges(cfg)
     if isinstance(cfg, TrainCAMConfig):
         if cfg.lr <= 0 or cfg.batch_size < 1 or cfg.num_epochs < 1 or cfg.crop_size < 8:
             raise ValueError(f"TrainCAM: lr, batch_size, num_epochs and crop_size must be positive: {cfg}")

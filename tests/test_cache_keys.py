@@ -37,7 +37,7 @@ SEED_NET = ("TrainSeedNet", SEED_NET_PROPAGATIONS)
 # module -> the stages that run it: "Family" (every instance) or "Family[knob=a|b]" (instances whose knob is a or b).
 RUNS: dict[str, tuple[str, ...]] = {
     "data": ALL,
-    "data.artifacts": tuple(s for s in ALL if s != "PrepareDataset"),      # names of files in stage directories
+    "data.artifacts": ALL,   # names of files in stage directories, and the image id rules (read by data.voc)
     "data.dense": ("MakeCAM", "EvalCAM", "ExtractSeeds", "Propagate", "RefineCRF", "Report"),
     "data.io": ALL,
     "data.labelspace": ALL,

@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -153,3 +154,57 @@ def test_scheduling_and_running_on_cpu_never_initialises_cuda(luigi_config, tmp_
     assert "CUDA_VISIBLE_DEVICES" not in os.environ, "the task's devices do not leak into the scheduler"
     with allocate(2, lock_dir, timeout=1, devices=FAKE_HOST):
         pass  # the finished task released its lock
+
+
+# ------------------------------------------------------------------ lock safety (issue 15)
+
+def test_the_lock_dir_is_created_private(tmp_path):
+    lock_dir = tmp_path / "locks" / "wsss"
+    with allocate(1, lock_dir, 1, FAKE_HOST):
+        assert stat.S_IMODE(lock_dir.stat().st_mode) == 0o700
+        assert stat.S_IMODE((lock_dir / "gpu0.lock").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("plant", ["open_mode", "other_owner", "symlinked_dir"])
+def test_an_unsafe_lock_dir_is_refused_naming_it(tmp_path, monkeypatch, plant):
+    lock_dir = tmp_path / "locks"
+    if plant == "open_mode":
+        lock_dir.mkdir(mode=0o700)
+        lock_dir.chmod(0o777)
+        problem = "mode 0777"
+    elif plant == "other_owner":
+        lock_dir.mkdir(mode=0o700)
+        uid = os.getuid()
+        monkeypatch.setattr(devices.os, "getuid", lambda: uid + 1)
+        problem = "not to you"
+    else:
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        lock_dir.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+        problem = "not a directory"
+    with pytest.raises(devices.UnsafeLockError, match=f"{lock_dir}.*{problem}"):
+        allocate(1, lock_dir, 1, FAKE_HOST)
+
+
+def test_a_planted_symlink_or_hard_link_is_never_followed_or_truncated(tmp_path):
+    lock_dir = tmp_path / "locks"
+    lock_dir.mkdir(mode=0o700)
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me\n" * 40)
+    (lock_dir / "gpu0.lock").symlink_to(victim)
+    with pytest.raises(devices.UnsafeLockError, match="gpu0.lock"):
+        allocate(1, lock_dir, 1, ["0"])
+    (lock_dir / "gpu0.lock").unlink()
+    os.link(victim, lock_dir / "gpu0.lock")
+    with pytest.raises(devices.UnsafeLockError, match="gpu0.lock"):
+        allocate(1, lock_dir, 1, ["0"])
+    assert victim.read_text() == "keep me\n" * 40
+
+
+def test_a_lock_file_is_never_truncated(tmp_path):
+    lock_dir = tmp_path / "locks"
+    lock_dir.mkdir(mode=0o700)
+    lock = lock_dir / "gpu0.lock"
+    lock.write_bytes(b"x" * 500)
+    with allocate(1, lock_dir, 1, ["0"]):
+        assert lock.stat().st_size == 500
+        assert lock.read_bytes().startswith(f"pid {os.getpid()} ".encode())

@@ -41,6 +41,8 @@ def load_matching(model: nn.Module, path: str | os.PathLike) -> list[str]:
         raise FileNotFoundError(f"{path}: TrainSegmentation.init_checkpoint file is missing") from None
     except Exception as err:
         raise ValueError(f"{path}: cannot load as a weights-only state dict ({err})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict (parameter name -> tensor)")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}

@@ -35,7 +35,7 @@ def predict_images(cfg: EvalSegmentationConfig, model: nn.Module, manifest: Mani
                    progress: Callable[[float, str], None] | None = None) -> dict:
     """Predictions ``labels/<id>.png`` (after the CRF when ``cfg.crf``; ``raw/<id>.png`` before it) and the
     confusion matrices of both, as nested lists, for the stage to sum over shards."""
-    from data.artifacts import label_file
+    from data.artifacts import RAW_PREDICTIONS, label_file
     from data.io import write_label_png
 
     validate(cfg)
@@ -50,7 +50,7 @@ def predict_images(cfg: EvalSegmentationConfig, model: nn.Module, manifest: Mani
         conf_raw += confusion(gt, raw, n, space.ignore_index)
         if cfg.crf:
             conf_crf += confusion(gt, final, n, space.ignore_index)
-            raw_path = out_dir / "raw" / f"{image_id}.png"
+            raw_path = label_file(out_dir, image_id, folder=RAW_PREDICTIONS)
             raw_path.parent.mkdir(parents=True, exist_ok=True)
             write_label_png(raw_path, raw, space.palette)
         path = label_file(out_dir, image_id)
