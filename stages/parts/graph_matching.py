@@ -66,12 +66,27 @@ def _one_hot(y: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
     return hot * valid[:, None].to(dtype)
 
 
-def adjacency(dilated: Tensor, present: Tensor) -> Tensor:
-    """A = D D^T over batch and pixels, kept on the strictly upper triangle of K' x K'. (B, C, H, W) -> (C, C)."""
+def gram(dilated: Tensor) -> Tensor:
+    """D D^T over batch and pixels: (B, C, H, W) -> (C, C) overlap counts of every pair of dilated masks."""
     flat = dilated.transpose(0, 1).reshape(dilated.shape[1], -1)
-    gram = flat @ flat.T
+    return flat @ flat.T
+
+
+def restrict(counts: Tensor, present: Tensor) -> Tensor:
+    """Counts kept on the strictly upper triangle of K' x K' (``present`` marks K')."""
     keep = torch.triu(present[:, None] & present[None, :], diagonal=1)
-    return gram * keep.to(gram.dtype)
+    return counts * keep.to(counts.dtype)
+
+
+def adjacency(dilated: Tensor, present: Tensor) -> Tensor:
+    """A = D D^T restricted to the strictly upper triangle of K' x K'. (B, C, H, W) -> (C, C)."""
+    return restrict(gram(dilated), present)
+
+
+def map_gram(y: Tensor, num_classes: int, dilation: int = 2, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Unrestricted Gram of one label map batch (B, H, W); Grams of image sets add up, so a dataset-level graph
+    is the sum of per-image Grams restricted once with the set's K' (EvalParts)."""
+    return gram(dilate(_one_hot(y, num_classes, dtype), dilation))
 
 
 def normalise_columns(adj: Tensor) -> Tensor:

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from data.artifacts import MODEL_WEIGHTS, TRAINING_LOG
 from data.io import atomic_path, write_csv
 from data.manifest import Manifest
-from data.parts import PartLayout, PartSpace
+from data.parts import PartLayout, PartSpace, load_part_space
 from data.transforms import normalize
 from models.deeplab import create_segmenter
 from stages.config import TrainPartSegmentationConfig, validate
@@ -46,6 +46,12 @@ from stages.training.optim import make_optimizer, poly_lr
 # image id -> its object maps (O, H, W) float32 at the image's size
 ObjectMaps = Callable[[str], np.ndarray]
 IGNORE = 255
+
+
+def part_layout(manifest: Manifest, cfg: TrainPartSegmentationConfig) -> PartLayout:
+    """The dataset's part maps and part space (object maps from the manifest's training GT folder)."""
+    space = load_part_space(cfg.part_space, manifest.root, manifest.label_space)
+    return PartLayout(manifest.root, space, cfg.part_dir, manifest.seg_dir, cfg.part_object_band)
 
 
 def build_part_model(cfg: TrainPartSegmentationConfig, space: PartSpace, pretrained: bool = True) -> nn.Module:
