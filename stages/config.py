@@ -378,10 +378,10 @@ class TrainSeedNetConfig:
 
 @dataclass(frozen=True)
 class MakeObjectMapsConfig:
-    """``[MakeObjectMaps]``: per-image object softmax on train and val, GMNet's conditioning input."""
+    """``[MakeObjectMaps]``: per-image object softmax on train and val, GMNet's conditioning input. Its source is
+    the task's ``source`` parameter, set by TrainPartSegmentation.cond_source: gt (one-hot, 255 -> uniform) |
+    supervised (TrainSegmentation on GT: GMNet's choice) | wsss (the weak chain's DeepLab) | none (uniform)."""
 
-    source: str = "gt"                        # gt (one-hot, 255 -> uniform) | supervised (TrainSegmentation on GT:
-    #                                           GMNet's choice) | wsss (the weak chain's DeepLab) | none
     scales: tuple[float, ...] = (1.0,)        # supervised/wsss: GMNet's vis_classes.py runs single scale
     flip: bool = True
     shard_size: int = 256                     # images per shard file (one task each)
@@ -486,7 +486,6 @@ CHOICES = {
     ("TrainSeedNetConfig", "method"): ("graphcut", "dsrg"),
     ("TrainSeedNetConfig", "schedule"): ("step", "poly"),
     ("TrainSeedNetConfig", "crf_unary"): ("auto", "linear", "log"),
-    ("MakeObjectMapsConfig", "source"): ("gt", "supervised", "wsss", "none"),
     ("TrainPartSegmentationConfig", "cond_source"): ("gt", "supervised", "wsss", "none"),
     ("TrainPartSegmentationConfig", "gm_mode"): ("off", "hard", "soft", "st"),
     ("TrainPartSegmentationConfig", "gm_valid"): ("same", "pred_all"),
