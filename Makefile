@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch installs from a local wheel here; any other spec would pull GBs of CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo demo-seam demo-compare test lint bench gpu-check clean-venv
+.PHONY: install demo demo-seam demo-compare demo-parts test lint bench gpu-check clean-venv
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ demo: install
 demo-seam: install
 	LUIGI_CONFIG_PATH=configs/demo_seam.cfg $(BIN)/luigi --module pipeline FullWSSS $(DEMO_FLAGS)
 	LUIGI_CONFIG_PATH=configs/demo_seam.cfg $(BIN)/python -m pipeline summary
+
+# GMNet's part branch on the demo (configs/demo_parts.cfg): object maps, the conditioned part segmenter, EvalParts.
+demo-parts: install
+	LUIGI_CONFIG_PATH=configs/demo_parts.cfg $(BIN)/luigi --module pipeline FullWSSS $(DEMO_FLAGS)
+	LUIGI_CONFIG_PATH=configs/demo_parts.cfg $(BIN)/python -m pipeline summary
 
 # The demo chain plus every method's own recipe (configs/demo_<method>.cfg) from the same CAMs, tabled side by side in
 # the report and in the summary: CAM -> seeds -> pseudo labels -> its CRF -> DeepLab on them / the ceiling.

@@ -20,6 +20,9 @@
    against float32.
 9. Dataset fingerprint (bench/fingerprint.py): PrepareDataset's stat fingerprint of a 10,000-image tree, warm,
    against a bare ``os.stat`` loop over the same files (target: within 1 s).
+10. GMNet (bench/gm_loss.py; alone: ``python -m bench.gm_loss [--full]``): the graph-matching loss as one Gram
+   product against the reference's loop over class pairs at C = 28/58/108 (time, peak MiB, equal values), and
+   the part training step with conditioning and GM against plain DeepLab-v3+ (overhead fractions).
 
 Results go to ``bench/results/latest.json`` and are printed as a table.
 """
@@ -43,6 +46,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.crf import bench_crf  # noqa: E402
 from bench.fingerprint import bench_fingerprint  # noqa: E402
+from bench.gm_loss import bench_gm, gm_table  # noqa: E402
 from bench.maps import smooth_cam_stack  # noqa: E402
 from bench.propagation import bench_propagation, table  # noqa: E402
 from bench.pseudo_labels import bench_pseudo_labels  # noqa: E402
@@ -175,7 +179,7 @@ def main() -> None:
                "cam_inference": bench_cam_inference(), "storage": bench_storage(), "noop_rerun": bench_noop_rerun(),
                "pseudo_labels": bench_pseudo_labels(), "propagation": bench_propagation(),
                "scheduling": bench_scheduling(), "crf": bench_crf(), "segmentation": bench_segmentation(),
-               "fingerprint": bench_fingerprint()}
+               "fingerprint": bench_fingerprint(), "gmnet": bench_gm()}
     out = REPO / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=1))
@@ -184,6 +188,9 @@ def main() -> None:
         if section == "propagation":
             print(table(values["rows"]))
             continue
+        if section == "gmnet":
+            print(gm_table(values["loss"]))
+            values = values["part_step"]
         for key, value in values.items():
             print(f"  {key:<30} {value:.4g}" if isinstance(value, float) else f"  {key:<30} {value}")
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from data.io import atomic_path, write_jpeg, write_label_png
 from data.labelspace import LabelSpace, voc_palette
+from data.parts import PartSpace
 
 GENERATOR_VERSION = 1
 
@@ -120,6 +121,12 @@ def label_space() -> LabelSpace:
 def part_label_space() -> LabelSpace:
     names = ["background"] + [f"{c.name}.{p}" for c in CLASSES for p in c.parts]
     return LabelSpace(tuple(names))
+
+
+def part_space() -> PartSpace:
+    """The part label space with each part's object (its name prefix), as written to ``parts.json``."""
+    owner = [0] + [k for k, c in enumerate(CLASSES, start=1) for _ in c.parts]
+    return PartSpace(part_label_space(), label_space(), tuple(owner))
 
 
 def _part_offsets() -> list[int]:
@@ -504,7 +511,7 @@ def write_dataset(out: str | os.PathLike, profile: str | Profile = "demo", seed:
         for split, split_ids in ids.items():
             (tmp / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(split_ids) + "\n")
         label_space().save(tmp / "labelspace.json")
-        part_label_space().save(tmp / "parts.json")
+        part_space().save(tmp / "parts.json")
         (tmp / "dataset.json").write_text(json.dumps({
             "generator": "wsss.synthetic", "generator_version": GENERATOR_VERSION, "seed": seed,
             "profile": asdict(prof), "home_scene": {c.name: c.home for c in CLASSES},

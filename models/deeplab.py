@@ -5,6 +5,8 @@
   wrapped in :class:`MultiScaleInputs` (MSC: the net on the input and on 0.5x / 0.75x copies, pixel-wise max).
 - ``deeplabv3plus``: output stride 16 (layer4 dilation 2), an ASPP of 1x1 + three dilated 3x3 (6/12/18) +
   image pooling, concatenated and fused, then a decoder that joins the stride-4 layer1 features.
+- ``gmnet``: ``deeplabv3plus`` whose ASPP branches also receive GMNet's conditioning CNN on an object
+  softmax (the part segmenter of ``stages.parts``; ``forward(x, objects)``).
 
 Backbones come from ``models.resnet`` in torchvision's key layout, so an ImageNet ``.pth`` loads into
 ``backbone.*``. Head widths are 256 as in the references for full-size ResNets, and half the last stage's
@@ -127,19 +129,28 @@ def _conv_bn_relu(cin: int, cout: int, kernel: int = 1, dilation: int = 1) -> nn
 
 
 class ConcatASPP(nn.Module):
-    """DeepLab-v3's ASPP: 1x1, three dilated 3x3 and image pooling, concatenated and fused by a 1x1."""
+    """DeepLab-v3's ASPP: 1x1, three dilated 3x3 and image pooling, concatenated and fused by a 1x1.
 
-    def __init__(self, in_channels: int, width: int, rates: Sequence[int] = (6, 12, 18)):
+    ``extra``: channels concatenated in front of each of the 1x1 and dilated branches (GMNet's conditioning taps,
+    ``forward(x, extra=[...])``), which widen the fusing 1x1; the pooling branch gets none.
+    """
+
+    def __init__(self, in_channels: int, width: int, rates: Sequence[int] = (6, 12, 18),
+                 extra: Sequence[int] = ()):
         super().__init__()
         self.branches = nn.ModuleList([_conv_bn_relu(in_channels, width)] +
                                       [_conv_bn_relu(in_channels, width, 3, r) for r in rates])
         self.pool = _conv_bn_relu(in_channels, width)
-        self.fuse = _conv_bn_relu(width * (len(rates) + 2), width)
+        if extra and len(extra) != len(self.branches):
+            raise ValueError(f"{len(extra)} extra inputs for {len(self.branches)} ASPP branches")
+        self.fuse = _conv_bn_relu(width * (len(rates) + 2) + sum(extra), width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, extra: Sequence[torch.Tensor] = ()) -> torch.Tensor:
         pooled = self.pool(F.adaptive_avg_pool2d(x, 1))
-        parts = [b(x) for b in self.branches] + [pooled.expand(-1, -1, *x.shape[-2:])]
-        return self.fuse(torch.cat(parts, 1))
+        parts = [b(x) for b in self.branches]
+        if extra:
+            parts = [t for branch, tap in zip(parts, extra, strict=True) for t in (tap, branch)]
+        return self.fuse(torch.cat([*parts, pooled.expand(-1, -1, *x.shape[-2:])], 1))
 
 
 class DeepLabV3Plus(_Segmenter):
@@ -160,9 +171,79 @@ class DeepLabV3Plus(_Segmenter):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.backbone(x)
-        low = self.reduce(feats[0])
-        high = F.interpolate(self.aspp(feats[-1]), size=low.shape[-2:], mode="bilinear", align_corners=False)
+        return self.decode(self.aspp(feats[-1]), feats[0])
+
+    def decode(self, high: torch.Tensor, layer1: torch.Tensor) -> torch.Tensor:
+        low = self.reduce(layer1)
+        high = F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=False)
         return self.decoder(torch.cat([high, low], 1))
+
+
+CONDITIONING_WIDTHS = (128, 256, 512, 1024, 1024)  # GMNet's simple_net conv1..conv5 at full width
+
+
+class ConditioningNet(nn.Module):
+    """GMNet's class-conditioning CNN ("simple_net") on the object softmax at image resolution.
+
+    conv1 7x7/2, conv2 7x7/1, max-pool 3x3/2, conv3 5x5/2, conv4 3x3/1, conv5 3x3/2 (total stride 16), each
+    conv + BN + ReLU with He-uniform init, widths 128/256/512/1024/1024 x ``mult``. Returns the taps in ASPP
+    branch order: conv5 (1x1 branch), conv3 (rate 6), conv2 (rate 12), conv1 (rate 18). Symmetric k//2
+    padding gives TF "SAME"'s output sizes (not its asymmetric split for even inputs).
+    """
+
+    def __init__(self, in_channels: int, mult: float = 1.0):
+        super().__init__()
+        w1, w2, w3, w4, w5 = (max(4, round(c * mult)) for c in CONDITIONING_WIDTHS)
+        self.conv1 = _strided_conv_bn_relu(in_channels, w1, 7, 2)
+        self.conv2 = _strided_conv_bn_relu(w1, w2, 7, 1)
+        self.conv3 = _strided_conv_bn_relu(w2, w3, 5, 2)
+        self.conv4 = _strided_conv_bn_relu(w3, w4, 3, 1)
+        self.conv5 = _strided_conv_bn_relu(w4, w5, 3, 2)
+        self.tap_channels = (w5, w3, w2, w1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")
+
+    def forward(self, maps: torch.Tensor) -> list[torch.Tensor]:
+        c1 = self.conv1(maps)
+        c2 = self.conv2(c1)
+        c3 = self.conv3(F.max_pool2d(c2, 3, stride=2, padding=1))
+        c5 = self.conv5(self.conv4(c3))
+        return [c5, c3, c2, c1]
+
+
+def _strided_conv_bn_relu(cin: int, cout: int, kernel: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class GMNet(DeepLabV3Plus):
+    """DeepLab-v3+ conditioned on an object softmax (GMNet, Michieli et al. ECCV 2020): the conditioning net's
+    taps, resized (bilinear) to the ASPP grid, are concatenated in front of the 1x1 / rate-6 / rate-12 / rate-18
+    branches (conv5 / conv3 / conv2 / conv1), before the fusing 1x1; nothing enters at stride 4.
+    ``forward(x, objects)``: ``objects`` (B, num_objects, H, W) at the image's size."""
+
+    def __init__(self, backbone: ResNet, num_classes: int, num_objects: int, rates: Sequence[int] = (6, 12, 18),
+                 freeze_bn: bool = True, cond_mult: float | None = None):
+        super().__init__(backbone, num_classes, rates, freeze_bn)
+        width = head_width(backbone)
+        self.conditioning = ConditioningNet(num_objects, width / 256 if cond_mult is None else cond_mult)
+        self.aspp = ConcatASPP(backbone.channels[-1], width, rates, extra=self.conditioning.tap_channels)
+        self.num_objects = num_objects
+
+    def head_modules(self) -> list[nn.Module]:
+        return [*super().head_modules(), self.conditioning]
+
+    def forward(self, x: torch.Tensor, objects: torch.Tensor | None = None) -> torch.Tensor:
+        if objects is None or objects.shape[1] != self.num_objects or objects.shape[-2:] != x.shape[-2:]:
+            got = None if objects is None else tuple(objects.shape)
+            raise ValueError(f"GMNet needs object maps (B, {self.num_objects}, {x.shape[-2]}, {x.shape[-1]}), "
+                             f"got {got}")
+        feats = self.backbone(x)
+        grid = feats[-1].shape[-2:]
+        taps = [F.interpolate(t, size=grid, mode="bilinear", align_corners=False) if t.shape[-2:] != grid else t
+                for t in self.conditioning(objects)]
+        return self.decode(self.aspp(feats[-1], taps), feats[0])
 
 
 class MultiScaleInputs(nn.Module):
@@ -211,10 +292,28 @@ def deeplabv3plus(backbone: str, num_classes: int, pretrained: str | None = None
     return MultiScaleInputs(net) if msc else net
 
 
+@SEGMENTERS.register("gmnet")
+def gmnet(backbone: str, num_classes: int, pretrained: str | None = None, freeze_bn: bool = True,
+          msc: bool = False, num_objects: int | None = None, cond_mult: float | None = None) -> nn.Module:
+    """DeepLab-v3+ (as ``deeplabv3plus``) conditioned on ``num_objects`` object maps; ``cond_mult`` scales the
+    conditioning widths (default: the head width / 256, 1/4 for ``resnet_mini``)."""
+    if num_objects is None:
+        raise ValueError("gmnet needs num_objects (the object maps it is conditioned on): it is the part "
+                         "segmenter of TrainPartSegmentation")
+    if msc:
+        raise ValueError("gmnet does not take msc (its object maps would need rescaling with the input)")
+    return GMNet(create_backbone(backbone, strides=(1, 2, 2, 1), dilations=(1, 1, 1, 2), pretrained=pretrained),
+                 num_classes, num_objects, freeze_bn=freeze_bn, cond_mult=cond_mult)
+
+
 def create_segmenter(name: str, backbone: str, num_classes: int, pretrained: str | None = None,
                      freeze_bn: bool = True, msc: bool = False, rates: Sequence[int] | None = None,
-                     bn_batch_stats: bool = False) -> nn.Module:
-    """A registered segmenter; ``rates`` None = the model's own dilation rates."""
-    extra = {} if rates is None else {"rates": tuple(rates)}
-    return SEGMENTERS.get(name)(backbone, num_classes, pretrained=pretrained, freeze_bn=freeze_bn, msc=msc,
-                                bn_batch_stats=bn_batch_stats, **extra)
+                     bn_batch_stats: bool = False, **options) -> nn.Module:
+    """A registered segmenter; ``rates`` None = the model's own dilation rates; ``options`` go to the segmenter's
+    factory (``gmnet``: num_objects, cond_mult)."""
+    extra = dict(options)
+    if rates is not None:
+        extra["rates"] = tuple(rates)
+    if bn_batch_stats:
+        extra["bn_batch_stats"] = True
+    return SEGMENTERS.get(name)(backbone, num_classes, pretrained=pretrained, freeze_bn=freeze_bn, msc=msc, **extra)

@@ -65,6 +65,11 @@ def _train_seed_net(cfg) -> None:
     validate_seed_net(cfg)
 
 
+def _train_parts(cfg) -> None:
+    from models.resnet import BACKBONES
+    BACKBONES.get(cfg.backbone, key="TrainPartSegmentation.backbone")
+
+
 def _report(cfg) -> None:
     from pipeline.variants import comparison
     for spec in cfg.compare:
@@ -75,7 +80,7 @@ NAME_CHECKS: dict[str, Callable[[object], None]] = {
     "PretrainBackbone": _pretrain, "TrainCAM": _train_cam, "ExtractSeeds": _extract_seeds,
     "TrainAffinity": _train_affinity, "Propagate": _propagate, "RefineCRF": _refine,
     "EvalSegmentation": _eval_segmentation, "TrainSegmentation": _train_segmentation,
-    "TrainSeedNet": _train_seed_net, "Report": _report,
+    "TrainSeedNet": _train_seed_net, "TrainPartSegmentation": _train_parts, "Report": _report,
 }
 
 

@@ -514,6 +514,128 @@ class EvalSegmentation(ShardedStage):
         return metrics
 
 
+OBJECT_MAP_SOURCES = ("gt", "supervised", "wsss", "none")
+
+
+@with_config(C.MakeObjectMapsConfig)
+class MakeObjectMaps(ShardedStage):
+    """Per-image object softmax (train and val) that GMNet is conditioned on, from ``source``."""
+
+    code = ("stages.parts.object_maps",)
+    shard_gpus = 1
+    source = luigi.ChoiceParameter(choices=OBJECT_MAP_SOURCES, default="gt")
+    variant_params = ("source",)
+
+    @property
+    def stage_name(self) -> str:
+        name = f"{self.get_task_family()}-{self.source}"
+        return f"{name}@{self.variant}" if self.variant else name
+
+    def fingerprint(self) -> dict:
+        return {"source": self.source}
+
+    def upstream(self) -> dict[str, StageTask]:
+        up: dict[str, StageTask] = {"dataset": self.stage(PrepareDataset)}
+        if self.source in ("supervised", "wsss"):
+            up["model"] = self.stage(TrainSegmentation, labels="gt" if self.source == "supervised" else "pseudo")
+        return up
+
+    def shard_members(self, manifest: Manifest) -> list[str]:
+        return list(dict.fromkeys(manifest.splits["train"] + manifest.splits["val"]))
+
+    def compute_shard(self, ids, out_dir, writer, manifest, progress) -> dict:
+        from stages.parts.object_maps import make_object_maps
+        from stages.segmentation.model import load_segmenter
+
+        device = resolve_device(runtime().device)
+        trained = self.upstream().get("model")
+        model = load_segmenter(trained.config, manifest.label_space.num_classes, trained.stage_dir, device) \
+            if trained else None
+        make_object_maps(self.source, model, manifest, ids, writer, device, self.scales, self.flip, progress)
+        return {}
+
+
+def object_maps_of(task: StageTask, manifest: Manifest, cond_source: str):
+    """The object-map source (image id -> maps) of a part stage's upstream ``maps``, None without conditioning."""
+    if cond_source == "none":
+        return None
+    from data.dense import stage_maps
+    from stages.parts.object_maps import object_map_source
+    return object_map_source(stage_maps(task.input_dir("maps")), manifest.label_space.num_classes)
+
+
+@with_config(C.TrainPartSegmentationConfig)
+class TrainPartSegmentation(TrainingStage):
+    """GMNet: a part segmenter conditioned on object maps, trained with CE + aux + the graph-matching loss."""
+
+    code = ("stages.parts.train", "stages.parts.graph_matching")
+    gpus = 1
+
+    def upstream(self) -> dict[str, StageTask]:
+        up: dict[str, StageTask] = {"dataset": self.stage(PrepareDataset), **pretraining_upstream(self)}
+        if self.cond_source != "none":
+            up["maps"] = self.stage(MakeObjectMaps, source=self.cond_source)
+        return up
+
+    def compute(self, out_dir: Path) -> dict:
+        from stages.parts.train import part_layout, train_parts
+
+        rt = runtime()
+        manifest = manifest_of(self)
+        cfg = with_weights_path(self)
+        return train_parts(cfg, manifest, part_layout(manifest, cfg), object_maps_of(self, manifest, self.cond_source),
+                           out_dir, resolve_device(rt.device), resume_dir=self.resume_dir,
+                           loader_workers=rt.loader_workers, progress=self.progress)
+
+
+@with_config(C.EvalPartsConfig)
+class EvalParts(ShardedStage):
+    """The part segmenter on val: palette PNGs, part mIoU (GMNet's convention and more), adjacency error."""
+
+    code = ("stages.parts.evaluate",)
+    shard_gpus = 1
+
+    def upstream(self) -> dict[str, StageTask]:
+        train = self.stage(TrainPartSegmentation)
+        up: dict[str, StageTask] = {"dataset": self.stage(PrepareDataset), "model": train}
+        if train.cond_source != "none":
+            up["maps"] = self.stage(MakeObjectMaps, source=train.cond_source)
+        return up
+
+    def shard_members(self, manifest: Manifest) -> list[str]:
+        return list(manifest.splits["val"])
+
+    def compute_shard(self, ids, out_dir, writer, manifest, progress) -> dict:
+        from stages.parts.evaluate import evaluate_part_images
+        from stages.parts.train import load_part_model, part_layout
+
+        train = self.upstream()["model"]
+        device = resolve_device(runtime().device)
+        layout = part_layout(manifest, train.config)
+        model = load_part_model(train.config, layout.space, train.stage_dir, device)
+        maps = object_maps_of(self, manifest, train.cond_source)
+        return evaluate_part_images(model, manifest, layout, maps, ids, out_dir, device, self.flip,
+                                    train.gm_dilation, train.gm_valid, progress)
+
+    def summarise(self, shard_metrics: list[dict]) -> dict:
+        from stages.parts.evaluate import summarise_parts
+        from stages.parts.train import part_layout
+
+        train = self.upstream()["model"]
+        space = part_layout(manifest_of(self), train.config).space
+        return summarise_parts(shard_metrics, space, self.unidentifiable)
+
+    def compute(self, out_dir: Path) -> dict:
+        """Every metric into ``metrics.json``; the scalars (not the confusion matrix or lists) into provenance."""
+        from data.io import write_json
+        metrics = super().compute(out_dir)
+        train = self.upstream()["model"]
+        write_json(out_dir / METRICS, {"cond_source": train.cond_source, "gm_mode": train.gm_mode, **metrics})
+        logger.info("EvalParts (objects: %s, GM %s): val part mIoU %.2f, adjacency error %.4f", train.cond_source,
+                    train.gm_mode, 100 * (metrics["miou"] or 0), metrics["adjacency_error"])
+        return {k: v for k, v in metrics.items() if not isinstance(v, list)}
+
+
 @with_config(C.ReportConfig)
 class Report(StageTask):
     """The run report: one self-contained HTML file and a Markdown summary of every stage."""
@@ -582,19 +704,23 @@ class Report(StageTask):
 
 
 class FullWSSS(luigi.WrapperTask):
-    """The whole chain: CAM -> seeds -> affinity net -> propagation -> CRF -> DeepLab -> evaluation -> report."""
+    """The whole chain: CAM -> seeds -> affinity net -> propagation -> CRF -> DeepLab -> evaluation -> report;
+    with ``parts = true`` also GMNet's part branch (MakeObjectMaps -> TrainPartSegmentation -> EvalParts)."""
+
+    parts = luigi.BoolParameter(default=False)
 
     def requires(self):
         return self.requires_stages()
 
     def requires_stages(self) -> list[StageTask]:
-        return [Report()]
+        return [Report(), EvalParts()] if self.parts else [Report()]
 
 
 # Order matters for status/clean: upstream first.
 STAGES: tuple[type[StageTask], ...] = (PrepareDataset, PretrainBackbone, TrainCAM, MakeCAM, EvalCAM, ExtractSeeds,
                                        TrainAffinity, TrainSeedNet, Propagate, RefineCRF, EvalPseudoLabels,
-                                       TrainSegmentation, EvalSegmentation, Report)
+                                       TrainSegmentation, EvalSegmentation, MakeObjectMaps, TrainPartSegmentation,
+                                       EvalParts, Report)
 
 
 def stage_graph() -> dict[str, StageTask]:

@@ -392,6 +392,67 @@ class TrainSeedNetConfig:
 
 
 @dataclass(frozen=True)
+class MakeObjectMapsConfig:
+    """``[MakeObjectMaps]``: per-image object softmax on train and val, GMNet's conditioning input. Its source is
+    the task's ``source`` parameter, set by TrainPartSegmentation.cond_source: gt (one-hot, 255 -> uniform) |
+    supervised (TrainSegmentation on GT: GMNet's choice) | wsss (the weak chain's DeepLab) | none (uniform)."""
+
+    scales: tuple[float, ...] = (1.0,)        # supervised/wsss: GMNet's vis_classes.py runs single scale
+    flip: bool = True
+    shard_size: int = 256                     # images per shard file (one task each)
+
+
+@dataclass(frozen=True)
+class TrainPartSegmentationConfig:
+    """``[TrainPartSegmentation]``: GMNet, a DeepLab-v3+ part segmenter conditioned on object maps, trained with
+    part CE + the object auxiliary loss + the graph-matching loss (spec gmnet_ddd_spec.md A.2-A.4).
+
+    GMNet's recipe (configs/voc_part58.cfg) is in the comments; the defaults size it for the demo.
+    """
+
+    cond_source: str = "gt"                   # the MakeObjectMaps source; none = plain DeepLab-v3+ (no conditioning)
+    part_space: str = "parts.json"            # parts.json (relative to the dataset root) | pascal_part_58 | _108
+    part_dir: str = "SegmentationPart"        # part label PNGs under the dataset root (GMNet: label58/gray/all)
+    part_object_band: int = 2                 # px from an object border where part and object owners may differ
+    backbone: str = "resnet_mini"             # GMNet: resnet_v1_101_beta
+    pretrained: str = ""                      # ImageNet weights (.pth, torchvision layout) | synthetic
+    init_checkpoint: str = ""                 # a whole segmenter's weights, loaded where they fit
+    freeze_bn: bool = True                    # GMNet: BN frozen everywhere
+    cond_mult: float = 0.0                    # conditioning widths x this; 0 = head width / 256 (1 for ResNet-101)
+    cond_pad: int = 0                         # object-map crop padding: 0 | 255 (GMNet's quirk)
+    gm_mode: str = "st"                       # off | hard (GMNet's released loss: no gradient) | soft | st
+    gm_lambda: float = 0.1                    # GMNet: 0.1
+    gm_dilation: int = 2                      # GMNet: 2 (flat 2x2 max filter, TF SAME)
+    gm_valid: str = "same"                    # same (prediction counted where the label is valid) | pred_all (GMNet)
+    aux_lambda: float = 1e-4                  # GMNet: 1e-4 (part logits summed per object, CE on object GT)
+    iterations: int = 1500                    # GMNet: 50,000
+    batch_size: int = 10                      # GMNet: 10
+    lr: float = 0.01                          # GMNet: 0.005
+    lr_decay_every: int = 1                   # GMNet: poly every step
+    poly_power: float = 0.9
+    momentum: float = 0.9
+    weight_decay: float = 1e-4                # GMNet: 1e-4
+    head_lr_mult: float = 10.0                # new layers' weights; GMNet: 1
+    bias_lr_mult: float = 2.0                 # new layers' biases, x head_lr_mult; GMNet: 2
+    crop_size: int = 112                      # GMNet: 513
+    scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)   # GMNet: 0.5-2.0 in 0.25 steps
+    eval_every: int = 0                       # epochs between val part-mIoU rows in log.csv (0 = only at the end)
+    checkpoint_every: int = 100
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalPartsConfig:
+    """``[EvalParts]``: the part segmenter on val (GMNet's eval.py: single scale) and its metrics."""
+
+    flip: bool = False                        # GMNet: single scale, no flip
+    # parts that the image cannot identify (embedded data: disc and ring rotate freely and look the same under
+    # a half turn); mIoU is also reported without them. Names not in the part space are skipped.
+    unidentifiable: tuple[str, ...] = ("disc.upper", "disc.lower", "ring.upper", "ring.lower")
+    shard_size: int = 256
+
+
+@dataclass(frozen=True)
 class ReportConfig:
     """``[Report]``: the run's HTML report."""
 
@@ -417,6 +478,9 @@ STAGE_CONFIGS = {
     "TrainSegmentation": TrainSegmentationConfig,
     "EvalSegmentation": EvalSegmentationConfig,
     "TrainSeedNet": TrainSeedNetConfig,
+    "MakeObjectMaps": MakeObjectMapsConfig,
+    "TrainPartSegmentation": TrainPartSegmentationConfig,
+    "EvalParts": EvalPartsConfig,
     "Report": ReportConfig,
 }
 
@@ -438,6 +502,10 @@ CHOICES = {
     ("TrainSeedNetConfig", "method"): ("graphcut", "dsrg"),
     ("TrainSeedNetConfig", "schedule"): ("step", "poly"),
     ("TrainSeedNetConfig", "crf_unary"): ("auto", "linear", "log"),
+    ("TrainPartSegmentationConfig", "cond_source"): ("gt", "supervised", "wsss", "none"),
+    ("TrainPartSegmentationConfig", "gm_mode"): ("off", "hard", "soft", "st"),
+    ("TrainPartSegmentationConfig", "gm_valid"): ("same", "pred_all"),
+    ("TrainPartSegmentationConfig", "cond_pad"): (0, 255),
 }
 
 
@@ -548,6 +616,23 @@ def validate(cfg: object) -> None:
             raise ValueError(f"EvalSegmentation: positive scales and shard_size >= 1 required: {cfg}")
     if isinstance(cfg, RefineCRFConfig) and cfg.shard_size < 1:
         raise ValueError("RefineCRF.shard_size must be at least 1")
+    if isinstance(cfg, MakeObjectMapsConfig) and (not cfg.scales or min(cfg.scales) <= 0 or cfg.shard_size < 1):
+        raise ValueError(f"MakeObjectMaps: positive scales and shard_size >= 1 required: {cfg}")
+    if isinstance(cfg, TrainPartSegmentationConfig):
+        if (cfg.lr <= 0 or cfg.batch_size < 1 or cfg.iterations < 1 or cfg.lr_decay_every < 1
+                or cfg.checkpoint_every < 1 or cfg.eval_every < 0 or cfg.gm_dilation < 1 or cfg.cond_mult < 0
+                or cfg.gm_lambda < 0 or cfg.aux_lambda < 0 or cfg.part_object_band < 0):
+            raise ValueError("TrainPartSegmentation: lr, batch_size, iterations, lr_decay_every, checkpoint_every "
+                             "and gm_dilation must be positive; eval_every, cond_mult, gm_lambda, aux_lambda and "
+                             f"part_object_band >= 0: {cfg}")
+        if cfg.crop_size < 16 or not cfg.scales or min(cfg.scales) <= 0:
+            raise ValueError(f"TrainPartSegmentation: crop_size >= 16 and positive scales required: {cfg}")
+        if cfg.freeze_bn and not (cfg.pretrained or cfg.init_checkpoint):
+            raise ValueError("TrainPartSegmentation.freeze_bn keeps random BatchNorm statistics unless "
+                             "TrainPartSegmentation.pretrained or init_checkpoint is set; set one, or "
+                             "freeze_bn = false")
+    if isinstance(cfg, EvalPartsConfig) and cfg.shard_size < 1:
+        raise ValueError("EvalParts.shard_size must be at least 1")
     if isinstance(cfg, ReportConfig):
         if cfg.gallery_images < 0:
             raise ValueError("Report.gallery_images must be >= 0")

@@ -42,6 +42,7 @@ RUNS: dict[str, tuple[str, ...]] = {
     "data.io": ALL,
     "data.labelspace": ALL,
     "data.manifest": tuple(s for s in ALL if s != "PretrainBackbone"),
+    "data.parts": ("PrepareDataset", "PretrainBackbone"),                 # data.synthetic writes parts.json
     "data.synthetic": ("PrepareDataset", "PretrainBackbone"),
     "data.transforms": ("PretrainBackbone", "TrainCAM", "MakeCAM", "TrainAffinity", "TrainSeedNet", "Propagate",
                         "TrainSegmentation", "EvalSegmentation", "Report"),
@@ -75,6 +76,11 @@ RUNS: dict[str, tuple[str, ...]] = {
     "stages.dataset.prepare": ("PrepareDataset",),
     "stages.metrics": ("EvalCAM", "TrainSeedNet", "Propagate", "EvalPseudoLabels", "TrainSegmentation",
                        "EvalSegmentation", "Report"),
+    "stages.parts": (),                     # the part branch: [FullWSSS] parts = true only
+    "stages.parts.evaluate": (),
+    "stages.parts.graph_matching": (),
+    "stages.parts.object_maps": (),
+    "stages.parts.train": (),
     "stages.pretrain": ("PretrainBackbone",),
     "stages.pretrain.train": ("PretrainBackbone",),
     "stages.propagation": ("Propagate", "EvalPseudoLabels"),

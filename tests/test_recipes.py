@@ -211,8 +211,31 @@ DSRG = {
     ("TrainSeedNet", "dsrg_fg_threshold"): (0.85, f"{SAD} §3.8"),
     ("TrainSeedNet", "head_bias_20x"): (True, f"{SAD} §3.8 (caffe solver)"),
 }
+GMN = "gmnet_ddd_spec.md"
+GMNET = {
+    ("TrainPartSegmentation", "cond_source"): ("supervised", f"{GMN} A.1 (object DeepLab-v3+ softmax)"),
+    ("TrainPartSegmentation", "part_space"): ("pascal_part_58", f"{GMN} A.1; gmnet_ddd_deeplab_crf.md §1.1"),
+    ("TrainPartSegmentation", "backbone"): ("resnet101", f"{GMN} A.2 (resnet_v1_101_beta)"),
+    ("TrainPartSegmentation", "freeze_bn"): (True, f"{GMN} A.4"),
+    ("TrainPartSegmentation", "gm_lambda"): (0.1, f"{GMN} A.3"),
+    ("TrainPartSegmentation", "gm_dilation"): (2, f"{GMN} A.3"),
+    ("TrainPartSegmentation", "aux_lambda"): (1e-4, f"{GMN} A.3"),
+    ("TrainPartSegmentation", "iterations"): (50000, f"{GMN} A.4"),
+    ("TrainPartSegmentation", "batch_size"): (10, f"{GMN} A.4"),
+    ("TrainPartSegmentation", "lr"): (0.005, f"{GMN} A.4"),
+    ("TrainPartSegmentation", "lr_decay_every"): (1, f"{GMN} A.4"),
+    ("TrainPartSegmentation", "momentum"): (0.9, f"{GMN} A.4"),
+    ("TrainPartSegmentation", "weight_decay"): (1e-4, f"{GMN} A.4"),
+    ("TrainPartSegmentation", "head_lr_mult"): (1.0, f"{GMN} A.4 (no 10x head)"),
+    ("TrainPartSegmentation", "bias_lr_mult"): (2.0, f"{GMN} A.4"),
+    ("TrainPartSegmentation", "crop_size"): (513, f"{GMN} A.4"),
+    ("TrainPartSegmentation", "scales"): ((0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0), f"{GMN} A.4"),
+    ("MakeObjectMaps", "scales"): ((1.0,), "gmnet_ddd_deeplab_crf.md §1.2 (vis_classes.py)"),
+    ("EvalParts", "flip"): (False, f"{GMN} A.5 (single scale)"),
+}
 REFERENCE = {
     "voc.cfg": IRN,
+    "voc_part58.cfg": GMNET,
     "voc_psa.cfg": PSA,
     "voc_seam.cfg": SEAM,
     "voc_wsgcn.cfg": {**{k: v for k, v in IRN.items() if k[0] != "Propagate"}, **WSGCN},

@@ -1,0 +1,152 @@
+"""GMNet's graph-matching loss and part training step (``python -m bench.gm_loss [--full]``).
+
+1. The loss: our Gram form (one dilation per class, one (C, N) x (N, C) product) against a literal port of the
+   reference's loop over pairs of present classes (both masks dilated per pair, overlap counted), on blocky
+   random part maps with 255 holes and every class present, at C = 28 / 58 / 108: seconds (best of 3), peak
+   MiB above the start, and the two values (equal to 1e-6). Sizes: the demo batch (10 x 112^2) and, with
+   ``--full``, GMNet's 513^2 (batch 2 on a CPU; the reference trains batch 10).
+2. The part training step on ``resnet_mini`` at the demo batch and crop: plain DeepLab-v3+ (the baseline),
+   + conditioning, + GM (st), + both; the overhead of each as a fraction of the baseline step.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from bench.measure import PeakMemory
+from models.deeplab import create_segmenter
+from stages.config import TrainPartSegmentationConfig
+from stages.parts.graph_matching import dilate, graph_matching_maps
+from stages.parts.train import part_losses
+
+
+def loop_gm(pred: torch.Tensor, labels: torch.Tensor, num_classes: int, dilation: int = 2) -> float:
+    """The reference's nested loop over present-class pairs (TF while-loops in utils/train_utils.py)."""
+    pred = torch.where(labels == 255, torch.full_like(pred, 255), pred)
+    zeroed = [torch.where(y == 255, torch.zeros_like(y), y) for y in (pred, labels)]
+    classes = torch.unique(torch.cat([z.reshape(-1) for z in zeroed])).tolist()[1:]
+
+    def graph(y: torch.Tensor) -> torch.Tensor:
+        adj = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+        for i, k in enumerate(classes):
+            for m in classes[i + 1:]:
+                dk = dilate((y == k).float()[:, None], dilation)
+                dm = dilate((y == m).float()[:, None], dilation)
+                adj[k, m] = torch.count_nonzero(dk * dm).item()
+        return adj * torch.rsqrt((adj * adj).sum(0, keepdim=True).clamp_min(1e-12))
+
+    return ((graph(pred) - graph(labels)) ** 2).sum().item() / num_classes
+
+
+def part_maps(batch: int, size: int, classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks of 8 px with every class present, 5% holes; a prediction with 20% of the pixels changed."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.randint(0, classes, (batch, -(-size // 8), -(-size // 8)), generator=gen)
+    coarse.view(-1)[:classes] = torch.arange(classes)
+    labels = coarse.repeat_interleave(8, 1).repeat_interleave(8, 2)[:, :size, :size].contiguous()
+    labels[torch.rand(labels.shape, generator=gen) < 0.05] = 255
+    noise = torch.randint(0, classes, labels.shape, generator=gen)
+    pred = torch.where(torch.rand(labels.shape, generator=gen) < 0.2, noise, labels)
+    return torch.where(pred == 255, noise, pred), labels
+
+
+def _measure(fn, repeat: int) -> tuple[float, float, float]:
+    """(best seconds, peak MiB of the first call, value)."""
+    with PeakMemory() as mem:
+        value = fn()
+    best = float("inf")
+    for _ in range(repeat - 1):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    if repeat == 1:
+        start = time.perf_counter()
+        value = fn()
+        best = time.perf_counter() - start
+    return best, mem.peak / 2**20, value
+
+
+def _gram_value(pred: torch.Tensor, labels: torch.Tensor, classes: int) -> float:
+    return graph_matching_maps(pred, labels, classes).item()
+
+
+def gm_table(rows: list[dict]) -> str:
+    """The loss rows as a Markdown table."""
+    lines = ["| batch x size² | C | Gram s | loop s | speed-up | Gram peak MiB | loop peak MiB | |Δ value| |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['batch']} x {r['size']}² | {r['classes']} | {r['gram_s']:.3g} | {r['loop_s']:.3g} | "
+                     f"{r['speedup']:.3g}× | {r['gram_peak_mib']:.4g} | {r['loop_peak_mib']:.4g} | "
+                     f"{r['abs_difference']:.1e} |")
+    return "\n".join(lines)
+
+
+def bench_gm_loss(sizes: tuple[tuple[int, int], ...] = ((10, 112),), classes: tuple[int, ...] = (28, 58, 108),
+                  repeat: int = 3, loop_repeat: int = 1) -> list[dict]:
+    rows = []
+    for batch, size in sizes:
+        for c in classes:
+            pred, labels = part_maps(batch, size, c)
+            gram_s, gram_mib, gram_value = _measure(partial(_gram_value, pred, labels, c), repeat)
+            loop_s, loop_mib, loop_value = _measure(partial(loop_gm, pred, labels, c), loop_repeat)
+            rows.append({"batch": batch, "size": size, "classes": c, "gram_s": gram_s, "loop_s": loop_s,
+                         "speedup": loop_s / gram_s, "gram_peak_mib": gram_mib, "loop_peak_mib": loop_mib,
+                         "gram_value": gram_value, "loop_value": loop_value,
+                         "abs_difference": abs(gram_value - loop_value)})
+    return rows
+
+
+def _train_step(conditioned: bool, gm_mode: str, batch: int = 10, crop: int = 112, parts: int = 28,
+                objects: int = 11):
+    torch.manual_seed(0)
+    extra = {"num_objects": objects} if conditioned else {}
+    net = create_segmenter("gmnet" if conditioned else "deeplabv3plus", "resnet_mini", parts, freeze_bn=False,
+                           **extra).train()
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+    cfg = TrainPartSegmentationConfig(gm_mode=gm_mode, freeze_bn=False)
+    x = torch.randn(batch, 3, crop, crop)
+    maps = F.one_hot(torch.randint(0, objects, (batch, crop, crop)), objects).permute(0, 3, 1, 2).float()
+    y = torch.randint(0, parts, (batch, crop, crop))
+    owner = torch.arange(parts) % objects
+    o = owner[y]
+
+    def step() -> None:
+        logits = net(x, maps) if conditioned else net(x)
+        loss, _ = part_losses(logits, y, o, owner, objects, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def bench_part_step(repeat: int = 5) -> dict:
+    variants = {"plain": (False, "off"), "conditioning": (True, "off"), "gm_st": (False, "st"),
+                "conditioning_gm_st": (True, "st")}
+    seconds = {}
+    for name, (conditioned, mode) in variants.items():
+        step = _train_step(conditioned, mode)
+        step()
+        start = time.perf_counter()
+        for _ in range(repeat):
+            step()
+        seconds[name] = (time.perf_counter() - start) / repeat
+    base = seconds["plain"]
+    return {"threads": torch.get_num_threads(), **{f"{k}_step_s": v for k, v in seconds.items()},
+            **{f"{k}_overhead": v / base - 1 for k, v in seconds.items() if k != "plain"}}
+
+
+def bench_gm(full: bool = False) -> dict:
+    sizes = ((10, 112), (2, 513)) if full else ((10, 112),)
+    return {"loss": bench_gm_loss(sizes), "part_step": bench_part_step()}
+
+
+if __name__ == "__main__":
+    result = bench_gm(full="--full" in sys.argv)
+    print(gm_table(result["loss"]), file=sys.stderr)
+    print(json.dumps(result))
