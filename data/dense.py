@@ -157,18 +157,6 @@ class DenseMapReader:
             arrays[name] = data.astype(np.float32) if data.dtype.kind == "f" else data
         return arrays, dict(group.attrs)
 
-    def _check_space(self, image_id: str, arrays: Mapping[str, np.ndarray]) -> None:
-        """Refuse a write the disk cannot hold before HDF5 tries it: libhdf5 hits ENOSPC while evicting chunks from
-        its cache, where h5py can only ignore the error, and the process then crashes (SIGSEGV)."""
-        needed = sum(np.asarray(a).size * (self.dtype.itemsize if np.asarray(a).dtype.kind == "f"
-                                           else np.asarray(a).dtype.itemsize) for a in arrays.values())
-        free = free_bytes(self._tmp)
-        if needed + DISK_MARGIN > free:
-            raise DiskFullError(self.path, f"not enough disk space to write image {image_id!r}: it needs up to "
-                                           f"{mib(needed)} (+ {mib(DISK_MARGIN)} kept free) and {mib(free)} are "
-                                           "free on its filesystem; nothing was published and the partial file is "
-                                           "removed. Free space (or move [wsss] work_dir) and rerun")
-
     def close(self) -> None:
         for handle in self._files.values():
             handle.close()

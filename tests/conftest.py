@@ -119,3 +119,17 @@ def copy_repo(dest: Path) -> Path:
         else:
             shutil.copy2(src, dest / name)
     return dest
+
+
+@pytest.fixture
+def voc_copy(tiny_dataset, tmp_path):
+    """A writable VOC-layout copy of the tiny set."""
+    root = tmp_path / "voc"
+    shutil.copytree(tiny_dataset, root)
+    return root
+
+
+def cfg_for(root, **kw):
+    """The DatasetConfig of a VOC-layout copy of the tiny set (``voc_copy``)."""
+    from stages.config import DatasetConfig
+    return DatasetConfig(kind="voc", root=str(root), label_space=str(root / "labelspace.json"), **kw)

@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
+from conftest import cfg_for
 
 from data.io import BadInputError
 from data.voc import VOCLayout, read_id_list
-from stages.config import DatasetConfig
 from stages.dataset.prepare import prepare_dataset
-
-
-@pytest.fixture
-def voc_copy(tiny_dataset, tmp_path):
-    root = tmp_path / "voc"
-    shutil.copytree(tiny_dataset, root)
-    return root
-
-
-def cfg_for(root, **kw) -> DatasetConfig:
-    return DatasetConfig(kind="voc", root=str(root), label_space=str(root / "labelspace.json"), **kw)
 
 
 def test_ids_are_strings(tmp_path):

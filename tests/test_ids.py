@@ -4,30 +4,18 @@ outside the folder a per-image file is written to (issue 15)."""
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import pytest
+from conftest import cfg_for
 
 from data.artifacts import RAW_PREDICTIONS, UnsafeImageIdError, label_file
 from data.io import BadInputError
 from data.voc import read_id_list
-from stages.config import DatasetConfig
 from stages.dataset.prepare import prepare_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = "ImageSets/Segmentation/train.txt"
-
-
-@pytest.fixture
-def voc_copy(tiny_dataset, tmp_path):
-    root = tmp_path / "voc"
-    shutil.copytree(tiny_dataset, root)
-    return root
-
-
-def cfg_for(root, **kw) -> DatasetConfig:
-    return DatasetConfig(kind="voc", root=str(root), label_space=str(root / "labelspace.json"), **kw)
 
 
 @pytest.mark.parametrize("line, problem", [

@@ -7,25 +7,14 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import cfg_for
 from PIL import Image
 
 from data.io import BadInputError
 from data.voc import read_id_list
-from stages.config import DatasetConfig
 from stages.dataset.prepare import prepare_dataset
 
 TRAIN = "ImageSets/Segmentation/train.txt"
-
-
-@pytest.fixture
-def voc_copy(tiny_dataset, tmp_path):
-    root = tmp_path / "voc"
-    shutil.copytree(tiny_dataset, root)
-    return root
-
-
-def cfg_for(root, **kw) -> DatasetConfig:
-    return DatasetConfig(kind="voc", root=str(root), label_space=str(root / "labelspace.json"), **kw)
 
 
 def enlarge(root, image_id: str, size: int = 200) -> str:
