@@ -27,7 +27,7 @@ from data.artifacts import INPUTS_RECORD, PARTS_SUFFIX, PROVENANCE, RESUME_SUFFI
 from data.io import atomic_path, naming_a_full_disk, read_json, remove_path, write_json
 from data.manifest import Manifest
 from pipeline import hashing
-from pipeline.checks import validate_config
+from pipeline.checks import check_runtime, validate_config
 from pipeline.devices import assigned_gpus, will_use_cuda
 from pipeline.settings import runtime
 from pipeline.submit import run_as_job  # also registers [submitit] for --submitit-* on the command line
@@ -102,8 +102,11 @@ class StageTask(luigi.Task):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # Fail while scheduling, naming the key, rather than hours later inside the stage (once per task).
+        rt = runtime()
+        check_runtime(rt)
+        submitted_families(rt)
         if self.config_class is not None:
-            # Fail while scheduling, naming the key, rather than hours later inside the stage (once per task).
             validate_config(self.config, self.get_task_family())
 
     # -- identity
