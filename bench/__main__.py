@@ -23,6 +23,8 @@
 10. GMNet (bench/gm_loss.py; alone: ``python -m bench.gm_loss [--full]``): the graph-matching loss as one Gram
    product against the reference's loop over class pairs at C = 28/58/108 (time, peak MiB, equal values), and
    the part training step with conditioning and GM against plain DeepLab-v3+ (overhead fractions).
+11. Large val images (bench/large_images.py): peak memory of EvalSegmentation's prediction of a 4000x3000 image
+   without a pixel limit and at the default ``[EvalSegmentation] max_pixels``, against a 500x375 image.
 
 Results go to ``bench/results/latest.json`` and are printed as a table.
 """
@@ -47,6 +49,7 @@ sys.path.insert(0, str(REPO))
 from bench.crf import bench_crf  # noqa: E402
 from bench.fingerprint import bench_fingerprint  # noqa: E402
 from bench.gm_loss import bench_gm, gm_table  # noqa: E402
+from bench.large_images import bench_large_images  # noqa: E402
 from bench.maps import smooth_cam_stack  # noqa: E402
 from bench.propagation import bench_propagation, table  # noqa: E402
 from bench.pseudo_labels import bench_pseudo_labels  # noqa: E402
@@ -179,7 +182,7 @@ def main() -> None:
                "cam_inference": bench_cam_inference(), "storage": bench_storage(), "noop_rerun": bench_noop_rerun(),
                "pseudo_labels": bench_pseudo_labels(), "propagation": bench_propagation(),
                "scheduling": bench_scheduling(), "crf": bench_crf(), "segmentation": bench_segmentation(),
-               "fingerprint": bench_fingerprint(), "gmnet": bench_gm()}
+               "fingerprint": bench_fingerprint(), "gmnet": bench_gm(), "large_images": bench_large_images()}
     out = REPO / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=1))

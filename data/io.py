@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import glob
 import json
 import os
 import shutil
@@ -97,6 +98,11 @@ def naming_a_full_disk(out_dir: str | os.PathLike) -> Iterator[None]:
                                   "space (or move [wsss] work_dir) and rerun") from err
 
 
+class AlreadyPublishedError(FileExistsError):
+    """:func:`atomic_path` (a directory): the destination exists, so this copy was discarded, never merged into it
+    nor replacing it. Most often another writer published it first; the caller knows whether that is a result."""
+
+
 def temporary_sibling(path: str | os.PathLike) -> Path:
     """A unique name next to ``path`` (same filesystem, so the final rename is atomic)."""
     path = Path(path)
@@ -107,11 +113,20 @@ def is_temporary(path: str | os.PathLike) -> bool:
     return TMP_MARKER in Path(path).name
 
 
+def temporary_copies(path: str | os.PathLike) -> list[Path]:
+    """The temporary siblings of ``path`` that exist: copies a writer is building now, or a killed one left."""
+    path = Path(path)
+    with contextlib.suppress(FileNotFoundError):
+        return sorted(path.parent.glob(f"{glob.escape(path.name)}{TMP_MARKER}*"))
+    return []
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary path to write; rename it onto ``path`` on success, delete it on failure.
 
-    An existing ``path`` is replaced (files) or refused (directories: the caller decides what to discard).
+    An existing ``path`` is replaced (files) or kept (directories: :class:`AlreadyPublishedError`, this copy
+    removed; the caller decides what the existing one is).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,13 +136,25 @@ def atomic_path(path: str | os.PathLike, directory: bool = False) -> Iterator[Pa
     try:
         yield tmp
         if directory:
-            if path.exists():
-                raise FileExistsError(f"{path}: already exists; clean it before writing it again")
-            os.rename(tmp, path)
+            _publish_directory(tmp, path)
         else:
             os.replace(tmp, path)
     except BaseException:
         remove_path(tmp)
+        raise
+
+
+def _publish_directory(tmp: Path, path: Path) -> None:
+    # rename(2) replaces an empty directory and fails on a full one: check first, and read a failure the same way
+    # (another writer can publish between the check and the rename).
+    discarded = AlreadyPublishedError(f"{path}: already exists; this copy ({tmp.name}) is discarded")
+    if path.exists():
+        raise discarded
+    try:
+        os.rename(tmp, path)
+    except OSError as err:
+        if err.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise discarded from None
         raise
 
 

@@ -1,12 +1,19 @@
-"""Names a configuration must find in a registry (backbones, methods, CRF presets), checked once per task.
+"""What the pipeline checks while scheduling, before any stage starts: names a configuration must find in a
+registry (backbones, methods, CRF presets), the weights files it names, and the ``[wsss]`` runtime settings.
 
 The knob list (stages.config) is a leaf and checks values only; these checks need the registries, which live with
-the steps and import torch, so the pipeline runs them while scheduling, before any stage starts.
+the steps and import torch, or the filesystem.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
+import os
+import re
 from collections.abc import Callable
+from pathlib import Path
 
 
 def _pretrain(cfg) -> None:
@@ -91,10 +98,69 @@ def check_names(family: str, cfg: object) -> None:
         check(cfg)
 
 
+# Knobs naming a weights file a stage loads ("" = none; ``pretrained`` may also say synthetic, a stage's output).
+WEIGHTS_KNOBS = ("pretrained", "init_checkpoint")
+
+
+def check_weights_files(family: str, cfg: object) -> None:
+    """Each weights file ``cfg`` names exists and is readable (its content is checked when the stage loads it)."""
+    from stages.config import SYNTHETIC_PRETRAINING
+
+    for knob in WEIGHTS_KNOBS:
+        value = getattr(cfg, knob, "")
+        if not value or (knob == "pretrained" and value == SYNTHETIC_PRETRAINING):
+            continue
+        path = Path(value)
+        where = "" if path.is_absolute() else f" (relative to {os.getcwd()})"
+        if not path.exists():
+            problem = "no such file"
+        elif not path.is_file():
+            problem = "not a file"
+        elif not os.access(path, os.R_OK):
+            problem = "not readable"
+        else:
+            continue
+        raise FileNotFoundError(f"{family}.{knob} = {value!r}: {problem}{where}; it names a weights file (.pth)")
+
+
 def validate_config(cfg: object, family: str | None = None) -> None:
     """Everything the pipeline checks of stage ``family``'s config before running it (the family of ``cfg``'s
-    class by default): values, then registered names."""
+    class by default): values, then registered names, then the weights files it names."""
     from stages import config as C
 
     C.validate(cfg)
-    check_names(family or next(name for name, cls in C.STAGE_CONFIGS.items() if isinstance(cfg, cls)), cfg)
+    family = family or next(name for name, cls in C.STAGE_CONFIGS.items() if isinstance(cfg, cls))
+    check_names(family, cfg)
+    check_weights_files(family, cfg)
+
+
+CRF_BACKENDS = ("auto", "torch", "pydensecrf")
+AT_LEAST_ONE = ("train_processes", "cut_processes")   # process counts; the other numbers may be 0
+
+
+@functools.lru_cache(maxsize=16)
+def check_runtime(rt) -> None:
+    """``[wsss]`` (a ``stages.config.RuntimeConfig``): numbers finite and non-negative (process counts >= 1), a
+    known device and CRF backend, a well-formed GPU list, a work directory that is a writable folder where it
+    exists. The error names the setting and the value."""
+    from pipeline.devices import parse_gpus
+
+    for f in dataclasses.fields(rt):
+        value = getattr(rt, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        knob = f"[wsss] {f.name} = {value!r}"
+        if not math.isfinite(value):
+            raise ValueError(f"{knob}: must be a finite number")
+        if value < (1 if f.name in AT_LEAST_ONE else 0):
+            raise ValueError(f"{knob}: must be {'at least 1' if f.name in AT_LEAST_ONE else 'non-negative'}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", rt.device):
+        raise ValueError(f"[wsss] device = {rt.device!r}; choose auto, cpu, cuda or cuda:N")
+    if rt.crf_backend not in CRF_BACKENDS:
+        raise ValueError(f"[wsss] crf_backend = {rt.crf_backend!r}; choose one of {', '.join(CRF_BACKENDS)}")
+    parse_gpus(rt.gpus)
+    work = Path(rt.work_dir)
+    if work.exists() and not work.is_dir():
+        raise ValueError(f"[wsss] work_dir = {rt.work_dir!r}: exists and is not a directory")
+    if work.is_dir() and not os.access(work, os.W_OK | os.X_OK):
+        raise ValueError(f"[wsss] work_dir = {rt.work_dir!r}: not writable")

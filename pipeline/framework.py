@@ -24,10 +24,18 @@ from typing import TYPE_CHECKING
 import luigi
 
 from data.artifacts import INPUTS_RECORD, PARTS_SUFFIX, PROVENANCE, RESUME_SUFFIX, SHARD_INDEX
-from data.io import atomic_path, naming_a_full_disk, read_json, remove_path, write_json
+from data.io import (
+    AlreadyPublishedError,
+    atomic_path,
+    naming_a_full_disk,
+    read_json,
+    remove_path,
+    temporary_copies,
+    write_json,
+)
 from data.manifest import Manifest
 from pipeline import hashing
-from pipeline.checks import validate_config
+from pipeline.checks import check_runtime, validate_config
 from pipeline.devices import assigned_gpus, will_use_cuda
 from pipeline.settings import runtime
 from pipeline.submit import run_as_job  # also registers [submitit] for --submitit-* on the command line
@@ -102,8 +110,11 @@ class StageTask(luigi.Task):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # Fail while scheduling, naming the key, rather than hours later inside the stage (once per task).
+        rt = runtime()
+        check_runtime(rt)
+        submitted_families(rt)
         if self.config_class is not None:
-            # Fail while scheduling, naming the key, rather than hours later inside the stage (once per task).
             validate_config(self.config, self.get_task_family())
 
     # -- identity
@@ -219,12 +230,22 @@ class StageTask(luigi.Task):
         started = time.time()
         if self.key.startswith(PENDING):
             raise RuntimeError(f"{self.get_task_family()}: its inputs are not published yet (key {self.key})")
-        if self.output().exists():  # scheduled before its input settled; that input's content was already used
+        if self.output().exists():  # scheduled before its input settled, or published by another run since
             logger.info("%s: %s already holds this result", self.get_task_family(), self.stage_dir)
             return
-        with atomic_path(self.stage_dir, directory=True) as tmp, naming_a_full_disk(tmp):
-            metrics, placement = run_compute(self, tmp)
-            write_json(tmp / PROVENANCE, self.provenance(started, metrics) | placement)
+        warn_of_other_copies(self.get_task_family(), self.stage_dir)
+        try:
+            with atomic_path(self.stage_dir, directory=True) as tmp, naming_a_full_disk(tmp):
+                metrics, placement = run_compute(self, tmp)
+                write_json(tmp / PROVENANCE, self.provenance(started, metrics) | placement)
+        except Exception as err:
+            if published_meanwhile(self.get_task_family(), self.output().exists(), self.stage_dir, err):
+                return
+            if isinstance(err, AlreadyPublishedError):
+                raise FileExistsError(f"{self.stage_dir}: a directory without {PROVENANCE} is in the way: not a "
+                                      "result this pipeline published (damaged, or made by something else); "
+                                      "remove it to compute this stage") from None
+            raise
         logger.info("%s done in %.1f s -> %s", self.get_task_family(), time.time() - started, self.stage_dir)
 
     def input_records(self) -> dict:
@@ -246,6 +267,29 @@ class StageTask(luigi.Task):
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
             "seconds": round(time.time() - started, 3), "metrics": metrics,
         }
+
+
+def warn_of_other_copies(family: str, path: Path) -> None:
+    """Say so when a temporary copy of ``path`` exists: two runs are computing the same result."""
+    copies = temporary_copies(path)
+    if copies:
+        more = f" (and {len(copies) - 1} more)" if len(copies) > 1 else ""
+        logger.warning("%s: %s%s exists: another run is computing this result now (two runs without the scheduler's "
+                       "lock: --no-lock, or two schedulers), or a killed run left it (`python -m pipeline gc` removes "
+                       "it). Computing it here too: the first to finish publishes it, the other keeps that one",
+                       family, copies[0], more)
+
+
+def published_meanwhile(family: str, published: bool, path: Path, err: Exception) -> bool:
+    """Whether ``err`` ended a computation of ``path`` that another run published meanwhile (``published``: its
+    target exists now); then it is logged as what it is, and the published result stands."""
+    if not published:
+        return False
+    then = "" if isinstance(err, AlreadyPublishedError) else f"; this run then stopped on: {err!r}"
+    logger.warning("%s: another run published %s while this one was computing it (two runs without the scheduler's "
+                   "lock: --no-lock, or two schedulers): that result is kept, this run's copy discarded%s",
+                   family, path, then)
+    return True
 
 
 def stage_in_variant(cls: type[StageTask], overrides, **params) -> StageTask:
@@ -477,13 +521,22 @@ class ShardTask(luigi.Task):
         parent = self.parent
         members = self.members()
         started = time.time()
+        if self.output().exists():  # published by another run since this one was scheduled
+            logger.info("%s: %s already holds this shard", self.get_task_family(), parent.stage_dir)
+            return
         parent.record_inputs(parent.parts_dir)
-        with atomic_path(self.output().part, directory=True) as tmp, naming_a_full_disk(tmp):
-            metrics, placement = run_compute(self, tmp)
-            write_json(tmp / f"{self.name}.json", {"stage": parent.get_task_family(), "key": parent.key,
-                                                   "shard": self.shard, "images": members,
-                                                   "seconds": round(time.time() - started, 3),
-                                                   "metrics": metrics, **placement})
+        warn_of_other_copies(self.get_task_family(), self.output().part)
+        try:
+            with atomic_path(self.output().part, directory=True) as tmp, naming_a_full_disk(tmp):
+                metrics, placement = run_compute(self, tmp)
+                write_json(tmp / f"{self.name}.json", {"stage": parent.get_task_family(), "key": parent.key,
+                                                       "shard": self.shard, "images": members,
+                                                       "seconds": round(time.time() - started, 3),
+                                                       "metrics": metrics, **placement})
+        except Exception as err:
+            # Another run published this shard, or joined the whole stage and removed its parts under this one.
+            if not published_meanwhile(self.get_task_family(), self.output().exists(), self.output().part, err):
+                raise
 
     def compute(self, out_dir: Path) -> dict:
         """The shard's dense maps into ``<shard>.h5`` and its per-image files into ``out_dir``; returns metrics."""

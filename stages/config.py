@@ -339,6 +339,10 @@ class EvalSegmentationConfig:
     crf: bool = True                          # deeplab-pytorch reports both; the CRF one is the headline
     crf_preset: str = "deeplab_test"          # POS 3/1, BI 4/67/3, 10 iterations
     shard_size: int = 256
+    # A larger val image is predicted (and CRF-refined) downscaled to this many pixels, its labels upsampled
+    # (nearest) to full size for scoring: peak memory then stays bounded whatever the image (a 12-megapixel image
+    # took 7.5 GiB at full size). 1 MP is 4x VOC's largest (500x500), so VOC is never downscaled; 0 = no limit.
+    max_pixels: int = 1_000_000
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ are quarantined like any bad image (issue 15)."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -70,3 +71,44 @@ def test_a_bad_training_mask_is_found_when_only_val_is_evaluated(voc_copy, tmp_p
     cfg = cfg_for(voc_copy, eval_list="ImageSets/Segmentation/val.txt", seg_dir="SegmentationClassAug")
     with pytest.raises(BadInputError, match=rf"SegmentationClassAug/{victim}\.png: label values \[77\]"):
         prepare_dataset(cfg, tmp_path / "out")
+
+
+@pytest.mark.parametrize("crf", [False, True])
+def test_a_large_val_image_is_predicted_at_a_bounded_size(monkeypatch, crf):
+    """EvalSegmentation's scores, activations and CRF never see more than ``max_pixels`` pixels; the labels come
+    back at the image's size. An image within the limit is predicted exactly as without one."""
+    import torch
+
+    from models.deeplab import create_segmenter
+    from stages.config import EvalSegmentationConfig
+    from stages.refine import crf as crf_module
+    from stages.segmentation import predict
+
+    torch.manual_seed(0)
+    model = create_segmenter("deeplabv2", "resnet_mini", 4, freeze_bn=True).eval()
+    rgb = np.random.default_rng(0).integers(0, 255, (150, 200, 3), dtype=np.uint8)
+    seen = []
+    real_probs, real_refine = predict.predict_probs, crf_module.refine
+    monkeypatch.setattr(predict, "predict_probs", lambda m, image, *a: seen.append(image.shape[:2])
+                        or real_probs(m, image, *a))
+    monkeypatch.setattr(crf_module, "refine", lambda image, *a, **k: seen.append(image.shape[:2])
+                        or real_refine(image, *a, **k))
+    cfg = EvalSegmentationConfig(scales=(1.0,), flip=False, crf=crf, max_pixels=5_000)
+    raw, final = predict.predict_labels(model, rgb, cfg, torch.device("cpu"), "torch")
+    assert raw.shape == final.shape == (150, 200) and raw.dtype == final.dtype == np.uint8
+    assert seen and all(h * w <= 5_000 for h, w in seen), seen
+    assert seen[0] == (61, 81), "aspect kept"
+    seen.clear()
+    within = dataclasses.replace(cfg, max_pixels=150 * 200)
+    unbounded = dataclasses.replace(cfg, max_pixels=0)
+    for a, b in zip(predict.predict_labels(model, rgb, within, torch.device("cpu"), "torch"),
+                    predict.predict_labels(model, rgb, unbounded, torch.device("cpu"), "torch")):
+        assert np.array_equal(a, b)
+    assert seen[0] == (150, 200)
+
+
+def test_the_eval_pixel_limit_leaves_voc_sized_images_alone():
+    from stages.config import EvalSegmentationConfig
+    from stages.segmentation.predict import bounded_size
+    assert bounded_size(500, 500, EvalSegmentationConfig().max_pixels) == (500, 500)
+    assert bounded_size(3000, 4000, 1_000_000) == (866, 1154)

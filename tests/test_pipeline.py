@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import REPO, TINY_CFG, copy_repo, luigi_cmd, run_cli, run_luigi
 
+from data.artifacts import INPUTS_RECORD
 from pipeline.framework import shard_store
 from pipeline.tasks import (
     EvalCAM,
@@ -314,7 +315,9 @@ def test_killed_make_cam_resumes_with_identical_outputs(tmp_path):
     work = killed_cwd / "work"
     parts = list((work / "MakeCAM").glob("*.parts"))
     assert len(parts) == 1, "the finished shard is kept for the rerun"
-    assert [p.name for p in parts[0].iterdir() if ".tmp-" not in p.name] == ["shard-00000-of-00003"]
+    # inputs.json: what the unfinished work reads, so that gc under another configuration keeps it
+    assert sorted(p.name for p in parts[0].iterdir() if ".tmp-" not in p.name) == [INPUTS_RECORD,
+                                                                                   "shard-00000-of-00003"]
     assert not [p for p in (work / "MakeCAM").iterdir() if not p.name.endswith(".parts")], \
         "no MakeCAM directory may look complete after the kill"
 

@@ -74,8 +74,10 @@ def test_submitted_stages_match_in_process_runs(luigi_config, tmp_path):
 
 
 def test_a_failing_job_fails_the_task_with_its_error(luigi_config, tmp_path):
-    missing = tmp_path / "no-such-weights.pth"
-    luigi_config("TrainCAM", "pretrained", missing)
+    # A weights file that exists (scheduling checks that) but holds no weights: only the job, loading it, fails.
+    bad = tmp_path / "bad-weights.pth"
+    bad.write_bytes(b"not a torch file")
+    luigi_config("TrainCAM", "pretrained", bad)
     assert run_luigi(PrepareDataset()).status == luigi.LuigiStatusCode.SUCCESS
     luigi_config("wsss", "submit_stages", "TrainCAM")
     luigi_config("submitit", "cluster", "local")
@@ -83,7 +85,7 @@ def test_a_failing_job_fails_the_task_with_its_error(luigi_config, tmp_path):
     with pytest.raises(JobFailedError, match=r"TrainCAM: local job \d+ failed") as err:
         TrainCAM().run()
     message = str(err.value)
-    assert "no-such-weights.pth" in message, "the job's own error is in the message"
+    assert "bad-weights.pth: cannot load as a weights-only state dict" in message, "the job's own error"
     assert "stderr tail" in message and "_log.err" in message
     assert run_luigi(TrainCAM()).status == luigi.LuigiStatusCode.FAILED
     assert not (tmp_path / "work" / "TrainCAM").exists() or not list((tmp_path / "work" / "TrainCAM").iterdir()), \

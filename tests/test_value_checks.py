@@ -5,12 +5,23 @@ from __future__ import annotations
 
 import json
 
+import luigi
 import pytest
 import torch
+from conftest import run_luigi
 
 from data.labelspace import LabelSpace
 from models.resnet import create_backbone, load_pretrained
-from pipeline.tasks import EvalCAM, MakeCAM, Propagate, TrainCAM
+from pipeline.tasks import (
+    EvalCAM,
+    FullWSSS,
+    MakeCAM,
+    PrepareDataset,
+    Propagate,
+    TrainAffinity,
+    TrainCAM,
+    TrainSegmentation,
+)
 
 
 @pytest.mark.parametrize("task, option, value, message", [
@@ -54,3 +65,46 @@ def test_a_weights_file_that_is_no_state_dict_names_the_file(tmp_path, payload):
     torch.save(payload, path)
     with pytest.raises(ValueError, match=r"weights\.pth: holds a (list|Tensor), not a state dict"):
         load_pretrained(create_backbone("resnet_mini"), path)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("gpu_wait_s", -1.0, r"\[wsss\] gpu_wait_s = -1\.0: must be non-negative"),
+    ("gpu_wait_s", float("nan"), r"\[wsss\] gpu_wait_s = nan: must be a finite number"),
+    ("loader_workers", -1, r"\[wsss\] loader_workers = -1: must be non-negative"),
+    ("torch_threads", -2, r"\[wsss\] torch_threads = -2: must be non-negative"),
+    ("train_processes", 0, r"\[wsss\] train_processes = 0: must be at least 1"),
+    ("cut_processes", 0, r"\[wsss\] cut_processes = 0: must be at least 1"),
+    ("device", "gpu", r"\[wsss\] device = 'gpu'; choose auto, cpu, cuda or cuda:N"),
+    ("crf_backend", "fast", r"\[wsss\] crf_backend = 'fast'; choose one of auto, torch, pydensecrf"),
+    ("gpus", "0,0", r"\[wsss\] gpus = '0,0' lists a device twice"),
+    ("submit_stages", "TrainCAM,Nope", r"\[wsss\] submit_stages names 'Nope'"),
+])
+def test_a_bad_runtime_setting_fails_while_scheduling_naming_it(luigi_config, option, value, message):
+    luigi_config("wsss", option, value)
+    with pytest.raises(ValueError, match=message):
+        PrepareDataset()
+
+
+def test_a_work_dir_that_is_a_file_fails_while_scheduling(luigi_config, tmp_path):
+    (tmp_path / "taken").write_text("")
+    luigi_config("wsss", "work_dir", tmp_path / "taken")
+    with pytest.raises(ValueError, match=r"\[wsss\] work_dir = '.*taken': exists and is not a directory"):
+        PrepareDataset()
+
+
+@pytest.mark.parametrize("task, knob", [(TrainCAM, "pretrained"), (TrainSegmentation, "init_checkpoint"),
+                                        (TrainAffinity, "pretrained")])
+def test_a_missing_weights_file_fails_while_scheduling_naming_knob_and_file(luigi_config, tmp_path, task, knob):
+    luigi_config(task.get_task_family(), knob, tmp_path / "no-such.pth")
+    with pytest.raises(FileNotFoundError, match=rf"{task.get_task_family()}\.{knob} = '.*no-such\.pth': no such file"):
+        task()
+    luigi_config(task.get_task_family(), knob, tmp_path)
+    with pytest.raises(FileNotFoundError, match=rf"{task.get_task_family()}\.{knob} = .*: not a file"):
+        task()
+
+
+def test_a_missing_weights_file_stops_the_whole_run_before_any_stage(luigi_config, tmp_path):
+    luigi_config("TrainSegmentation", "init_checkpoint", tmp_path / "no-such.pth")
+    assert run_luigi(FullWSSS()).status != luigi.LuigiStatusCode.SUCCESS
+    work = tmp_path / "work"
+    assert not work.exists() or not any(work.iterdir()), "no stage ran, not even PrepareDataset"

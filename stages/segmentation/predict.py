@@ -4,9 +4,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -17,10 +19,34 @@ from stages.metrics import confusion, segmentation_scores
 from stages.segmentation.model import predict_probs
 
 
+def bounded_size(height: int, width: int, max_pixels: int) -> tuple[int, int]:
+    """(height, width) scaled down, aspect kept, to at most ``max_pixels`` pixels; unchanged when it fits or
+    ``max_pixels`` is 0."""
+    if max_pixels <= 0 or height * width <= max_pixels:
+        return height, width
+    factor = math.sqrt(max_pixels / (height * width))
+    return max(1, math.floor(height * factor)), max(1, math.floor(width * factor))
+
+
 def predict_labels(model: nn.Module, rgb: np.ndarray, cfg: EvalSegmentationConfig, device: torch.device,
                    crf_backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """EvalSegmentation's prediction of one image: the argmax (H, W) uint8 of :func:`predict_probs` at
-    ``cfg.scales`` (and flip), and the same after ``cfg.crf_preset`` (the argmax again when ``cfg.crf`` is off)."""
+    ``cfg.scales`` (and flip), and the same after ``cfg.crf_preset`` (the argmax again when ``cfg.crf`` is off).
+
+    An image above ``cfg.max_pixels`` is predicted and refined at :func:`bounded_size` and both label maps are
+    upsampled (nearest) to (H, W): the class scores, the network's activations and the CRF, which grow with the
+    pixels times the classes, never see more than ``max_pixels`` pixels (times the largest scale squared)."""
+    height, width = rgb.shape[:2]
+    small = bounded_size(height, width, cfg.max_pixels)
+    if small == (height, width):
+        return _predict_labels(model, rgb, cfg, device, crf_backend)
+    resized = cv2.resize(rgb, small[::-1], interpolation=cv2.INTER_AREA)
+    labels = _predict_labels(model, resized, cfg, device, crf_backend)
+    return tuple(cv2.resize(m, (width, height), interpolation=cv2.INTER_NEAREST) for m in labels)
+
+
+def _predict_labels(model: nn.Module, rgb: np.ndarray, cfg: EvalSegmentationConfig, device: torch.device,
+                    crf_backend: str) -> tuple[np.ndarray, np.ndarray]:
     from stages.refine.crf import refine
 
     probs = predict_probs(model, rgb, device, cfg.scales, cfg.flip)
