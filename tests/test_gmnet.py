@@ -173,3 +173,22 @@ def test_straight_through_takes_the_soft_gradient_even_where_the_prediction_miss
     (grad_soft,) = torch.autograd.grad(graph_matching_loss(logits, labels, "soft"), logits)
     torch.testing.assert_close(grad_st, grad_soft)
     assert grad_st.abs().max() < 1.0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["hard", "soft", "st"])
+def test_gm_loss_on_cuda_matches_cpu(mode, cuda_device):
+    _, labels = random_maps(7, b=3, h=33, w=41)
+    torch.manual_seed(2)
+    logits, y = torch.randn(3, 6, 33, 41), torch.from_numpy(labels)
+    values, grads = [], []
+    for device in (torch.device("cpu"), cuda_device):
+        x = logits.to(device).requires_grad_(mode != "hard")
+        loss = graph_matching_loss(x, y.to(device), mode)
+        values.append(loss.item())
+        if mode != "hard":
+            grads.append(torch.autograd.grad(loss, x)[0].cpu())
+    assert values[0] > 0 and values[1] == pytest.approx(values[0], rel=1e-5)
+    if grads:
+        assert grads[0].abs().sum() > 0
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
