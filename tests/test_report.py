@@ -346,6 +346,7 @@ def test_parts_section_tables_every_run_and_draws_its_figures(tmp_path):
     summary = write_report(inputs, tmp_path)
     text, reader = read_html(tmp_path / "report.html")
     assert reader.headings == [*SECTION_TITLES[:1], "Part segmentation (GMNet)", *SECTION_TITLES[1:]]
+    assert 'href="#parts"' in text
     table = table_starting(reader, "run")
     assert table[1] == ["none/off", "none", "off", "-", "50.0", "40.0", "45.0", "30.0", "35.0", "60.0", "0.1235",
                         "0.2000", "5.0", "1 min 15 s"]
