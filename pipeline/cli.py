@@ -168,13 +168,18 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def compared_methods(report_md: Path) -> list[str]:
-    """The report's table of compared methods (``Report.compare``), as printed there, or nothing."""
+    """The report's tables of compared methods (``Report.compare``) and part runs (``Report.parts_compare``), as
+    printed there, or nothing."""
     text = report_md.read_text() if report_md.is_file() else ""
-    heading = "## Propagation methods compared"
-    if heading not in text:
-        return []
-    table = [line for line in text.split(heading, 1)[1].split("\n## ", 1)[0].splitlines() if line.startswith("|")]
-    return ["Methods compared (report.md):", *table]
+    lines = []
+    for heading, title in (("## Propagation methods compared", "Methods compared (report.md):"),
+                           ("## Part segmentation (GMNet)", "Part runs compared (report.md):")):
+        if heading in text:
+            section = text.split(heading, 1)[1].split("\n## ", 1)[0]
+            # the first table only (the parts section's per-part IoU table follows its own line)
+            table = section.split("\n\n|", 1)[1].split("\n\n", 1)[0] if "\n\n|" in section else ""
+            lines += [title, *("|" + table).splitlines()]
+    return lines
 
 
 def _fmt(value: object) -> str:

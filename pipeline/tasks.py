@@ -31,7 +31,7 @@ from pipeline.framework import (
 )
 from pipeline.presets import PROJECT_CFG
 from pipeline.settings import runtime
-from pipeline.variants import Comparison, comparison
+from pipeline.variants import Comparison, PartRun, comparison, part_run
 from stages import config as C
 from stages.runtime import resolve_device
 
@@ -647,12 +647,19 @@ class Report(StageTask):
         """``compare``'s entries with the overrides each runs (pipeline.variants)."""
         return [comparison(spec) for spec in self.compare]
 
+    @cached_property
+    def part_runs(self) -> list[PartRun]:
+        """``parts_compare``'s entries with the overrides each runs (pipeline.variants.part_run)."""
+        return [part_run(spec) for spec in self.parts_compare]
+
     def upstream(self) -> dict[str, StageTask]:
         compared: dict[str, StageTask] = {}
         for entry in self.comparisons:
             compared[f"compare:{entry.spec}"] = stage_in_variant(EvalPseudoLabels, entry.overrides)
             if self.compare_segmentation:
                 compared[f"compare-deeplab:{entry.spec}"] = stage_in_variant(EvalSegmentation, entry.overrides)
+        for run in self.part_runs:
+            compared[f"parts:{run.spec}"] = stage_in_variant(EvalParts, run.overrides)
         return {"dataset": PrepareDataset(), "cam_eval": EvalCAM(), "cams": MakeCAM(), "seeds": ExtractSeeds(),
                 "labels": Propagate(), "refined": RefineCRF(), "pseudo_eval": EvalPseudoLabels(),
                 "segmenter": TrainSegmentation(), "segmentation": EvalSegmentation(),
@@ -689,10 +696,32 @@ class Report(StageTask):
                          "propagated_images": records["propagate"]["metrics"].get("images")})
         return rows
 
+    def part_comparison(self) -> list[dict]:
+        """One row per ``parts_compare`` entry: what it trained with, its EvalParts metrics and directories."""
+        rows = []
+        upstream = self.upstream()
+        for run in self.part_runs:
+            evaluation = upstream[f"parts:{run.spec}"]
+            chain = evaluation.upstream()
+            train = chain["model"]
+            rows.append({"entry": run.spec, "cond_source": train.cond_source, "gm_mode": train.gm_mode,
+                         "gm_lambda": train.gm_lambda,
+                         "train_seconds": read_json(train.stage_dir / PROVENANCE)["seconds"],
+                         "eval_dir": evaluation.stage_dir,
+                         "maps_dir": chain["maps"].stage_dir if "maps" in chain else None,
+                         "metrics": read_json(evaluation.stage_dir / METRICS)})
+        return rows
+
     def compute(self, out_dir: Path) -> dict:
         from stages.report.build import build_report
         graph = stage_graph()
         upstream = self.upstream()
+        parts = self.part_comparison()
+        layout = None
+        if parts:  # the runs differ only in conditioning and GM: one part space
+            from stages.parts.train import part_layout
+            trained = upstream[f"parts:{self.part_runs[0].spec}"].upstream()["model"]
+            layout = part_layout(manifest_of(self), trained.config)
         dirs = {name: task.stage_dir for name, task in upstream.items()}
         config = {family: task.params_dict for family, task in graph.items()}
         provenance = {family: read_json(task.stage_dir / PROVENANCE) for family, task in graph.items()
@@ -700,7 +729,8 @@ class Report(StageTask):
         return build_report(self.config, manifest_of(self), dirs, config, provenance,
                             segmenter_config=upstream["segmenter"].config,
                             eval_config=upstream["segmentation"].config, device=resolve_device(runtime().device),
-                            out_dir=out_dir, comparison=self.comparison())
+                            out_dir=out_dir, comparison=self.comparison(), parts=parts,
+                            part_layout=layout)
 
 
 class FullWSSS(luigi.WrapperTask):

@@ -126,3 +126,51 @@ def variant_overrides(spec: str) -> dict[str, dict[str, object]]:
         overrides["ExtractSeeds"] = {"supervision": supervision}
         overrides.get("TrainAffinity", {}).update(method.affinity_overrides.get(supervision, {}))
     return overrides
+
+
+# ---------------------------------------------------------------------------------------------- part runs
+
+PART_FAMILY = "TrainPartSegmentation"
+
+
+@dataclass(frozen=True)
+class PartRun:
+    """One ``Report.parts_compare`` entry: GMNet trained with ``cond_source`` objects and ``gm_mode`` (and
+    ``gm_lambda``, None = the configured value), as overrides of ``[TrainPartSegmentation]``."""
+
+    spec: str
+    cond_source: str
+    gm_mode: str
+    gm_lambda: float | None
+    overrides: dict[str, dict[str, object]]
+
+
+def part_run(spec: str) -> PartRun:
+    """The part run ``spec`` (``source/gm_mode[/gm_lambda]``, e.g. ``gt/st``, ``supervised/st/10``) names, or a
+    ValueError naming the entry. Its overrides list only what differs from the configured
+    ``[TrainPartSegmentation]``, so an entry equal to it is the configured run (one task, one directory)."""
+    import luigi
+
+    from stages.config import CHOICES
+
+    fields = spec.split("/")
+    sources, modes = CHOICES[("TrainPartSegmentationConfig", "cond_source")], \
+        CHOICES[("TrainPartSegmentationConfig", "gm_mode")]
+    if len(fields) not in (2, 3) or fields[0] not in sources or fields[1] not in modes:
+        raise ValueError(f"Report.parts_compare entry {spec!r}: write source/gm_mode[/gm_lambda] with source one of "
+                         f"{', '.join(sources)} and gm_mode one of {', '.join(modes)} (e.g. 'gt/st', 'none/off/1')")
+    gm_lambda = None
+    if len(fields) == 3:
+        try:
+            gm_lambda = float(fields[2])
+        except ValueError:
+            raise ValueError(f"Report.parts_compare entry {spec!r}: gm_lambda {fields[2]!r} is not a number") \
+                from None
+        if not (gm_lambda >= 0 and gm_lambda != float("inf")):
+            raise ValueError(f"Report.parts_compare entry {spec!r}: gm_lambda must be a finite number >= 0")
+    wanted: dict[str, object] = {"cond_source": fields[0], "gm_mode": fields[1]}
+    if gm_lambda is not None:
+        wanted["gm_lambda"] = gm_lambda
+    main = luigi.task_register.Register.get_task_cls(PART_FAMILY)().config
+    differing = {k: v for k, v in wanted.items() if getattr(main, k) != v}
+    return PartRun(spec, fields[0], fields[1], gm_lambda, {PART_FAMILY: differing} if differing else {})

@@ -466,6 +466,10 @@ class ReportConfig:
     # or "propagation[/supervision]@main", the method on the main chain's seeds (e.g. "gcn@main", "a2gnn/box@main")
     compare: tuple[str, ...] = ()
     compare_segmentation: bool = True         # also retrain DeepLab on each compared method's pseudo labels
+    # GMNet part runs compared in the report's parts section (pipeline.variants.part_run), each an EvalParts of
+    # [TrainPartSegmentation] with "source/gm_mode[/gm_lambda]" overridden, e.g. ["none/off", "gt/st", "gt/st/10"];
+    # empty = no parts section. The gallery shows each conditioning source's first entry.
+    parts_compare: tuple[str, ...] = ()
 
 
 STAGE_CONFIGS = {
@@ -642,6 +646,8 @@ def validate(cfg: object) -> None:
             raise ValueError("Report.gallery_images must be >= 0")
         if len(set(cfg.compare)) != len(cfg.compare):
             raise ValueError(f"Report.compare lists a method twice: {list(cfg.compare)}")
+        if len(set(cfg.parts_compare)) != len(cfg.parts_compare):
+            raise ValueError(f"Report.parts_compare lists a run twice: {list(cfg.parts_compare)}")
 
 
 def all_knobs() -> dict[str, dict[str, object]]:

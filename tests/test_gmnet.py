@@ -154,3 +154,41 @@ def test_training_with_the_released_loss_gives_the_weights_of_training_without_i
     off, hard, st = _train_tiny("off"), _train_tiny("hard"), _train_tiny("st")
     assert all(torch.equal(off[k], hard[k]) for k in off)
     assert not all(torch.equal(off[k], st[k]) for k in off)  # the straight-through gradient does move them
+
+
+def test_straight_through_takes_the_soft_gradient_even_where_the_prediction_misses_an_adjacency():
+    """Parts 1 and 2 touch in the GT; the prediction calls both 1, so its column of part 2 is empty. A
+    straight-through on the masks would scale that column's gradient by the normaliser's 1e6 floor."""
+    labels = torch.zeros(1, 16, 16, dtype=torch.long)
+    labels[0, 2:8, 2:6], labels[0, 2:8, 6:10], labels[0, 10:14, 10:14] = 1, 2, 3
+    logits = torch.zeros(1, 4, 16, 16)
+    logits[0, 0] += 2
+    logits[0, 1, 2:8, 2:10] += 6
+    logits[0, 3, 10:14, 10:14] += 6
+    logits.requires_grad_(True)
+    st = graph_matching_loss(logits, labels, "st")
+    assert st.item() == pytest.approx(graph_matching_loss(logits, labels, "hard").item(), abs=1e-6)
+    assert st.item() > 0.2   # the missed adjacency costs
+    (grad_st,) = torch.autograd.grad(st, logits)
+    (grad_soft,) = torch.autograd.grad(graph_matching_loss(logits, labels, "soft"), logits)
+    torch.testing.assert_close(grad_st, grad_soft)
+    assert grad_st.abs().max() < 1.0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["hard", "soft", "st"])
+def test_gm_loss_on_cuda_matches_cpu(mode, cuda_device):
+    _, labels = random_maps(7, b=3, h=33, w=41)
+    torch.manual_seed(2)
+    logits, y = torch.randn(3, 6, 33, 41), torch.from_numpy(labels)
+    values, grads = [], []
+    for device in (torch.device("cpu"), cuda_device):
+        x = logits.to(device).requires_grad_(mode != "hard")
+        loss = graph_matching_loss(x, y.to(device), mode)
+        values.append(loss.item())
+        if mode != "hard":
+            grads.append(torch.autograd.grad(loss, x)[0].cpu())
+    assert values[0] > 0 and values[1] == pytest.approx(values[0], rel=1e-5)
+    if grads:
+        assert grads[0].abs().sum() > 0
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)

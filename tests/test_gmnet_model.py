@@ -156,3 +156,46 @@ def test_part_losses_terms():
     assert total.item() == pytest.approx(terms["ce"] + 1e-4 * terms["aux"] + 0.1 * terms["gm"], rel=1e-5)
     total.backward()
     assert logits.grad is not None
+
+
+@pytest.mark.cuda
+def test_gmnet_training_step_on_cuda_matches_cpu(cuda_device):
+    """The conditioned model's logits, its three loss terms (GM in st mode) and every gradient, CPU against CUDA
+    (TF32 off: the comparison is of the code, not of the GPU's reduced-precision convolutions)."""
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        cpu, gpu = _gmnet_step(torch.device("cpu")), _gmnet_step(cuda_device)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    (cpu_logits, cpu_terms, cpu_grads), (gpu_logits, gpu_terms, gpu_grads) = cpu, gpu
+    torch.testing.assert_close(gpu_logits, cpu_logits, rtol=1e-4, atol=1e-4)
+    assert set(cpu_terms) == {"ce", "aux", "gm"} and cpu_terms["gm"] > 0
+    assert all(gpu_terms[k] == pytest.approx(cpu_terms[k], rel=1e-4) for k in cpu_terms)
+    assert gpu_grads.keys() == cpu_grads.keys() and cpu_grads["conditioning.conv1.0.weight"].abs().sum() > 0
+    for name, grad in cpu_grads.items():
+        error = (gpu_grads[name] - grad).norm() / grad.norm().clamp_min(1e-12)
+        assert error < 1e-3, (name, error.item())
+
+
+def _gmnet_step(device: torch.device) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
+    """One GMNet forward and backward (CE + aux + st GM) from fixed seeds on ``device``."""
+    space = part_space()
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(0, space.num_parts, (2, 6, 8))
+    parts = torch.from_numpy(coarse.repeat(8, 1).repeat(8, 2).astype(np.int64))
+    owner = torch.tensor(space.object_of_part)
+    objects = owner[parts]
+    parts[torch.from_numpy(rng.random(parts.shape) < 0.1)] = 255
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 48, 64)
+    maps = torch.randn(2, space.num_objects, 48, 64).softmax(1)
+    net = create_segmenter("gmnet", "resnet_mini", space.num_parts, num_objects=space.num_objects,
+                           freeze_bn=False).eval()  # eval: no dropout draw to differ between the devices
+    cfg = TrainPartSegmentationConfig(gm_mode="st", gm_lambda=1.0, aux_lambda=0.1, freeze_bn=False)
+    model = net.to(device)
+    logits = model(images.to(device), maps.to(device))
+    total, terms = part_losses(logits, parts.to(device), objects.to(device), owner.to(device), space.num_objects, cfg)
+    total.backward()
+    grads = {n: p.grad.cpu() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach().cpu(), terms, grads

@@ -6,11 +6,21 @@ import json
 
 import luigi
 import numpy as np
+import pytest
 from conftest import run_luigi
 
 from data.artifacts import METRICS, PROVENANCE
 from data.dense import stage_maps
-from pipeline.tasks import EvalParts, FullWSSS, MakeObjectMaps, PrepareDataset, TrainPartSegmentation, stage_graph
+from pipeline.cli import compared_methods
+from pipeline.tasks import (
+    EvalParts,
+    FullWSSS,
+    MakeObjectMaps,
+    PrepareDataset,
+    Report,
+    TrainPartSegmentation,
+    stage_graph,
+)
 
 
 def test_part_branch_runs_on_gt_object_maps_and_is_cached(luigi_config):
@@ -75,3 +85,63 @@ def test_training_gmnet_with_the_released_loss_gives_the_weights_of_training_wit
         weights[mode] = torch.load(out / "model.pt", weights_only=True)
     assert all(torch.equal(weights["off"][k], weights["hard"][k]) for k in weights["off"])
     assert not all(torch.equal(weights["off"][k], weights["st"][k]) for k in weights["off"])
+
+
+PART_RUNS = ["gt/st", "none/off", "wsss/st", "supervised/off", "gt/st/10"]
+
+
+def test_report_compares_part_runs_over_sources_and_gm_modes(luigi_config):
+    """Report.parts_compare runs one EvalParts per entry beside the main chain, sharing what the entries share,
+    and the report's parts section tables every run with every metric filled, a per-part IoU chart and a gallery."""
+    luigi_config("Report", "parts_compare", json.dumps(PART_RUNS))
+    luigi_config("FullWSSS", "parts", "true")
+    result = run_luigi(FullWSSS())
+    assert result.status == luigi.LuigiStatusCode.SUCCESS, result.summary_text
+    graph = stage_graph()
+    # tiny's configured run is gt/st: that entry is the plain stage; gt/st/10 shares its object maps
+    assert [n for n in graph if n.startswith("MakeObjectMaps")] == [
+        "MakeObjectMaps-gt", "MakeObjectMaps-supervised", "MakeObjectMaps-wsss"]
+    assert graph["MakeObjectMaps-wsss"].upstream()["model"].stage_name == "TrainSegmentation"
+    assert graph["MakeObjectMaps-supervised"].upstream()["model"].stage_name == "TrainSegmentation-gt"
+    trained = {n: t for n, t in graph.items() if t.get_task_family() == "TrainPartSegmentation"}
+    assert sorted(trained) == sorted([
+        "TrainPartSegmentation", "TrainPartSegmentation@cond_source=none,gm_mode=off",
+        "TrainPartSegmentation@cond_source=wsss", "TrainPartSegmentation@cond_source=supervised,gm_mode=off",
+        "TrainPartSegmentation@gm_lambda=10.0"])
+    assert len({t.key for t in trained.values()}) == 5
+    assert trained["TrainPartSegmentation@gm_lambda=10.0"].gm_lambda == 10.0
+    assert "maps" not in trained["TrainPartSegmentation@cond_source=none,gm_mode=off"].upstream()
+
+    markdown = (Report().stage_dir / "report.md").read_text()
+    section = markdown.split("## Part segmentation (GMNet)")[1].split("\n## ")[0]
+    table = section.split("Per-part IoU")[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| run")]
+    assert [r[:3] for r in rows] == [["gt/st", "gt", "st"], ["none/off", "none", "off"], ["wsss/st", "wsss", "st"],
+                                     ["supervised/off", "supervised", "off"], ["gt/st/10", "gt", "st"]]
+    assert [r[3] for r in rows] == ["0.1", "-", "0.1", "-", "10"]
+    for row in rows:
+        assert all(cell not in ("", "-") for cell in row[4:]), row   # every metric and the training time
+    per_part = [line for line in section.split("Per-part IoU")[1].splitlines() if line.startswith("| ")]
+    assert len(per_part) == 1 + 28 + 1   # header, the 28 parts of the embedded set, the mean
+    summary = json.loads((Report().stage_dir / PROVENANCE).read_text())["metrics"]["parts"]
+    metrics = {spec: json.loads((graph_eval.stage_dir / METRICS).read_text())
+               for spec, graph_eval in ((s, Report().upstream()[f"parts:{s}"]) for s in PART_RUNS)}
+    assert sorted(summary) == sorted(PART_RUNS)
+    assert all(summary[s]["miou"] == metrics[s]["miou"] and summary[s]["miou"] is not None for s in PART_RUNS)
+    html = (Report().stage_dir / "report.html").read_text()
+    assert 'id="parts"' in html and 'href="#parts"' in html
+    figures = {p.name for p in (Report().stage_dir / "figures").iterdir()}
+    assert {"part_iou.png", "parts_gallery.png"} <= figures
+    printed = compared_methods(Report().stage_dir / "report.md")   # what `python -m pipeline summary` prints
+    start = printed.index("Part runs compared (report.md):")
+    assert len(printed) - start == 1 + 2 + len(PART_RUNS)
+
+
+def test_a_bad_part_run_entry_stops_scheduling_naming_it(luigi_config, tmp_path):
+    for entry, message in (("gt", "source/gm_mode"), ("objects/st", "source one of"), ("gt/st/x", "not a number"),
+                           ("gt/sometimes", "gm_mode one of")):
+        luigi_config("Report", "parts_compare", json.dumps([entry]))
+        with pytest.raises(ValueError, match=f"parts_compare entry '{entry}'.*{message}"):
+            stage_graph()
+    assert not (tmp_path / "work").exists()

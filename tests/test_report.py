@@ -314,3 +314,64 @@ def test_bad_inputs_raise(tmp_path):
     with pytest.raises(ValueError, match="unknown panels"):
         gallery_rows([("img-x", {"mask": np.zeros((3, 4), np.uint8)})], voc_palette())
     assert not (tmp_path / "report.html").exists()
+
+
+def part_inputs(rng: np.random.Generator):
+    from stages.report.html import PartsInputs
+
+    names = ["background", "cat.head", "cat.body", "dog.head"]
+    runs = []
+    for entry, source, mode, lam in (("none/off", "none", "off", 0.1), ("gt/st/10", "gt", "st", 10.0)):
+        iou = [float(v) for v in rng.uniform(0.2, 0.9, len(names))]
+        iou[3] = None  # dog.head absent from val
+        runs.append({"entry": entry, "cond_source": source, "gm_mode": mode, "gm_lambda": lam, "train_seconds": 75.0,
+                     "metrics": {"miou": 0.5, "miou_no_bg": 0.4, "miou_identifiable": 0.45,
+                                 "object_mean_part_iou_zero": 0.3, "object_mean_part_iou_present": 0.35,
+                                 "object_miou": 0.6, "adjacency_error": 0.123456, "adjacency_error_per_image": 0.2,
+                                 "cross_object_adjacency": 0.05, "iou": iou}})
+    parts = label_map(rng, (H, W)) % len(names)
+    gallery = [("val<1>", [("image", "image", rng.integers(0, 256, (H, W, 3), dtype=np.uint8)),
+                           ("part GT", "parts", parts), ("objects (gt)", "objects", parts[::2, ::2] % 3),
+                           ("parts: gt/st/10", "parts", parts)])]
+    return PartsInputs(part_names=names, part_palette=voc_palette(), object_names=["background", "cat", "dog"],
+                       object_palette=voc_palette(), runs=runs, gallery=gallery)
+
+
+def test_parts_section_tables_every_run_and_draws_its_figures(tmp_path):
+    from stages.report.html import parts_gallery_rows
+
+    rng = np.random.default_rng(3)
+    inputs = make_inputs()
+    inputs.parts = part_inputs(rng)
+    summary = write_report(inputs, tmp_path)
+    text, reader = read_html(tmp_path / "report.html")
+    assert reader.headings == [*SECTION_TITLES[:1], "Part segmentation (GMNet)", *SECTION_TITLES[1:]]
+    assert 'href="#parts"' in text
+    table = table_starting(reader, "run")
+    assert table[1] == ["none/off", "none", "off", "-", "50.0", "40.0", "45.0", "30.0", "35.0", "60.0", "0.1235",
+                        "0.2000", "5.0", "1 min 15 s"]
+    assert table[2][:4] == ["gt/st/10", "gt", "st", "10"]
+    per_part = table_starting(reader, "part")
+    assert per_part[4] == ["dog.head", "-", "-"] and per_part[-1] == ["mean (part mIoU)", "50.0", "50.0"]
+    assert {"part_iou.png", "parts_gallery.png"} <= set(summary["figures"])
+    assert summary["parts"]["gt/st/10"] == {"miou": 0.5, "miou_identifiable": 0.45, "adjacency_error": 0.123456}
+    titles, rows = parts_gallery_rows(inputs.parts)
+    assert titles == ["image", "part GT", "objects (gt)", "parts: gt/st/10"]
+    objects = rows[0][1]["objects (gt)"]   # half size, resized to the image's, in the object palette
+    assert objects.shape == (H, W, 3)
+    np.testing.assert_array_equal(objects[::2, ::2], voc_palette()[inputs.parts.gallery[0][1][2][2]])
+    assert "## Part segmentation (GMNet)" in (tmp_path / "report.md").read_text()
+
+
+def test_bad_parts_inputs_raise(tmp_path):
+    from stages.report.html import parts_gallery_rows
+
+    inputs = make_inputs()
+    inputs.parts = part_inputs(np.random.default_rng(4))
+    inputs.parts.runs[1]["metrics"]["iou"] = [0.5]
+    with pytest.raises(ValueError, match="'gt/st/10': 1 per-part IoU values for 4 parts"):
+        write_report(inputs, tmp_path)
+    inputs.parts.gallery = [("val<1>", [("masks", "mask", np.zeros((3, 4), np.uint8))])]
+    with pytest.raises(ValueError, match="kind must be image, objects or parts"):
+        parts_gallery_rows(inputs.parts)
+    assert not (tmp_path / "report.html").exists()

@@ -21,7 +21,11 @@ Gradient. The released loss is built from argmax, equality and counts, so it has
 adds a constant and never changes the weights (``mode = "hard"`` reproduces that and a test proves that
 training with it gives the weights of training without it). ``soft`` replaces M_k(P) by the softmax S_k
 (same K', dilation, pooling, normalisation). ``st`` (straight-through) keeps the released value and takes the
-gradient of the soft one: D(P) = D_hard + (D_soft - stopgrad(D_soft)), exactly D_hard in the forward pass.
+gradient of the soft one: L = L_soft + stopgrad(L_hard - L_soft). The straight-through is on the loss, not on the
+masks: D_hard + (D_soft - stopgrad(D_soft)) has the same value but evaluates the column normalisation's Jacobian
+at the hard Gram, which is 1e6 x I (the 1e-12 floor) on a column the prediction leaves empty, i.e. whenever
+the prediction misses a part's every GT adjacency; there the gradient reached 1e4 per logit on a 16 x 16 toy
+and GMNet training at gm_lambda = 10 turned non-finite within 4 iterations (tests/test_gmnet.py holds both).
 
 ``valid = "same"`` counts the prediction only where the label is not 255, so P and G are compared on one set
 of pixels (the synthetic data's 255 bands separate objects; predictions have none); ``"pred_all"`` is the
@@ -136,10 +140,11 @@ def graph_matching_loss(logits: Tensor, labels: Tensor, mode: str = "st", dilati
     if valid == "same":
         pred = torch.where(labels == IGNORE, torch.full_like(pred, IGNORE), pred)
     present = present_classes(pred, labels, num_classes)
-    soft = dilate((logits / temperature).softmax(1) * mask, dilation)
-    if mode == "st":
-        hard = dilate(_one_hot(pred, num_classes, logits.dtype), dilation)
-        soft = hard + (soft - soft.detach())
     with torch.no_grad():
         adj_g = adjacency(dilate(_one_hot(labels, num_classes, logits.dtype), dilation), present)
-    return matching_loss(adjacency(soft, present), adj_g)
+    soft = matching_loss(adjacency(dilate((logits / temperature).softmax(1) * mask, dilation), present), adj_g)
+    if mode == "soft":
+        return soft
+    with torch.no_grad():
+        hard = matching_loss(adjacency(dilate(_one_hot(pred, num_classes, logits.dtype), dilation), present), adj_g)
+    return soft + (hard - soft.detach())

@@ -2,7 +2,8 @@
 
 The gallery shows the first ``gallery_images`` eval images through every stage: image, CAM (max over the
 image's classes), seeds, pseudo label, after the CRF, the retrained DeepLab's prediction (scales, flip and
-CRF of EvalSegmentation) and GT.
+CRF of EvalSegmentation) and GT. With part runs (``Report.parts_compare``) a parts gallery shows the first
+``gallery_images`` val images: image, part GT, and per conditioning source its object maps and part prediction.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from data.artifacts import TRAINING_LOG, label_file
 from data.io import read_json, read_label_png
 from data.manifest import Manifest
+from data.parts import PartLayout
 from stages.config import EvalSegmentationConfig, ReportConfig, TrainSegmentationConfig, validate
 
 
@@ -53,11 +55,56 @@ def gallery_panels(manifest: Manifest, dirs: dict[str, Path], image_ids: list[st
     return rows
 
 
+def object_map_labels(probs: np.ndarray) -> np.ndarray:
+    """The argmax of (O, H, W) object maps; 255 where they are uniform (no object information)."""
+    labels = probs.argmax(0).astype(np.uint8)
+    labels[probs.max(0) <= 1.0 / len(probs) + 1e-3] = 255
+    return labels
+
+
+def parts_gallery(manifest: Manifest, layout: PartLayout, runs: list[dict], image_ids: list[str]
+                  ) -> list[tuple[str, list]]:
+    """Per val image: the image, the part GT, then for each conditioning source's first run its object maps
+    (none has no maps) and its part prediction (EvalParts' palette PNG)."""
+    from data.dense import stage_maps
+
+    shown: dict[str, dict] = {}
+    for run in runs:
+        shown.setdefault(run["cond_source"], run)
+    maps = {source: stage_maps(run["maps_dir"]) for source, run in shown.items() if run.get("maps_dir")}
+    gallery = []
+    for image_id in image_ids:
+        rgb = manifest.layout.read_image(image_id)
+        panels = [("image", "image", rgb), ("part GT", "parts", layout.read_parts(image_id, rgb.shape[:2]))]
+        for source, run in shown.items():
+            if source in maps:
+                probs = maps[source].read(image_id, ["probs"])[0]["probs"]
+                panels.append((f"objects ({source})", "objects", object_map_labels(probs)))
+            panels.append((f"parts: {run['entry']}", "parts",
+                           read_label_png(label_file(run["eval_dir"], image_id), layout.space.parts)))
+        gallery.append((image_id, panels))
+    return gallery
+
+
+def parts_inputs(manifest: Manifest, layout: PartLayout, runs: list[dict], gallery_images: int):
+    """The report's parts section from ``Report.part_comparison()``'s rows, all in ``layout``'s part space."""
+    from stages.report.html import PartsInputs
+
+    space = layout.space
+    shown = [{k: run[k] for k in ("entry", "cond_source", "gm_mode", "gm_lambda", "train_seconds", "metrics")}
+             for run in runs]
+    return PartsInputs(part_names=list(space.parts.names), part_palette=space.parts.palette,
+                       object_names=list(space.objects.names), object_palette=space.objects.palette, runs=shown,
+                       gallery=parts_gallery(manifest, layout, runs, manifest.splits["val"][:gallery_images]))
+
+
 def build_report(cfg: ReportConfig, manifest: Manifest, dirs: dict[str, Path], config: dict[str, dict],
                  provenance: dict[str, dict], segmenter_config: TrainSegmentationConfig,
                  eval_config: EvalSegmentationConfig, device: torch.device, out_dir: Path,
-                 comparison: list[dict] | None = None) -> dict:
-    """``report.html`` and ``report.md`` in ``out_dir`` from the stage directories ``dirs``."""
+                 comparison: list[dict] | None = None, parts: list[dict] | None = None,
+                 part_layout: PartLayout | None = None) -> dict:
+    """``report.html`` and ``report.md`` in ``out_dir`` from the stage directories ``dirs``; ``parts``: the
+    part runs compared (``Report.part_comparison()``) in ``part_layout``'s part space; none = no parts section."""
     from stages.report.html import ReportInputs, write_report
     from stages.segmentation.model import load_segmenter
 
@@ -86,7 +133,8 @@ def build_report(cfg: ReportConfig, manifest: Manifest, dirs: dict[str, Path], c
         training_curves={"pseudo labels": read_curve(dirs["segmenter"] / TRAINING_LOG),
                          "GT (ceiling)": read_curve(dirs["ceiling_segmenter"] / TRAINING_LOG)},
         gallery=gallery_panels(manifest, dirs, ids, model, eval_config, device), notes=notes,
-        comparison=comparison or [])
+        comparison=comparison or [],
+        parts=parts_inputs(manifest, part_layout, parts, cfg.gallery_images) if parts else None)
     summary = write_report(inputs, out_dir)
     # Paths inside the temporary stage directory mean nothing once it is published.
     return {k: v for k, v in summary.items() if k not in ("html", "markdown", "figures")}

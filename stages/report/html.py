@@ -13,6 +13,7 @@ report neither changes nor depends on the process's global backend. Apart from t
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime
 import html
 import io
@@ -41,6 +42,7 @@ LABEL_PANELS = ("seeds", "pseudo", "crf", "prediction", "gt")
 
 SECTIONS = (
     ("headline", "Headline results"), ("methods", "Propagation methods compared"),
+    ("parts", "Part segmentation (GMNet)"),
     ("per-class", "Per-class IoU"), ("cam-curve", "CAM threshold curve"),
     ("training", "Training curves"), ("gallery", "Gallery"), ("configuration", "Configuration"),
     ("provenance", "Provenance"), ("notes", "Notes"),
@@ -93,7 +95,26 @@ class ReportInputs:
     # Report.compare: one row per method (the main chain's first): EvalPseudoLabels' chain figures plus
     # "method", "trainer", "train_seconds", "propagate_seconds", "crf_seconds", "propagated_images"
     comparison: list[dict] = field(default_factory=list)
+    parts: PartsInputs | None = None       # Report.parts_compare's runs; None = no parts section
     generated: str | None = None           # the header's date; None = now
+
+
+# A parts gallery panel: its column title, how to colour it ("image", "objects" or "parts") and the array.
+PartPanel = tuple[str, str, np.ndarray]
+
+
+@dataclass
+class PartsInputs:
+    """The part runs compared (``Report.parts_compare``) and what the parts section draws of them."""
+
+    part_names: list[str]                  # background first
+    part_palette: np.ndarray               # (256, 3) uint8
+    object_names: list[str]
+    object_palette: np.ndarray             # (256, 3) uint8
+    # One per run: "entry", "cond_source", "gm_mode", "gm_lambda", "train_seconds" and "metrics", EvalParts'
+    # metrics.json (fractions; "iou" per part, None = absent; adjacency error a GM value, not a fraction)
+    runs: list[dict]
+    gallery: list[tuple[str, list[PartPanel]]] = field(default_factory=list)  # (image id, panels in order)
 
 
 # ------------------------------------------------------------------------------------------- formatting
@@ -190,6 +211,18 @@ def _check_class_names(names: Sequence[str]) -> list[str]:
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate class names in the report inputs: {names}")
     return names
+
+
+def _check_parts(parts: PartsInputs) -> PartsInputs:
+    """The parts inputs with checked names and palettes; every run's per-part IoU list matches the part names."""
+    names = _check_class_names(parts.part_names)
+    for run in parts.runs:
+        iou = (run.get("metrics") or {}).get("iou")
+        if iou is not None and len(iou) != len(names):
+            raise ValueError(f"part run {run.get('entry')!r}: {len(iou)} per-part IoU values for {len(names)} parts")
+    return dataclasses.replace(parts, part_names=names, part_palette=_check_palette(parts.part_palette),
+                               object_names=_check_class_names(parts.object_names),
+                               object_palette=_check_palette(parts.object_palette))
 
 
 # ------------------------------------------------------------------------------------------ the numbers
@@ -298,6 +331,58 @@ def comparison_rows(inputs: ReportInputs) -> list[tuple[str, ...]]:
     return rows
 
 
+PARTS_NOTE = ("GMNet part segmenters trained with object maps from each source (none: plain DeepLab-v3+; gt: "
+              "one-hot GT objects; supervised: DeepLab trained on GT objects, GMNet's choice; wsss: the weak "
+              "chain's DeepLab) and the graph-matching loss off or on (st: the released value with the softmax "
+              "gradient; hard: the released loss, no gradient), scored on val as GMNet's eval.py: one confusion "
+              "matrix, background counted, absent parts left out of the mean (%). 'Identifiable': without the parts "
+              "the image cannot tell apart (EvalParts.unidentifiable). Object mean part IoU: per object (background "
+              "its own), the mean IoU of its parts with absent parts as 0 (the reference), then as left out. Object "
+              "mIoU: the prediction collapsed to objects. Adjacency error: the released GM value on val as one "
+              "batch (lower is better), and its mean per image; cross-object adjacency: the share of the "
+              "prediction's part adjacency between parts of different objects.")
+PARTS_HEADER = ("run", "objects", "GM", "λ", "part mIoU", "without bg", "identifiable", "object mean part IoU",
+                "absent left out", "object mIoU", "adjacency error", "per image", "cross-object adjacency",
+                "training")
+PARTS_NUMERIC = [False, False, False] + [True] * 11
+
+
+def _gm_text(value: object) -> str:
+    number = _finite_or_none(value)
+    return "-" if number is None else f"{number:.4f}"
+
+
+def parts_rows(parts: PartsInputs) -> list[tuple[str, ...]]:
+    """One row per part run: its conditioning, GM mode and λ (- when GM is off), then its val metrics."""
+    rows = []
+    for run in parts.runs:
+        m = run.get("metrics") or {}
+        gm_off = run.get("gm_mode") == "off" or _finite_or_none(run.get("gm_lambda")) is None
+        rows.append((str(run.get("entry")), str(run.get("cond_source")), str(run.get("gm_mode")),
+                     "-" if gm_off else f"{_as_float(run['gm_lambda']):g}",
+                     *(format_percent(m.get(k)) for k in ("miou", "miou_no_bg", "miou_identifiable",
+                                                          "object_mean_part_iou_zero", "object_mean_part_iou_present",
+                                                          "object_miou")),
+                     _gm_text(m.get("adjacency_error")), _gm_text(m.get("adjacency_error_per_image")),
+                     format_percent(m.get("cross_object_adjacency")),
+                     format_duration(run["train_seconds"]) if run.get("train_seconds") is not None else "-"))
+    return rows
+
+
+def _part_iou(run: dict, n_parts: int) -> list[float]:
+    iou = (run.get("metrics") or {}).get("iou")
+    return [_as_float(v) for v in iou] if iou is not None else [math.nan] * n_parts
+
+
+def part_iou_rows(parts: PartsInputs) -> tuple[list[str], list[list[str]]]:
+    """Per-part IoU (%), one column per run, and the part mIoU as the last row."""
+    header = ["part", *(str(run.get("entry")) for run in parts.runs)]
+    columns = [_part_iou(run, len(parts.part_names)) for run in parts.runs]
+    rows = [[name, *(format_percent(column[i]) for column in columns)] for i, name in enumerate(parts.part_names)]
+    rows.append(["mean (part mIoU)", *(format_percent((run.get("metrics") or {}).get("miou")) for run in parts.runs)])
+    return header, rows
+
+
 def per_class_stages(inputs: ReportInputs, names: Sequence[str]) -> list[_Stage]:
     """The stages with per-class IoU, in pipeline order (absent stages left out)."""
     cam = inputs.cam_metrics or {}
@@ -338,6 +423,10 @@ def _summary(inputs: ReportInputs, compute_seconds: float, not_run: list[str]) -
         "segmentation_to_ceiling": _ratio(seg.get("miou"), ceiling.get("miou")),  # a fraction, not %
         "compute_seconds": compute_seconds,
         "not_run": not_run,
+        # per part run: its val part mIoU, identifiable-parts mIoU and adjacency error
+        "parts": {str(run.get("entry")): {k: _finite_or_none((run.get("metrics") or {}).get(k))
+                                          for k in ("miou", "miou_identifiable", "adjacency_error")}
+                  for run in (inputs.parts.runs if inputs.parts else [])},
     }
 
 
@@ -608,6 +697,108 @@ def _gallery_figure(kinds: list[str], rows: list[tuple[str, dict[str, np.ndarray
     return _png_bytes(fig)
 
 
+def _part_iou_heatmap(parts: PartsInputs) -> bytes:
+    """Per-part IoU (%) of every run as a heat map: rows the runs, columns the parts, each cell annotated."""
+    import matplotlib
+
+    names = parts.part_names
+    values = 100 * np.array([_part_iou(run, len(names)) for run in parts.runs], np.float64).reshape(-1, len(names))
+    fig = _new_figure(max(6.0, 0.42 * len(names) + 2.5), 0.4 * len(parts.runs) + 1.9)
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#eeeeee")
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0, vmax=100, aspect="auto",
+                      interpolation="nearest")
+    for r, c in np.ndindex(values.shape):
+        if np.isfinite(values[r, c]):
+            ax.text(c, r, f"{values[r, c]:.0f}", ha="center", va="center", fontsize=6,
+                    color="white" if values[r, c] < 60 else "black")
+    ax.set_xticks(np.arange(len(names)))
+    ax.set_xticklabels([_mpl(name) for name in names], rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(np.arange(len(parts.runs)))
+    ax.set_yticklabels([_mpl(run.get("entry")) for run in parts.runs], fontsize=8)
+    fig.colorbar(image, ax=ax, label="IoU (%)", fraction=0.025, pad=0.01)
+    return _png_bytes(fig)
+
+
+def parts_gallery_rows(parts: PartsInputs) -> tuple[list[str], list[tuple[str, dict[str, np.ndarray]]]]:
+    """The column titles (first seen first) and, per image, each panel as RGB at the image's size: object maps in
+    the object palette, part maps in the part palette."""
+    palettes = {"objects": parts.object_palette, "parts": parts.part_palette}
+    titles: list[str] = []
+    rendered = []
+    for image_id, panels in parts.gallery:
+        if not panels:
+            continue
+        sizes = [np.asarray(array).shape[:2] for _, kind, array in panels if kind == "image"]
+        size_hw = tuple(int(n) for n in (sizes[0] if sizes else np.asarray(panels[0][2]).shape[:2]))
+        row = {}
+        for title, kind, array in panels:
+            what = f"parts gallery {image_id!r} panel {title!r}"
+            if kind == "image":
+                row[title] = _image_rgb(array, what)
+            elif kind in palettes:
+                labels = _resize(_check_labels(np.asarray(array), what), size_hw, nearest=True)
+                row[title] = _label_rgb(labels, palettes[kind], what)
+            else:
+                raise ValueError(f"{what}: kind must be image, objects or parts, got {kind!r}")
+            if title not in titles:
+                titles.append(title)
+        rendered.append((str(image_id), row))
+    return titles, rendered
+
+
+def _parts_gallery_figure(titles: list[str], rows: list[tuple[str, dict[str, np.ndarray]]]) -> bytes:
+    panel_width = 1.5
+    ratios = [max(0.2, next(iter(panels.values())).shape[0] / next(iter(panels.values())).shape[1])
+              for _, panels in rows]
+    fig = _new_figure(panel_width * len(titles) + 0.4, panel_width * sum(ratios) + 0.6, dpi=120)
+    axes = fig.subplots(len(rows), len(titles), squeeze=False, gridspec_kw={"height_ratios": ratios})
+    for r, (image_id, panels) in enumerate(rows):
+        for c, title in enumerate(titles):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if title in panels:
+                ax.imshow(panels[title], interpolation="nearest")
+            else:
+                ax.text(0.5, 0.5, "missing", ha="center", va="center", color="#999", transform=ax.transAxes)
+            if r == 0:
+                ax.set_title(_mpl(title), fontsize=8)
+            if c == 0:
+                ax.set_ylabel(_mpl(image_id), fontsize=8)
+    fig.subplots_adjust(left=0.03, right=0.99, bottom=0.01, top=0.93, wspace=0.04, hspace=0.06)
+    return _png_bytes(fig)
+
+
+def _swatches(names: Sequence[str], palette: np.ndarray) -> str:
+    return "".join(f'<span class="swatch" style="background: rgb({r},{g},{b})"></span>{_esc(name)}'
+                   for name, (r, g, b) in zip([*names, "ignore"], [*palette[: len(names)], palette[255]]))
+
+
+def _parts_html(parts: PartsInputs, figures: _Figures) -> list[str]:
+    out = [f"<p>{_esc(PARTS_NOTE)}</p>", _table(PARTS_HEADER, parts_rows(parts), numeric=PARTS_NUMERIC)]
+    png = figures.add("part_iou", _part_iou_heatmap(parts))
+    out.append(_figure(png, "per-part IoU of every part run", "Per-part IoU (%) on val, one row per run; grey: "
+                                                               "the part is absent (IoU undefined)."))
+    header, rows = part_iou_rows(parts)
+    out.append(f"<details><summary>Per-part IoU table ({len(parts.part_names)} parts)</summary>")
+    out.append(_table(header, rows, numeric=[False] + [True] * len(parts.runs),
+                      row_classes=[""] * len(parts.part_names) + ["mean"]))
+    out.append("</details>")
+    titles, rendered = parts_gallery_rows(parts)
+    if rendered:
+        png = figures.add("parts_gallery", _parts_gallery_figure(titles, rendered))
+        out.append(_figure(png, "part segmentation gallery",
+                           "Val images (" + ", ".join(image_id for image_id, _ in rendered) + "); columns: "
+                           + ", ".join(titles) + ". Object maps: the argmax of the conditioning maps (ignore colour "
+                           "where they are uniform); part maps in the part palette."))
+        out.append(f'<p class="meta">Part colours: {_swatches(parts.part_names, parts.part_palette)}</p>')
+        out.append(f'<p class="meta">Object colours: {_swatches(parts.object_names, parts.object_palette)}</p>')
+    else:
+        out.append(_not_run_line("No part gallery images were given."))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------- HTML
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequence[bool] = (),
@@ -691,7 +882,8 @@ def _render_html(inputs: ReportInputs, names: list[str], palette: np.ndarray, fi
     versions = _merged_versions(inputs.provenance)
     if versions:
         out.append('<p class="meta">Versions: ' + "; ".join(f"{_esc(k)} {_esc(v)}" for k, v in versions) + "</p>")
-    shown = [(sid, title) for sid, title in SECTIONS if sid != "methods" or inputs.comparison]
+    optional = {"methods": bool(inputs.comparison), "parts": inputs.parts is not None}
+    shown = [(sid, title) for sid, title in SECTIONS if optional.get(sid, True)]
     out.append("<nav>" + "".join(f'<a href="#{sid}">{_esc(title)}</a>' for sid, title in shown) + "</nav>")
     titles = dict(SECTIONS)
 
@@ -707,6 +899,9 @@ def _render_html(inputs: ReportInputs, names: list[str], palette: np.ndarray, fi
         heading("methods")
         out.append(f"<p>{_esc(COMPARISON_NOTE)}</p>")
         out.append(_table(COMPARISON_HEADER, comparison_rows(inputs), numeric=COMPARISON_NUMERIC))
+    if inputs.parts is not None:
+        heading("parts")
+        out += _parts_html(inputs.parts, figures)
 
     heading("per-class")
     stages = per_class_stages(inputs, names)
@@ -822,6 +1017,12 @@ def _render_markdown(inputs: ReportInputs, names: list[str], compute_seconds: fl
     if inputs.comparison:
         lines += ["", "## Propagation methods compared", "", COMPARISON_NOTE, ""]
         lines += _md_table(COMPARISON_HEADER, comparison_rows(inputs), numeric=COMPARISON_NUMERIC)
+    if inputs.parts is not None:
+        lines += ["", f"## {dict(SECTIONS)['parts']}", "", PARTS_NOTE, ""]
+        lines += _md_table(PARTS_HEADER, parts_rows(inputs.parts), numeric=PARTS_NUMERIC)
+        header, rows = part_iou_rows(inputs.parts)
+        lines += ["", "Per-part IoU (%):", ""]
+        lines += _md_table(header, rows, numeric=[False] + [True] * len(inputs.parts.runs))
     lines += ["", "## Per-class IoU", ""]
     stages = per_class_stages(inputs, names)
     if stages:
@@ -853,6 +1054,8 @@ def write_report(inputs: ReportInputs, out_dir: Path) -> dict:
     """
     names = _check_class_names(inputs.class_names)
     palette = _check_palette(inputs.palette)
+    if inputs.parts is not None:
+        inputs = dataclasses.replace(inputs, parts=_check_parts(inputs.parts))
     out_dir = Path(out_dir)
     figures = _Figures(out_dir / FIGURES_DIR)
     compute_seconds = _compute_seconds(inputs.provenance)
