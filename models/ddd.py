@@ -385,42 +385,64 @@ class _MapTracker:
 
 # ----------------------------------------------------------------------------------------------------- layer
 
-class DDDLayer(nn.Module):
-    """Learned unary and pairwise potentials from features (B, D, H, W) and DDD's logits (B, C, H, W) on that grid.
+class PairwiseHead(nn.Module):
+    """theta_ij = one 1x1 conv on [f_i; f_j] (2D -> C^2) for every horizontal and vertical pair at distances 1..K,
+    initialised N(0, 1e-3) with zero bias so the CRF starts almost flat (reference)."""
 
-    Unary: 1x1 conv D -> C; pairwise: one 1x1 conv on [f_left; f_right] (2D -> C^2) for every horizontal and vertical
-    pair at every distance; both initialised N(0, 1e-3) with zero bias, so the CRF starts almost flat (reference)."""
-
-    def __init__(self, in_channels: int, num_classes: int, distances: int = 2, gamma: float = 2.0,
-                 iterations: int = 5, alpha: float = 0.0, early_stop: float | None = 1e-4,
-                 backend: str = "function"):
+    def __init__(self, in_channels: int, num_classes: int, distances: int = 2):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"DDD needs at least 2 classes, got num_classes = {num_classes}")
         if distances < 1:
             raise ValueError(f"DDD distances must be >= 1, got {distances}")
         self.num_classes, self.distances = num_classes, distances
-        self.gamma, self.iterations, self.alpha = gamma, iterations, alpha
-        self.early_stop, self.backend = early_stop, backend
+        self.conv = nn.Conv2d(2 * in_channels, num_classes * num_classes, 1)
+        nn.init.normal_(self.conv.weight, 0.0, 1e-3)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, features: Tensor) -> GridPairs:
+        """conv([f_i; f_j]) = W_first f_i + W_second f_j + b, evaluated as two per-pixel maps added at every offset."""
+        b, dim, h, w = features.shape
+        c, weight = self.num_classes, self.conv.weight
+        first = F.conv2d(features, weight[:, :dim], self.conv.bias).reshape(b, c, c, h, w)
+        second = F.conv2d(features, weight[:, dim:]).reshape(b, c, c, h, w)
+        return [(first[..., :, :-d] + second[..., :, d:], first[..., :-d, :] + second[..., d:, :])
+                for d in range(1, self.distances + 1)]
+
+
+@dataclass(frozen=True)
+class DDDOptions:
+    """The solver's knobs (the reference's values are the defaults); ``early_stop`` None never stops early."""
+
+    iterations: int = 5
+    gamma: float = 2.0
+    distances: int = 2
+    alpha: float = 0.0            # 0 = 1 / max(H, W)
+    early_stop: float | None = 1e-4
+    backend: str = "function"     # function (recompute in backward) | autograd
+
+
+class DDDLayer(nn.Module):
+    """Learned unary and pairwise potentials from features (B, D, H, W) and DDD's logits (B, C, H, W) on that grid.
+
+    Unary: 1x1 conv D -> C, initialised N(0, 1e-3) with zero bias (reference); pairwise: :class:`PairwiseHead`."""
+
+    def __init__(self, in_channels: int, num_classes: int, options: DDDOptions = DDDOptions()):
+        super().__init__()
+        self.options = options
+        self.pairwise = PairwiseHead(in_channels, num_classes, options.distances)
         self.unary = nn.Conv2d(in_channels, num_classes, 1)
-        self.pairwise = nn.Conv2d(2 * in_channels, num_classes * num_classes, 1)
-        for conv in (self.unary, self.pairwise):
-            nn.init.normal_(conv.weight, 0.0, 1e-3)
-            nn.init.zeros_(conv.bias)
+        nn.init.normal_(self.unary.weight, 0.0, 1e-3)
+        nn.init.zeros_(self.unary.bias)
 
     def potentials(self, features: Tensor) -> tuple[Tensor, GridPairs]:
-        """theta_i (B, C, H, W) and the pairwise tables: conv([f_i; f_j]) = W_l f_i + W_r f_j + b, evaluated as two
-        per-pixel maps added at every offset."""
-        b, _, h, w = features.shape
-        c, dim = self.num_classes, features.shape[1]
-        weight = self.pairwise.weight
-        first = F.conv2d(features, weight[:, :dim], self.pairwise.bias).reshape(b, c, c, h, w)
-        second = F.conv2d(features, weight[:, dim:]).reshape(b, c, c, h, w)
-        pairs = [(first[..., :, :-d] + second[..., :, d:], first[..., :-d, :] + second[..., d:, :])
-                 for d in range(1, self.distances + 1)]
-        return self.unary(features), pairs
+        return self.unary(features), self.pairwise(features)
 
     def forward(self, features: Tensor) -> Tensor:
-        unary, pairs = self.potentials(features)
-        return dual_decomposition(unary, pairs, self.gamma, self.iterations, self.alpha, self.early_stop,
-                                  self.backend)
+        return solve(*self.potentials(features), self.options)
+
+
+def solve(unary: Tensor, pairs: GridPairs, options: DDDOptions) -> Tensor:
+    """:func:`dual_decomposition` with ``options``."""
+    return dual_decomposition(unary, pairs, options.gamma, options.iterations, options.alpha, options.early_stop,
+                              options.backend)

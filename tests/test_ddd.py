@@ -15,7 +15,9 @@ from bench.ddd import naive_dual_decomposition
 from models.ddd import (
     ChainMarginals,
     DDDLayer,
+    DDDOptions,
     GridDecomposition,
+    PairwiseHead,
     chain_layout,
     chain_marginals,
     chain_marginals_autograd,
@@ -23,6 +25,12 @@ from models.ddd import (
     grid_score,
     map_inference,
 )
+from models.deeplab import create_segmenter
+from pipeline.checks import validate_config
+from stages.config import EvalSegmentationConfig, TrainSegmentationConfig
+from stages.segmentation.model import load_matching, load_segmenter
+from stages.segmentation.predict import predict_images
+from stages.segmentation.train import segmentation_loss, train_segmentation
 
 D64 = torch.float64
 
@@ -257,14 +265,14 @@ def test_map_mode_matches_alpha_expansion_on_potts_grids():
 
 def test_pairwise_tables_are_one_conv_on_the_concatenated_features():
     torch.manual_seed(11)
-    layer = DDDLayer(5, 3, distances=2).double()
-    torch.nn.init.normal_(layer.pairwise.weight)
-    torch.nn.init.normal_(layer.pairwise.bias)
+    layer = DDDLayer(5, 3).double()
+    torch.nn.init.normal_(layer.pairwise.conv.weight)
+    torch.nn.init.normal_(layer.pairwise.conv.bias)
     f = torch.randn(2, 5, 4, 6, dtype=D64)
     _, pairs = layer.potentials(f)
     for d, (horizontal, vertical) in enumerate(pairs, start=1):
-        h_pairs = layer.pairwise(torch.cat([f[..., :-d], f[..., d:]], 1)).reshape(2, 3, 3, 4, 6 - d)
-        v_pairs = layer.pairwise(torch.cat([f[..., :-d, :], f[..., d:, :]], 1)).reshape(2, 3, 3, 4 - d, 6)
+        h_pairs = layer.pairwise.conv(torch.cat([f[..., :-d], f[..., d:]], 1)).reshape(2, 3, 3, 4, 6 - d)
+        v_pairs = layer.pairwise.conv(torch.cat([f[..., :-d, :], f[..., d:, :]], 1)).reshape(2, 3, 3, 4 - d, 6)
         torch.testing.assert_close(horizontal, h_pairs)
         torch.testing.assert_close(vertical, v_pairs)
 
@@ -276,7 +284,7 @@ def test_layer_forward_backward_any_class_count():
         out = layer(f)
         assert out.shape == (2, classes, 5, 6)
         out.square().sum().backward()
-        assert f.grad.abs().sum() > 0 and layer.pairwise.weight.grad.abs().sum() > 0
+        assert f.grad.abs().sum() > 0 and layer.pairwise.conv.weight.grad.abs().sum() > 0
 
 
 def test_bad_input_is_refused_clearly():
@@ -315,3 +323,64 @@ def test_cpu_and_cuda_agree():
         results.append([out.detach().cpu()] + [t.grad.cpu() for t in inputs])
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
+
+
+# -------------------------------------------------------------------------------------------- the segmenter
+
+@pytest.mark.parametrize("stride", [8, 16])
+def test_deeplabv3_ddd_shapes_strides_and_gradients(stride, one_thread):
+    net = create_segmenter("deeplabv3_ddd", "resnet_mini", 5, freeze_bn=False, output_stride=stride,
+                           ddd=DDDOptions(iterations=3))
+    x = torch.randn(2, 3, 64, 80)
+    out = net.train()(x)
+    assert out.shape == (2, 5, 64 // stride, 80 // stride)
+    segmentation_loss(out, torch.randint(0, 5, (2, 64, 80))).backward()
+    for p in (net.pairwise.conv.weight, net.classifier.weight, net.backbone.conv1.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    head = {id(p) for g in net.param_groups() if g["lr_mult"] > 1 for p in g["params"]}
+    assert id(net.pairwise.conv.weight) in head
+    msc = create_segmenter("deeplabv3_ddd", "resnet_mini", 5, msc=True, output_stride=stride).eval()
+    assert msc(x).shape == out.shape
+
+
+def test_flat_crf_leaves_the_plain_deeplabv3_prediction(tmp_path, one_thread):
+    """With zero pairwise tables every chain's marginal is its unary plus a constant, so DDD's softmax is the
+    plain DeepLab-v3's, whose weights (classifier included) load by key into the DDD model."""
+    torch.manual_seed(0)
+    plain = create_segmenter("deeplabv3", "resnet_mini", 4, output_stride=8).eval()
+    torch.nn.init.normal_(plain.classifier.weight, 0.0, 0.1)
+    torch.save(plain.state_dict(), tmp_path / "v3.pth")
+    ddd = create_segmenter("deeplabv3_ddd", "resnet_mini", 4, output_stride=8).eval()
+    assert load_matching(ddd, tmp_path / "v3.pth") == ["pairwise.conv.bias", "pairwise.conv.weight"]
+    torch.nn.init.zeros_(ddd.pairwise.conv.weight)
+    x = torch.randn(1, 3, 56, 72)
+    with torch.no_grad():
+        torch.testing.assert_close(ddd(x).softmax(1), plain(x).softmax(1), rtol=1e-4, atol=1e-5)
+        torch.nn.init.normal_(ddd.pairwise.conv.weight, 0.0, 0.1)
+        assert (ddd(x).softmax(1) - plain(x).softmax(1)).abs().max() > 1e-2   # and a learned CRF changes it
+
+
+def test_segmenter_knobs_are_checked():
+    with pytest.raises(ValueError, match="output stride 8 only"):
+        create_segmenter("deeplabv2", "resnet_mini", 3, output_stride=16)
+    with pytest.raises(ValueError, match="output stride 8 or 16"):
+        create_segmenter("deeplabv3_ddd", "resnet_mini", 3, output_stride=32)
+    with pytest.raises(ValueError, match="output_stride"):
+        validate_config(TrainSegmentationConfig(model="deeplabv3_ddd", output_stride=4, freeze_bn=False))
+    with pytest.raises(ValueError, match="ddd_iterations"):
+        validate_config(TrainSegmentationConfig(model="deeplabv3_ddd", ddd_iterations=0, freeze_bn=False))
+
+
+def test_deeplabv3_ddd_trains_end_to_end_and_predicts(tiny_manifest, tmp_path, one_thread):
+    cfg = TrainSegmentationConfig(model="deeplabv3_ddd", output_stride=8, iterations=3, batch_size=4, crop_size=48,
+                                  scales=(1.0,), freeze_bn=False, eval_every=0, checkpoint_every=3)
+    space, manifest = tiny_manifest.label_space, tiny_manifest
+    metrics = train_segmentation(cfg, manifest, lambda i, shape: manifest.layout.read_label(i, shape=shape),
+                                 tmp_path, torch.device("cpu"))
+    assert metrics["iterations"] == 3 and np.isfinite(metrics["final_loss"])
+    model = load_segmenter(cfg, space.num_classes, tmp_path, torch.device("cpu"))
+    assert isinstance(model.pairwise, PairwiseHead)
+    ids = manifest.splits["val"][:2]
+    out = predict_images(EvalSegmentationConfig(scales=(1.0,), flip=False, crf=True), model, manifest, ids,
+                         tmp_path / "pred", torch.device("cpu"))
+    assert np.asarray(out["confusion_raw"]).sum() == np.asarray(out["confusion_crf"]).sum() > 0
