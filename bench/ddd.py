@@ -9,12 +9,19 @@ Cases (batch, classes, grid; K = 2, 5 passes, gamma = 2): ``voc`` 8 x 21 x 33x33
 8 x 21 x 65x65, ``demo`` 10 x 11 x 14x14 (the demo crop at OS8), ``parts58`` and ``parts108`` at 33x33 (batch 2 on
 the CPU: plain autograd at batch 8 would need ~16 GB at C = 108). Sides: ``function`` (the layer:
 :class:`models.ddd.ChainMarginals`, recompute in backward), ``autograd`` (the same vectorised DP, plain autograd)
-and ``loop`` (the per-chain loop). Each (case, side) runs in a fresh process: forward seconds (no grad) and
-forward + backward seconds, each the median of ``repeat`` runs after a warm-up, and the peak resident memory (CPU)
-or ``max_memory_allocated`` (CUDA) of one forward + backward above the state with the potentials built. The
-ratios (loop / function time, function / autograd memory; target <= 0.25) come from one run. The outputs of the
-three sides are compared on the case's first image (asserted <= 1e-4). ``demo`` also times the host: one
-training step of ``deeplabv3`` and of ``deeplabv3_ddd`` on the demo's ``resnet_mini`` (crop 112, batch 10).
+and ``loop`` (the per-chain loop; it loops over images, so it runs the case's first image only and its figures are
+per image, its ratios against the others' per-image time).
+
+Each (case, side) runs in a fresh process, on one thread on the CPU (the machine is shared: two threads on a
+loaded host wait on each other at every small op). After a 3x3 warm-up that loads the code paths: the memory the
+autograd graph holds after the forward (``graph_mib``) and the peak of forward + backward (``train_peak_mib``),
+resident memory above the state with the potentials built (CPU) or allocated memory (CUDA); then forward seconds
+(no grad) and forward + backward seconds, each the median of ``repeat`` runs after a warm-up. Both memories
+include what the sides share (the gathered pairwise tables and their gradients, O(B K H W C^2)); the graph's is
+closest to "what each pass keeps". Ratios from one run: loop / layer time per image, layer / autograd memory
+(target <= 0.25). The three sides' outputs are compared on the case's first image (asserted <= 1e-4). ``demo``
+also times the host: one training step of ``deeplabv3`` and of ``deeplabv3_ddd`` on the demo's ``resnet_mini``
+(OS8, crop 112, batch 10).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import torch
 from torch import Tensor
 
@@ -69,7 +77,7 @@ def _naive_pass(unary: Tensor, pairs: GridPairs, copies: list[Tensor], gamma: fl
                         m[:, ys, x] = cm
                     else:
                         m[:, y, xs] = cm
-                    dual += float(smax(cm[:, 0], gamma, 0))
+                    dual += float(smax(cm[:, 0].detach(), gamma, 0))
         marginals.append(m)
     return marginals, dual
 
@@ -133,8 +141,11 @@ def _median_seconds(fn, device: torch.device, repeat: int) -> float:
 
 
 def measure_side(case: str, side: str, device: torch.device, repeat: int) -> dict:
-    """Seconds forward, seconds forward + backward and peak MiB of forward + backward, for one side of a case."""
+    """Peak MiB of forward + backward (measured first, in a fresh process), seconds forward and seconds forward +
+    backward, for one side of a case (the loop: its first image)."""
     unary, pairs = case_inputs(case, device)
+    if side == "loop":
+        unary, pairs = unary[:1], [(hz[:1], vt[:1]) for hz, vt in pairs]
     inputs = [unary] + [t for hv in pairs for t in hv]
     leaves = [t.clone().requires_grad_() for t in inputs]
     leaf_pairs = [(leaves[1], leaves[2]), (leaves[3], leaves[4])]
@@ -147,18 +158,29 @@ def measure_side(case: str, side: str, device: torch.device, repeat: int) -> dic
         run_side(side, leaves[0], leaf_pairs).sum().backward()
         for t in leaves:
             t.grad = None
-    seconds_fwd = _median_seconds(forward, device, repeat)
-    seconds_train = _median_seconds(train, device, repeat)
+    tiny = [t.clone().requires_grad_() for t in [unary[:1, :, :3, :3]] +
+            [x for d, (hz, vt) in enumerate(pairs, 1) for x in (hz[:1, ..., :3, :3 - d], vt[:1, ..., :3 - d, :3])]]
+    run_side(side, tiny[0], [(tiny[1], tiny[2]), (tiny[3], tiny[4])]).sum().backward()   # load code, start threads
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        train()
+        out = run_side(side, leaves[0], leaf_pairs)
+        graph = torch.cuda.memory_allocated() - base
+        out.sum().backward()
         peak = torch.cuda.max_memory_allocated() - base
     else:
+        process = psutil.Process()
         with PeakMemory() as memory:
-            train()
+            base = process.memory_info().rss
+            out = run_side(side, leaves[0], leaf_pairs)
+            graph = process.memory_info().rss - base
+            out.sum().backward()
         peak = memory.peak
-    return {"forward_s": seconds_fwd, "train_s": seconds_train, "train_peak_mib": peak / 2**20}
+    del out
+    for t in leaves:
+        t.grad = None
+    return {"batch": unary.shape[0], "train_peak_mib": peak / 2**20, "graph_mib": graph / 2**20,
+            "forward_s": _median_seconds(forward, device, repeat), "train_s": _median_seconds(train, device, repeat)}
 
 
 def agreement(case: str, device: torch.device) -> float:
@@ -205,12 +227,13 @@ def bench_ddd(cases: tuple[str, ...] = tuple(CASES), device: str = "cpu", repeat
         if diff > 1e-4:
             raise AssertionError(f"{case}: the sides disagree by {diff:.3g}")
         f, a, loop = row["function"], row["autograd"], row["loop"]
-        cuda_batch, cpu_batch, c, h, w = CASES[case]
-        row.update({"shape": f"B {cuda_batch if device == 'cuda' else cpu_batch}, C {c}, {h}x{w}",
-                    "max_abs_diff": diff, "speedup_fwd_vs_loop": loop["forward_s"] / f["forward_s"],
-                    "speedup_train_vs_loop": loop["train_s"] / f["train_s"],
+        _, _, c, h, w = CASES[case]
+        per_image = f["batch"] / loop["batch"]
+        row.update({"shape": f"B {f['batch']}, C {c}, {h}x{w}", "max_abs_diff": diff,
+                    "speedup_fwd_vs_loop": loop["forward_s"] * per_image / f["forward_s"],
+                    "speedup_train_vs_loop": loop["train_s"] * per_image / f["train_s"],
                     "memory_function_vs_autograd": f["train_peak_mib"] / a["train_peak_mib"],
-                    "memory_function_vs_loop": f["train_peak_mib"] / loop["train_peak_mib"]})
+                    "graph_function_vs_autograd": f["graph_mib"] / a["graph_mib"]})
         results[case] = row
     if "demo" in cases:
         host = in_fresh_process("bench.ddd", "--worker", "host", "-", "--device", device, "--repeat", str(repeat))
@@ -221,9 +244,10 @@ def bench_ddd(cases: tuple[str, ...] = tuple(CASES), device: str = "cpu", repeat
 
 
 def table(results: dict) -> str:
-    lines = ["| case | shape | fwd s (layer / loop) | fwd+bwd s (layer / autograd / loop) | peak MiB (layer / "
-             "autograd / loop) | loop / layer time | layer / autograd memory | max diff |",
-             "|---|---|---|---|---|---:|---:|---:|"]
+    lines = ["| case | shape | fwd s (layer / loop per image) | fwd+bwd s (layer / autograd / loop per image) | "
+             "graph MiB (layer / autograd) | fwd+bwd peak MiB (layer / autograd / loop per image) | "
+             "loop / layer fwd+bwd time | layer / autograd graph, peak | max diff |",
+             "|---|---|---|---|---|---|---:|---:|---:|"]
     for case in CASES:
         if case not in results:
             continue
@@ -231,8 +255,10 @@ def table(results: dict) -> str:
         f, a, loop = r["function"], r["autograd"], r["loop"]
         lines.append(f"| {case} | {r['shape']} | {f['forward_s']:.3g} / {loop['forward_s']:.3g} | "
                      f"{f['train_s']:.3g} / {a['train_s']:.3g} / {loop['train_s']:.3g} | "
+                     f"{f['graph_mib']:.4g} / {a['graph_mib']:.4g} | "
                      f"{f['train_peak_mib']:.4g} / {a['train_peak_mib']:.4g} / {loop['train_peak_mib']:.4g} | "
-                     f"{r['speedup_train_vs_loop']:.3g}× | {r['memory_function_vs_autograd']:.3g} | "
+                     f"{r['speedup_train_vs_loop']:.3g}× | {r['graph_function_vs_autograd']:.3g}, "
+                     f"{r['memory_function_vs_autograd']:.3g} | "
                      f"{r['max_abs_diff']:.2g} |")
     return "\n".join(lines)
 
@@ -246,6 +272,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.worker:
+        torch.set_num_threads(1)
         case, side = args.worker
         figures = host_steps(device, args.repeat) if case == "host" else measure_side(case, side, device, args.repeat)
         print(json.dumps(figures))

@@ -62,11 +62,12 @@ def smax(x: Tensor, gamma: float, dim: int) -> Tensor:
     return gamma * torch.logsumexp(x / gamma, dim)
 
 
-def _soft_argmax(x: Tensor, gamma: float, dim: int) -> Tensor:
-    """The derivative of :func:`smax` w.r.t. ``x``: softmax(x / gamma), or the one-hot arg-max at gamma = 0."""
+def _soft_argmax(x: Tensor, value: Tensor, gamma: float, dim: int) -> Tensor:
+    """The derivative of :func:`smax` w.r.t. ``x`` given its ``value`` = smax(x, dim): exp((x - value) / gamma), the
+    softmax without a second reduction; the one-hot arg-max at gamma = 0."""
     if gamma == 0:
         return F.one_hot(x.argmax(dim), x.shape[dim]).to(x.dtype).movedim(-1, dim)
-    return torch.softmax(x / gamma, dim)
+    return ((x - value.unsqueeze(dim)) / gamma).exp_()
 
 
 # ----------------------------------------------------------------------------------------------- chain DP
@@ -96,7 +97,8 @@ class ChainMarginals(torch.autograd.Function):
 
     Backward: with g = dL/dm, the adjoint of F runs right to left, Fbar_L = g_L,
     Fbar_s(a) = g_s(a) + sum_b w_s(a | b) Fbar_{s+1}(b), w_s(. | b) = soft-argmax_a[F_s(a) + theta_s(a, b)]; the
-    adjoint of B runs left to right likewise; du = Fbar + Bbar - g and dtheta_s(a, b) collects both directions."""
+    adjoint of B runs left to right likewise; du = Fbar + Bbar - g and dtheta_s(a, b) collects both directions.
+    The smax values the weights need are F_{s+1} - u_{s+1} and B_s - u_s, so no reduction is recomputed."""
 
     @staticmethod
     def forward(ctx, unary: Tensor, pair: Tensor, gamma: float) -> Tensor:
@@ -114,12 +116,14 @@ class ChainMarginals(torch.autograd.Function):
         fwd_adj, bwd_adj = torch.empty_like(unary), torch.empty_like(unary)
         fwd_adj[-1] = grad[-1]
         for s in range(length - 2, -1, -1):
-            part = _soft_argmax(fwd[s][:, :, None] + pair[s], gamma, 1) * fwd_adj[s + 1][:, None, :]
+            weight = _soft_argmax(fwd[s][:, :, None] + pair[s], fwd[s + 1] - unary[s + 1], gamma, 1)
+            part = weight * fwd_adj[s + 1][:, None, :]
             grad_pair[s] = part
             fwd_adj[s] = grad[s] + part.sum(2)
         bwd_adj[0] = grad[0]
         for s in range(length - 1):
-            part = _soft_argmax(bwd[s + 1][:, None, :] + pair[s], gamma, 2) * bwd_adj[s][:, :, None]
+            weight = _soft_argmax(bwd[s + 1][:, None, :] + pair[s], bwd[s] - unary[s], gamma, 2)
+            part = weight * bwd_adj[s][:, :, None]
             grad_pair[s] += part
             bwd_adj[s + 1] = grad[s + 1] + part.sum(1)
         return fwd_adj + bwd_adj - grad, grad_pair, None
