@@ -18,6 +18,10 @@
 8. DeepLab training (bench/segmentation.py): images/s of DeepLab-v2/v3+ on ``resnet_mini`` against the CAM
    net's training step on the same backbone; on CUDA, DeepLab-v2 ResNet-101 MSC with AMP + channels-last
    against float32.
+9. DDD's grid CRF layer (bench/ddd.py; alone: ``python -m bench.ddd``): the vectorised chain DP (recompute
+   Function) against plain autograd and a per-chain Python loop at VOC size (33x33, C = 21, batch 8), OS8 (65x65),
+   the demo grid and C = 58 / 108: seconds forward and forward + backward, graph and peak memory, and a training
+   step of deeplabv3_ddd against plain deeplabv3 on the demo backbone.
 
 Results go to ``bench/results/latest.json`` and are printed as a table.
 """
@@ -40,6 +44,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.crf import bench_crf  # noqa: E402
+from bench.ddd import bench_ddd  # noqa: E402
+from bench.ddd import table as ddd_table  # noqa: E402
 from bench.maps import smooth_cam_stack  # noqa: E402
 from bench.propagation import bench_propagation, table  # noqa: E402
 from bench.pseudo_labels import bench_pseudo_labels  # noqa: E402
@@ -171,7 +177,8 @@ def main() -> None:
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
                "cam_inference": bench_cam_inference(), "storage": bench_storage(), "noop_rerun": bench_noop_rerun(),
                "pseudo_labels": bench_pseudo_labels(), "propagation": bench_propagation(),
-               "scheduling": bench_scheduling(), "crf": bench_crf(), "segmentation": bench_segmentation()}
+               "scheduling": bench_scheduling(), "crf": bench_crf(), "segmentation": bench_segmentation(),
+               "ddd": bench_ddd()}
     out = REPO / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=1))
@@ -179,6 +186,10 @@ def main() -> None:
         print(f"\n[{section}]")
         if section == "propagation":
             print(table(values["rows"]))
+            continue
+        if section == "ddd":
+            print(ddd_table(values))
+            print(json.dumps(values.get("host", {})))
             continue
         for key, value in values.items():
             print(f"  {key:<30} {value:.4g}" if isinstance(value, float) else f"  {key:<30} {value}")

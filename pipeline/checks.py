@@ -62,6 +62,9 @@ def _report(cfg) -> None:
     from pipeline.variants import variant_overrides
     for spec in cfg.compare:
         variant_overrides(spec)  # raises, naming the entry
+    from pipeline.variants import segmenter_overrides
+    for spec in cfg.compare_segmenters:
+        segmenter_overrides(spec)  # raises, naming the entry
 
 
 NAME_CHECKS: dict[str, Callable[[object], None]] = {

@@ -28,7 +28,7 @@ from pipeline.framework import (
     with_config,
 )
 from pipeline.settings import runtime
-from pipeline.variants import variant_overrides
+from pipeline.variants import segmenter_overrides, variant_overrides
 from stages import config as C
 from stages.runtime import resolve_device
 
@@ -485,7 +485,28 @@ class Report(StageTask):
                 "ceiling_segmenter": TrainSegmentation(labels="gt"),
                 "ceiling": EvalSegmentation(labels="gt"),
                 **{f"compare:{spec}": stage_in_variant(EvalPseudoLabels, variant_overrides(spec))
-                   for spec in self.compare}}
+                   for spec in self.compare},
+                **{f"segmenter:{spec}:{labels}": stage_in_variant(
+                    EvalSegmentation, {"TrainSegmentation": segmenter_overrides(spec)}, labels=labels)
+                   for spec in self.compare_segmenters for labels in LABEL_SOURCES}}
+
+    def segmenter_comparison(self) -> list[dict]:
+        """One row per (segmenter, labels), the main segmenter's first: val mIoU without and with the dense CRF."""
+        if not self.compare_segmenters:
+            return []
+        upstream = self.upstream()
+        evaluations = [(f"{upstream['segmenter'].model} (main chain)", labels,
+                        upstream["segmentation" if labels == "pseudo" else "ceiling"]) for labels in LABEL_SOURCES]
+        evaluations += [(spec, labels, upstream[f"segmenter:{spec}:{labels}"])
+                        for spec in self.compare_segmenters for labels in LABEL_SOURCES]
+        rows = []
+        for model, labels, evaluation in evaluations:
+            metrics = read_json(evaluation.stage_dir / METRICS)
+            trainer = evaluation.upstream()["model"]
+            rows.append({"model": model, "labels": labels, "miou_no_crf": metrics["miou_no_crf"],
+                         "miou_crf": metrics["miou"] if metrics.get("crf") else None,
+                         "train_seconds": read_json(trainer.stage_dir / PROVENANCE)["seconds"]})
+        return rows
 
     def comparison(self) -> list[dict]:
         """One row per method, the main chain's first, then ``compare``'s: pseudo-label mIoU and compute time."""
@@ -518,7 +539,8 @@ class Report(StageTask):
         return build_report(self.config, manifest_of(self), dirs, config, provenance,
                             segmenter_config=upstream["segmenter"].config,
                             eval_config=upstream["segmentation"].config, device=resolve_device(runtime().device),
-                            out_dir=out_dir, comparison=self.comparison())
+                            out_dir=out_dir, comparison=self.comparison(),
+                            segmenters=self.segmenter_comparison())
 
 
 class FullWSSS(luigi.WrapperTask):

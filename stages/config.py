@@ -384,6 +384,10 @@ class ReportConfig:
     # Propagation methods run beside the main chain (same CAMs) and compared side by side in the report, each
     # "propagation" or "propagation/supervision", e.g. ["gcn", "a2gnn", "a2gnn/box", "graphcut", "dsrg"]
     compare: tuple[str, ...] = ()
+    # Segmenters trained beside the main one on the same pseudo labels and on GT, each scored on val with and without
+    # the dense CRF in one table: "model[:knob=value,...]" with TrainSegmentation knobs, e.g.
+    # ["deeplabv3:output_stride=8", "deeplabv3_ddd:output_stride=8"] (DeepLab-v3 without and with DDD)
+    compare_segmenters: tuple[str, ...] = ()
 
 
 STAGE_CONFIGS = {
@@ -489,6 +493,8 @@ def validate(cfg: object) -> None:
             raise ValueError("Report.gallery_images must be >= 0")
         if len(set(cfg.compare)) != len(cfg.compare):
             raise ValueError(f"Report.compare lists a method twice: {list(cfg.compare)}")
+        if len(set(cfg.compare_segmenters)) != len(cfg.compare_segmenters):
+            raise ValueError(f"Report.compare_segmenters lists a model twice: {list(cfg.compare_segmenters)}")
 
 
 def all_knobs() -> dict[str, dict[str, object]]:

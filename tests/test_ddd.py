@@ -27,6 +27,7 @@ from models.ddd import (
 )
 from models.deeplab import create_segmenter
 from pipeline.checks import validate_config
+from pipeline.variants import segmenter_overrides
 from stages.config import EvalSegmentationConfig, TrainSegmentationConfig
 from stages.segmentation.model import load_matching, load_segmenter
 from stages.segmentation.predict import predict_images
@@ -384,3 +385,12 @@ def test_deeplabv3_ddd_trains_end_to_end_and_predicts(tiny_manifest, tmp_path, o
     out = predict_images(EvalSegmentationConfig(scales=(1.0,), flip=False, crf=True), model, manifest, ids,
                          tmp_path / "pred", torch.device("cpu"))
     assert np.asarray(out["confusion_raw"]).sum() == np.asarray(out["confusion_crf"]).sum() > 0
+
+
+def test_compared_segmenter_entries_become_typed_overrides():
+    assert segmenter_overrides("deeplabv3_ddd:output_stride=8, ddd_gamma=0.5,msc=true") == {
+        "model": "deeplabv3_ddd", "output_stride": 8, "ddd_gamma": 0.5, "msc": True}
+    for spec, message in [("magic", "unknown segmentation model"), ("deeplabv3:bogus=1", "'bogus=1'"),
+                          ("deeplabv3:output_stride=x", "not a valid int"), ("deeplabv3:scales=1", "scalar")]:
+        with pytest.raises((KeyError, ValueError), match=message):
+            segmenter_overrides(spec)

@@ -56,7 +56,7 @@ def gallery_panels(manifest: Manifest, dirs: dict[str, Path], image_ids: list[st
 def build_report(cfg: ReportConfig, manifest: Manifest, dirs: dict[str, Path], config: dict[str, dict],
                  provenance: dict[str, dict], segmenter_config: TrainSegmentationConfig,
                  eval_config: EvalSegmentationConfig, device: torch.device, out_dir: Path,
-                 comparison: list[dict] | None = None) -> dict:
+                 comparison: list[dict] | None = None, segmenters: list[dict] | None = None) -> dict:
     """``report.html`` and ``report.md`` in ``out_dir`` from the stage directories ``dirs``."""
     from stages.report.html import ReportInputs, write_report
     from stages.segmentation.model import load_segmenter
@@ -86,7 +86,7 @@ def build_report(cfg: ReportConfig, manifest: Manifest, dirs: dict[str, Path], c
         training_curves={"pseudo labels": read_curve(dirs["segmenter"] / TRAINING_LOG),
                          "GT (ceiling)": read_curve(dirs["ceiling_segmenter"] / TRAINING_LOG)},
         gallery=gallery_panels(manifest, dirs, ids, model, eval_config, device), notes=notes,
-        comparison=comparison or [])
+        comparison=comparison or [], segmenters=segmenters or [])
     summary = write_report(inputs, out_dir)
     # Paths inside the temporary stage directory mean nothing once it is published.
     return {k: v for k, v in summary.items() if k not in ("html", "markdown", "figures")}

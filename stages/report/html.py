@@ -41,6 +41,7 @@ LABEL_PANELS = ("seeds", "pseudo", "crf", "prediction", "gt")
 
 SECTIONS = (
     ("headline", "Headline results"), ("methods", "Propagation methods compared"),
+    ("segmenters", "Segmenters compared"),
     ("per-class", "Per-class IoU"), ("cam-curve", "CAM threshold curve"),
     ("training", "Training curves"), ("gallery", "Gallery"), ("configuration", "Configuration"),
     ("provenance", "Provenance"), ("notes", "Notes"),
@@ -93,6 +94,9 @@ class ReportInputs:
     # Report.compare: one row per method (the main chain's first): EvalPseudoLabels' chain figures plus
     # "method", "trainer", "train_seconds", "propagate_seconds", "crf_seconds", "propagated_images"
     comparison: list[dict] = field(default_factory=list)
+    # Report.compare_segmenters: one row per (model, labels), the main segmenter's first: "model", "labels"
+    # (pseudo | gt), "miou_no_crf", "miou_crf" (None without the CRF), "train_seconds"
+    segmenters: list[dict] = field(default_factory=list)
     generated: str | None = None           # the header's date; None = now
 
 
@@ -272,6 +276,21 @@ COMPARISON_NOTE = ("Pseudo-label mIoU (%) on the eval images of each method run 
                    "image summed over workers.")
 COMPARISON_HEADER = ("method", "CAM", "seeds", "pseudo labels", "after CRF", "vs CAM", "training",
                      "propagation per image", "trained net")
+
+
+SEGMENTERS_NOTE = ("Val mIoU (%) of each segmenter trained on the run's pseudo labels and on GT (the fully supervised "
+                  "ceiling), its own prediction and after the dense CRF; 'CRF gain' = the difference.")
+SEGMENTERS_HEADER = ("segmenter", "trained on", "mIoU", "+ dense CRF", "CRF gain", "training")
+
+
+def segmenter_rows(inputs: ReportInputs) -> list[tuple[str, ...]]:
+    rows = []
+    for row in inputs.segmenters:
+        raw, crf = _finite_or_none(row.get("miou_no_crf")), _finite_or_none(row.get("miou_crf"))
+        rows.append((str(row["model"]), "GT" if row["labels"] == "gt" else "pseudo labels", format_percent(raw),
+                     format_percent(crf), f"{100 * (crf - raw):+.1f}" if raw is not None and crf is not None else "-",
+                     format_duration(row["train_seconds"]) if row.get("train_seconds") is not None else "-"))
+    return rows
 
 
 def comparison_rows(inputs: ReportInputs) -> list[tuple[str, ...]]:
@@ -684,7 +703,8 @@ def _render_html(inputs: ReportInputs, names: list[str], palette: np.ndarray, fi
     versions = _merged_versions(inputs.provenance)
     if versions:
         out.append('<p class="meta">Versions: ' + "; ".join(f"{_esc(k)} {_esc(v)}" for k, v in versions) + "</p>")
-    shown = [(sid, title) for sid, title in SECTIONS if sid != "methods" or inputs.comparison]
+    shown = [(sid, title) for sid, title in SECTIONS
+             if (sid != "methods" or inputs.comparison) and (sid != "segmenters" or inputs.segmenters)]
     out.append("<nav>" + "".join(f'<a href="#{sid}">{_esc(title)}</a>' for sid, title in shown) + "</nav>")
     titles = dict(SECTIONS)
 
@@ -700,6 +720,10 @@ def _render_html(inputs: ReportInputs, names: list[str], palette: np.ndarray, fi
         heading("methods")
         out.append(f"<p>{_esc(COMPARISON_NOTE)}</p>")
         out.append(_table(COMPARISON_HEADER, comparison_rows(inputs), numeric=[False] + [True] * 7))
+    if inputs.segmenters:
+        heading("segmenters")
+        out.append(f"<p>{_esc(SEGMENTERS_NOTE)}</p>")
+        out.append(_table(SEGMENTERS_HEADER, segmenter_rows(inputs), numeric=[False, False] + [True] * 4))
 
     heading("per-class")
     stages = per_class_stages(inputs, names)
@@ -815,6 +839,9 @@ def _render_markdown(inputs: ReportInputs, names: list[str], compute_seconds: fl
     if inputs.comparison:
         lines += ["", "## Propagation methods compared", "", COMPARISON_NOTE, ""]
         lines += _md_table(COMPARISON_HEADER, comparison_rows(inputs), numeric=[False] + [True] * 7)
+    if inputs.segmenters:
+        lines += ["", "## Segmenters compared", "", SEGMENTERS_NOTE, ""]
+        lines += _md_table(SEGMENTERS_HEADER, segmenter_rows(inputs), numeric=[False, False] + [True] * 4)
     lines += ["", "## Per-class IoU", ""]
     stages = per_class_stages(inputs, names)
     if stages:
