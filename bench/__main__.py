@@ -25,6 +25,10 @@
    the part training step with conditioning and GM against plain DeepLab-v3+ (overhead fractions).
 11. Large val images (bench/large_images.py): peak memory of EvalSegmentation's prediction of a 4000x3000 image
    without a pixel limit and at the default ``[EvalSegmentation] max_pixels``, against a 500x375 image.
+12. DDD's grid CRF layer (bench/ddd.py; alone: ``python -m bench.ddd``): the vectorised chain DP (recompute
+   Function) against plain autograd and a per-chain Python loop at VOC size (33x33, C = 21, batch 8), OS8 (65x65),
+   the demo grid and C = 58 / 108: seconds forward and forward + backward, graph and peak memory, and a training
+   step of deeplabv3_ddd against plain deeplabv3 on the demo backbone.
 
 Results go to ``bench/results/latest.json`` and are printed as a table.
 """
@@ -47,6 +51,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.crf import bench_crf  # noqa: E402
+from bench.ddd import bench_ddd  # noqa: E402
+from bench.ddd import table as ddd_table  # noqa: E402
 from bench.fingerprint import bench_fingerprint  # noqa: E402
 from bench.gm_loss import bench_gm, gm_table  # noqa: E402
 from bench.large_images import bench_large_images  # noqa: E402
@@ -182,7 +188,8 @@ def main() -> None:
                "cam_inference": bench_cam_inference(), "storage": bench_storage(), "noop_rerun": bench_noop_rerun(),
                "pseudo_labels": bench_pseudo_labels(), "propagation": bench_propagation(),
                "scheduling": bench_scheduling(), "crf": bench_crf(), "segmentation": bench_segmentation(),
-               "fingerprint": bench_fingerprint(), "gmnet": bench_gm(), "large_images": bench_large_images()}
+               "fingerprint": bench_fingerprint(), "gmnet": bench_gm(), "large_images": bench_large_images(),
+               "ddd": bench_ddd()}
     out = REPO / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=1))
@@ -194,6 +201,10 @@ def main() -> None:
         if section == "gmnet":
             print(gm_table(values["loss"]))
             values = values["part_step"]
+        if section == "ddd":
+            print(ddd_table(values))
+            print(json.dumps(values.get("host", {})))
+            continue
         for key, value in values.items():
             print(f"  {key:<30} {value:.4g}" if isinstance(value, float) else f"  {key:<30} {value}")
 

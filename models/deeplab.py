@@ -7,6 +7,11 @@
   image pooling, concatenated and fused, then a decoder that joins the stride-4 layer1 features.
 - ``gmnet``: ``deeplabv3plus`` whose ASPP branches also receive GMNet's conditioning CNN on an object
   softmax (the part segmenter of ``stages.parts``; ``forward(x, objects)``).
+- ``deeplabv3``: the same ASPP and a 1x1 classifier, at output stride 16 (the DDD reference's baseline) or 8.
+- ``deeplabv3_ddd``: ``deeplabv3`` whose classifier gives DDD's unary potentials, plus DDD's pairwise head on the
+  ASPP features and the dual-decomposition CRF (:mod:`models.ddd`) on the logits' grid, trained end to end
+  (taconite/DDD-Differentiable-Dual-Decomposition ``seg_aspp_resnet``). Its classifier has the plain model's key,
+  so a trained ``deeplabv3`` initialises it (``init_checkpoint``).
 
 Backbones come from ``models.resnet`` in torchvision's key layout, so an ImageNet ``.pth`` loads into
 ``backbone.*``. Head widths are 256 as in the references for full-size ResNets, and half the last stage's
@@ -29,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.ddd import DDDOptions, PairwiseHead, solve
 from models.norm import batchnorm_eval
 from models.registry import Registry
 from models.resnet import ResNet, create_backbone
@@ -246,6 +252,46 @@ class GMNet(DeepLabV3Plus):
         return self.decode(self.aspp(feats[-1], taps), feats[0])
 
 
+class DeepLabV3(_Segmenter):
+    """ConcatASPP on the last stage and a 1x1 classifier (initialised N(0, 1e-3), zero bias, as the DDD reference's
+    unary head); logits at the backbone's output stride."""
+
+    def __init__(self, backbone: ResNet, num_classes: int, rates: Sequence[int] = (6, 12, 18),
+                 freeze_bn: bool = True):
+        super().__init__(freeze_bn)
+        self.backbone = backbone
+        width = head_width(backbone)
+        self.aspp = ConcatASPP(backbone.channels[-1], width, rates)
+        self.classifier = nn.Conv2d(width, num_classes, 1)
+        nn.init.normal_(self.classifier.weight, 0.0, 1e-3)
+        nn.init.zeros_(self.classifier.bias)
+        self.output_stride = backbone.output_stride
+
+    def head_modules(self) -> list[nn.Module]:
+        return [self.aspp, self.classifier]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.aspp(self.backbone(x)[-1]))
+
+
+class DeepLabV3DDD(DeepLabV3):
+    """:class:`DeepLabV3` whose logits are DDD's: unary = the classifier, pairwise = :class:`models.ddd.PairwiseHead`
+    on the same ASPP features, then the CRF's sum of copy marginals."""
+
+    def __init__(self, backbone: ResNet, num_classes: int, options: DDDOptions | None = None,
+                 rates: Sequence[int] = (6, 12, 18), freeze_bn: bool = True):
+        super().__init__(backbone, num_classes, rates, freeze_bn)
+        self.options = options = options or DDDOptions()
+        self.pairwise = PairwiseHead(head_width(backbone), num_classes, options.distances)
+
+    def head_modules(self) -> list[nn.Module]:
+        return [self.aspp, self.classifier, self.pairwise]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.aspp(self.backbone(x)[-1])
+        return solve(self.classifier(features), self.pairwise(features), self.options)
+
+
 class MultiScaleInputs(nn.Module):
     """deeplab-pytorch's MSC: logits of the input and of downscaled copies, fused by a pixel-wise max.
 
@@ -273,10 +319,21 @@ class MultiScaleInputs(nn.Module):
         return self.base.param_groups()
 
 
+# output stride -> (strides, dilations) of the four ResNet stages
+_STRIDES = {8: ((1, 2, 1, 1), (1, 1, 2, 4)), 16: ((1, 2, 2, 1), (1, 1, 1, 2))}
+
+
+def _fixed_stride(name: str, output_stride: int, own: int) -> None:
+    if output_stride not in (0, own):
+        raise ValueError(f"{name} runs at output stride {own} only, got output_stride = {output_stride}")
+
+
 @SEGMENTERS.register("deeplabv2")
 def deeplabv2(backbone: str, num_classes: int, pretrained: str | None = None, freeze_bn: bool = True,
-              msc: bool = False, rates: Sequence[int] = (6, 12, 18, 24), bn_batch_stats: bool = False) -> nn.Module:
+              msc: bool = False, rates: Sequence[int] = (6, 12, 18, 24), bn_batch_stats: bool = False,
+              output_stride: int = 0) -> nn.Module:
     """Output stride 8: layer3 and layer4 keep their resolution with dilation 2 and 4."""
+    _fixed_stride("deeplabv2", output_stride, 8)
     net = DeepLabV2(create_backbone(backbone, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4), pretrained=pretrained),
                     num_classes, rates, freeze_bn=freeze_bn, bn_batch_stats=bn_batch_stats)
     return MultiScaleInputs(net) if msc else net
@@ -284,8 +341,10 @@ def deeplabv2(backbone: str, num_classes: int, pretrained: str | None = None, fr
 
 @SEGMENTERS.register("deeplabv3plus")
 def deeplabv3plus(backbone: str, num_classes: int, pretrained: str | None = None, freeze_bn: bool = True,
-                  msc: bool = False, rates: Sequence[int] = (6, 12, 18), bn_batch_stats: bool = False) -> nn.Module:
+                  msc: bool = False, rates: Sequence[int] = (6, 12, 18), bn_batch_stats: bool = False,
+                  output_stride: int = 0) -> nn.Module:
     """Output stride 16 in the encoder (layer4 dilation 2), decoded at stride 4."""
+    _fixed_stride("deeplabv3plus", output_stride, 16)
     net = DeepLabV3Plus(create_backbone(backbone, strides=(1, 2, 2, 1), dilations=(1, 1, 1, 2),
                                         pretrained=pretrained), num_classes, rates, freeze_bn=freeze_bn,
                         bn_batch_stats=bn_batch_stats)
@@ -306,14 +365,45 @@ def gmnet(backbone: str, num_classes: int, pretrained: str | None = None, freeze
                  num_classes, num_objects, freeze_bn=freeze_bn, cond_mult=cond_mult)
 
 
+def _v3_backbone(name: str, backbone: str, output_stride: int, pretrained: str | None) -> ResNet:
+    if output_stride not in (0, *_STRIDES):
+        raise ValueError(f"{name} runs at output stride 8 or 16 (0 = 16), got output_stride = {output_stride}")
+    strides, dilations = _STRIDES[output_stride or 16]
+    return create_backbone(backbone, strides=strides, dilations=dilations, pretrained=pretrained)
+
+
+@SEGMENTERS.register("deeplabv3")
+def deeplabv3(backbone: str, num_classes: int, pretrained: str | None = None, freeze_bn: bool = True,
+              msc: bool = False, output_stride: int = 0, ddd: DDDOptions | None = None) -> nn.Module:
+    """Output stride 16 (the DDD reference) or 8."""
+    net = DeepLabV3(_v3_backbone("deeplabv3", backbone, output_stride, pretrained), num_classes, freeze_bn=freeze_bn)
+    return MultiScaleInputs(net) if msc else net
+
+
+@SEGMENTERS.register("deeplabv3_ddd")
+def deeplabv3_ddd(backbone: str, num_classes: int, pretrained: str | None = None, freeze_bn: bool = True,
+                  msc: bool = False, output_stride: int = 0, ddd: DDDOptions | None = None) -> nn.Module:
+    """Output stride 16 (reference) or 8; ``ddd`` the solver's knobs (default: the reference's)."""
+    net = DeepLabV3DDD(_v3_backbone("deeplabv3_ddd", backbone, output_stride, pretrained), num_classes,
+                       ddd, freeze_bn=freeze_bn)
+    return MultiScaleInputs(net) if msc else net
+
+
 def create_segmenter(name: str, backbone: str, num_classes: int, pretrained: str | None = None,
                      freeze_bn: bool = True, msc: bool = False, rates: Sequence[int] | None = None,
-                     bn_batch_stats: bool = False, **options) -> nn.Module:
-    """A registered segmenter; ``rates`` None = the model's own dilation rates; ``options`` go to the segmenter's
-    factory (``gmnet``: num_objects, cond_mult)."""
+                     bn_batch_stats: bool = False, output_stride: int = 0, ddd: DDDOptions | None = None,
+                     **options) -> nn.Module:
+    """A registered segmenter. Only what differs from the model's own choice is passed on, so each factory takes the
+    options that apply to it: ``rates`` (None = the model's dilation rates) and ``bn_batch_stats`` (DeepLab-v2/v3+),
+    ``output_stride`` (0 = the model's own), ``ddd`` (the CRF's knobs, ``deeplabv3_ddd``), and ``options``
+    (``gmnet``: num_objects, cond_mult)."""
     extra = dict(options)
     if rates is not None:
         extra["rates"] = tuple(rates)
     if bn_batch_stats:
         extra["bn_batch_stats"] = True
+    if output_stride:
+        extra["output_stride"] = output_stride
+    if ddd is not None:
+        extra["ddd"] = ddd
     return SEGMENTERS.get(name)(backbone, num_classes, pretrained=pretrained, freeze_bn=freeze_bn, msc=msc, **extra)

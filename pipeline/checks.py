@@ -78,9 +78,11 @@ def _train_parts(cfg) -> None:
 
 
 def _report(cfg) -> None:
-    from pipeline.variants import comparison
+    from pipeline.variants import comparison, segmenter_overrides
     for spec in cfg.compare:
         comparison(spec)  # raises, naming the entry
+    for spec in cfg.compare_segmenters:
+        segmenter_overrides(spec)  # raises, naming the entry
 
 
 NAME_CHECKS: dict[str, Callable[[object], None]] = {

@@ -31,7 +31,7 @@ from pipeline.framework import (
 )
 from pipeline.presets import PROJECT_CFG
 from pipeline.settings import runtime
-from pipeline.variants import Comparison, PartRun, comparison, part_run
+from pipeline.variants import Comparison, PartRun, comparison, part_run, segmenter_overrides
 from stages import config as C
 from stages.runtime import resolve_device
 
@@ -660,11 +660,33 @@ class Report(StageTask):
                 compared[f"compare-deeplab:{entry.spec}"] = stage_in_variant(EvalSegmentation, entry.overrides)
         for run in self.part_runs:
             compared[f"parts:{run.spec}"] = stage_in_variant(EvalParts, run.overrides)
+        for spec in self.compare_segmenters:
+            for labels in LABEL_SOURCES:
+                compared[f"segmenter:{spec}:{labels}"] = stage_in_variant(
+                    EvalSegmentation, {"TrainSegmentation": segmenter_overrides(spec)}, labels=labels)
         return {"dataset": PrepareDataset(), "cam_eval": EvalCAM(), "cams": MakeCAM(), "seeds": ExtractSeeds(),
                 "labels": Propagate(), "refined": RefineCRF(), "pseudo_eval": EvalPseudoLabels(),
                 "segmenter": TrainSegmentation(), "segmentation": EvalSegmentation(),
                 "ceiling_segmenter": TrainSegmentation(labels="gt"),
                 "ceiling": EvalSegmentation(labels="gt"), **compared}
+
+    def segmenter_comparison(self) -> list[dict]:
+        """One row per (segmenter, labels), the main segmenter's first: val mIoU without and with the dense CRF."""
+        if not self.compare_segmenters:
+            return []
+        upstream = self.upstream()
+        evaluations = [(f"{upstream['segmenter'].model} (main chain)", labels,
+                        upstream["segmentation" if labels == "pseudo" else "ceiling"]) for labels in LABEL_SOURCES]
+        evaluations += [(spec, labels, upstream[f"segmenter:{spec}:{labels}"])
+                        for spec in self.compare_segmenters for labels in LABEL_SOURCES]
+        rows = []
+        for model, labels, evaluation in evaluations:
+            metrics = read_json(evaluation.stage_dir / METRICS)
+            trainer = evaluation.upstream()["model"]
+            rows.append({"model": model, "labels": labels, "miou_no_crf": metrics["miou_no_crf"],
+                         "miou_crf": metrics["miou"] if metrics.get("crf") else None,
+                         "train_seconds": read_json(trainer.stage_dir / PROVENANCE)["seconds"]})
+        return rows
 
     def comparison(self) -> list[dict]:
         """One row per method, the main chain's first, then ``compare``'s: the recipe it ran, its mIoU from the CAM
@@ -730,7 +752,7 @@ class Report(StageTask):
                             segmenter_config=upstream["segmenter"].config,
                             eval_config=upstream["segmentation"].config, device=resolve_device(runtime().device),
                             out_dir=out_dir, comparison=self.comparison(), parts=parts,
-                            part_layout=layout)
+                            part_layout=layout, segmenters=self.segmenter_comparison())
 
 
 class FullWSSS(luigi.WrapperTask):

@@ -10,7 +10,8 @@ Two kinds of entry:
   method needs changed (its propagation, the net its record names, the seeds' supervision).
 
 Overrides list only the knobs that differ from the main chain's, so stages both chains share keep one task and one
-directory (pipeline.framework.stage_in_variant).
+directory (pipeline.framework.stage_in_variant). A compared segmenter (``Report.compare_segmenters``),
+``model[:knob=value,...]``, is a set of TrainSegmentation overrides (:func:`segmenter_overrides`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.config import STAGE_CONFIGS, SUPERVISIONS
+from stages.config import STAGE_CONFIGS, SUPERVISIONS, TrainSegmentationConfig
 
 # The stages a recipe entry takes from its preset: everything after the CAMs up to the retrained DeepLab.
 RECIPE_FAMILIES = ("ExtractSeeds", "TrainAffinity", "TrainSeedNet", "Propagate", "RefineCRF", "TrainSegmentation")
@@ -101,6 +102,30 @@ def recipe_overrides(path: Path) -> dict[str, dict[str, object]]:
         differing = {k: v for k, v in values.items() if getattr(main, k) != v}
         if differing:
             overrides[family] = differing
+    return overrides
+
+
+def segmenter_overrides(spec: str) -> dict[str, object]:
+    """``{parameter: value}`` of TrainSegmentation for a ``Report.compare_segmenters`` entry, e.g.
+    ``deeplabv3_ddd:output_stride=8,ddd_iterations=5`` (values typed as the knob's default)."""
+    from models.deeplab import SEGMENTERS
+
+    model, _, knobs = spec.partition(":")
+    SEGMENTERS.get(model, key=f"Report.compare_segmenters entry {spec!r}")
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainSegmentationConfig)}
+    overrides: dict[str, object] = {"model": model}
+    for item in filter(None, knobs.split(",")):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in defaults or isinstance(defaults[name], tuple) or name == "model":
+            raise ValueError(f"Report.compare_segmenters entry {spec!r}: {item!r} is not knob=value of a scalar "
+                             "TrainSegmentation knob")
+        kind = type(defaults[name])
+        try:
+            overrides[name] = value.strip().lower() in ("1", "true") if kind is bool else kind(value.strip())
+        except ValueError:
+            raise ValueError(f"Report.compare_segmenters entry {spec!r}: {name} = {value!r} is not a "
+                             f"valid {kind.__name__}") from None
     return overrides
 
 

@@ -308,8 +308,16 @@ class TrainSegmentationConfig:
     deeplab-pytorch's VOC recipe is in the comments and in configs/voc.cfg; the defaults size it for the demo.
     """
 
-    model: str = "deeplabv2"                  # registry: models.deeplab.SEGMENTERS (deeplabv2 | deeplabv3plus)
+    model: str = "deeplabv2"                  # registry: models.deeplab.SEGMENTERS (deeplabv2 | deeplabv3plus |
+    #                                           deeplabv3 | deeplabv3_ddd: DeepLab-v3 + DDD's learned grid CRF)
     backbone: str = "resnet_mini"             # deeplab-pytorch: resnet101 (DeepLab-v2), resnet50/101 (v3+)
+    output_stride: int = 0                    # 0 = the model's own (v2: 8, v3/v3+: 16); deeplabv3(_ddd): 8 | 16
+    ddd_iterations: int = 5                   # deeplabv3_ddd's CRF: DP passes (DDD reference: 5; block4/Xception 15)
+    ddd_gamma: float = 2.0                    # smoothing temperature of the chain DP (reference 2.0; 0 = hard max)
+    ddd_distances: int = 2                    # pairwise terms at distances 1..K (reference NUM_PAIRWISE_TERMS = 2)
+    ddd_alpha: float = 0.0                    # update step; 0 = 1 / max(H, W) of the logits' grid (reference)
+    ddd_early_stop: float = 1e-4              # keep the previous pass once an image's dual rises this much; 0 = never
+    ddd_backend: str = "function"             # function (recompute in backward: O(B C H W) per pass) | autograd
     pretrained: str = ""                      # ImageNet weights (.pth, torchvision layout) | synthetic
     init_checkpoint: str = ""                 # a whole segmenter's weights (e.g. COCO-trained), loaded where they fit
     msc: bool = False                         # deeplab-pytorch: true (inputs 1, 0.75, 0.5; pixel-wise max)
@@ -470,6 +478,10 @@ class ReportConfig:
     # [TrainPartSegmentation] with "source/gm_mode[/gm_lambda]" overridden, e.g. ["none/off", "gt/st", "gt/st/10"];
     # empty = no parts section. The gallery shows each conditioning source's first entry.
     parts_compare: tuple[str, ...] = ()
+    # Segmenters trained beside the main one on the same pseudo labels and on GT, each scored on val with and without
+    # the dense CRF in one table: "model[:knob=value,...]" with TrainSegmentation knobs, e.g.
+    # ["deeplabv3:output_stride=8", "deeplabv3_ddd:output_stride=8"] (DeepLab-v3 without and with DDD)
+    compare_segmenters: tuple[str, ...] = ()
 
 
 STAGE_CONFIGS = {
@@ -507,6 +519,8 @@ CHOICES = {
     ("PropagateConfig", "gcn_adjacency"): ("dense", "topk"),
     ("EvalPseudoLabelsConfig", "pred_ignore"): ("background", "exclude"),
     ("TrainSegmentationConfig", "pseudo_labels"): ("crf", "propagated"),
+    ("TrainSegmentationConfig", "output_stride"): (0, 8, 16),
+    ("TrainSegmentationConfig", "ddd_backend"): ("function", "autograd"),
     ("TrainSeedNetConfig", "method"): ("graphcut", "dsrg"),
     ("TrainSeedNetConfig", "schedule"): ("step", "poly"),
     ("TrainSeedNetConfig", "crf_unary"): ("auto", "linear", "log"),
@@ -575,7 +589,7 @@ def validate(cfg: object) -> None:
         value = getattr(cfg, f.name)
         allowed = CHOICES.get((name, f.name))
         if allowed and value not in allowed:
-            raise ValueError(f"{name}.{f.name} = {value!r}; choose one of {', '.join(allowed)}")
+            raise ValueError(f"{name}.{f.name} = {value!r}; choose one of {', '.join(map(str, allowed))}")
     check_ranges(cfg)
     if isinstance(cfg, TrainCAMConfig):
         if cfg.lr <= 0 or cfg.batch_size < 1 or cfg.num_epochs < 1 or cfg.crop_size < 8:
@@ -615,6 +629,10 @@ def validate(cfg: object) -> None:
                              f"checkpoint_every must be positive, eval_every >= 0: {cfg}")
         if cfg.crop_size < 16 or not cfg.scales or min(cfg.scales) <= 0:
             raise ValueError(f"TrainSegmentation: crop_size >= 16 and positive scales required: {cfg}")
+        if cfg.ddd_iterations < 1 or cfg.ddd_gamma < 0 or cfg.ddd_distances < 1 or cfg.ddd_alpha < 0 \
+                or cfg.ddd_early_stop < 0:
+            raise ValueError("TrainSegmentation: ddd_iterations and ddd_distances must be >= 1, ddd_gamma, "
+                             f"ddd_alpha and ddd_early_stop >= 0: {cfg}")
         if cfg.freeze_bn and not (cfg.pretrained or cfg.init_checkpoint):
             raise ValueError("TrainSegmentation.freeze_bn keeps random BatchNorm statistics unless "
                              "TrainSegmentation.pretrained (ImageNet .pth | synthetic) or init_checkpoint is set; "
@@ -648,6 +666,8 @@ def validate(cfg: object) -> None:
             raise ValueError(f"Report.compare lists a method twice: {list(cfg.compare)}")
         if len(set(cfg.parts_compare)) != len(cfg.parts_compare):
             raise ValueError(f"Report.parts_compare lists a run twice: {list(cfg.parts_compare)}")
+        if len(set(cfg.compare_segmenters)) != len(cfg.compare_segmenters):
+            raise ValueError(f"Report.compare_segmenters lists a model twice: {list(cfg.compare_segmenters)}")
 
 
 def all_knobs() -> dict[str, dict[str, object]]:

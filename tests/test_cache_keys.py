@@ -52,6 +52,7 @@ RUNS: dict[str, tuple[str, ...]] = {
     "models.affinity": ("TrainAffinity", AFFINITY_PROPAGATIONS),
     "models.cam": ("TrainCAM", "MakeCAM"),
     "models.classifier": ("PretrainBackbone",),
+    "models.ddd": SEGMENTER_USERS,              # imported by models.deeplab
     "models.deeplab": SEGMENTER_USERS,
     "models.norm": NETS,
     "models.pairs": ("TrainAffinity", AFFINITY_PROPAGATIONS),

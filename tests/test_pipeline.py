@@ -392,3 +392,25 @@ def test_a_method_s_own_knobs_enter_only_its_propagate_key(luigi_config):
     params = Propagate(propagation="a2gnn").params_dict
     assert params["a2gnn_rw_logt"] == 5 and not any(k.startswith("gcn_") for k in params)
     assert "beta" in params and "gcn_epochs" in Propagate(propagation="gcn").params_dict
+
+
+def test_compared_segmenters_train_on_pseudo_labels_and_gt_beside_the_main_one(luigi_config):
+    """Report.compare_segmenters trains DeepLab-v3 + DDD on the same pseudo labels and on GT and tables it, with and
+    without the dense CRF, under the main segmenter."""
+    luigi_config("Report", "compare_segmenters", json.dumps(["deeplabv3_ddd:output_stride=8,ddd_iterations=3"]))
+    result = run_luigi(FullWSSS(), workers=1)
+    assert result.status == luigi.LuigiStatusCode.SUCCESS, result.summary_text
+    graph = stage_graph()
+    trainers = [t for t in graph.values() if t.get_task_family() == "TrainSegmentation"]
+    assert sorted((t.model, t.labels) for t in trainers) == [("deeplabv2", "gt"), ("deeplabv2", "pseudo"),
+                                                             ("deeplabv3_ddd", "gt"), ("deeplabv3_ddd", "pseudo")]
+    assert TrainSegmentation().model == "deeplabv2"
+    markdown = (Report().stage_dir / "report.md").read_text()
+    table = markdown.split("## Segmenters compared")[1].split("\n## ")[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| segmenter")]
+    spec = "deeplabv3_ddd:output_stride=8,ddd_iterations=3"
+    assert [row[:2] for row in rows] == [["deeplabv2 (main chain)", "pseudo labels"], ["deeplabv2 (main chain)", "GT"],
+                                         [spec, "pseudo labels"], [spec, "GT"]]
+    assert all(t.output_stride == 8 and t.ddd_iterations == 3 for t in trainers if t.model == "deeplabv3_ddd")
+    assert all(cell not in ("", "-") for row in rows for cell in row[2:5]), rows

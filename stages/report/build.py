@@ -102,7 +102,8 @@ def build_report(cfg: ReportConfig, manifest: Manifest, dirs: dict[str, Path], c
                  provenance: dict[str, dict], segmenter_config: TrainSegmentationConfig,
                  eval_config: EvalSegmentationConfig, device: torch.device, out_dir: Path,
                  comparison: list[dict] | None = None, parts: list[dict] | None = None,
-                 part_layout: PartLayout | None = None) -> dict:
+                 part_layout: PartLayout | None = None,
+                 segmenters: list[dict] | None = None) -> dict:
     """``report.html`` and ``report.md`` in ``out_dir`` from the stage directories ``dirs``; ``parts``: the
     part runs compared (``Report.part_comparison()``) in ``part_layout``'s part space; none = no parts section."""
     from stages.report.html import ReportInputs, write_report
@@ -133,7 +134,7 @@ def build_report(cfg: ReportConfig, manifest: Manifest, dirs: dict[str, Path], c
         training_curves={"pseudo labels": read_curve(dirs["segmenter"] / TRAINING_LOG),
                          "GT (ceiling)": read_curve(dirs["ceiling_segmenter"] / TRAINING_LOG)},
         gallery=gallery_panels(manifest, dirs, ids, model, eval_config, device), notes=notes,
-        comparison=comparison or [],
+        comparison=comparison or [], segmenters=segmenters or [],
         parts=parts_inputs(manifest, part_layout, parts, cfg.gallery_images) if parts else None)
     summary = write_report(inputs, out_dir)
     # Paths inside the temporary stage directory mean nothing once it is published.

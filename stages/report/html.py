@@ -43,6 +43,7 @@ LABEL_PANELS = ("seeds", "pseudo", "crf", "prediction", "gt")
 SECTIONS = (
     ("headline", "Headline results"), ("methods", "Propagation methods compared"),
     ("parts", "Part segmentation (GMNet)"),
+    ("segmenters", "Segmenters compared"),
     ("per-class", "Per-class IoU"), ("cam-curve", "CAM threshold curve"),
     ("training", "Training curves"), ("gallery", "Gallery"), ("configuration", "Configuration"),
     ("provenance", "Provenance"), ("notes", "Notes"),
@@ -96,6 +97,9 @@ class ReportInputs:
     # "method", "trainer", "train_seconds", "propagate_seconds", "crf_seconds", "propagated_images"
     comparison: list[dict] = field(default_factory=list)
     parts: PartsInputs | None = None       # Report.parts_compare's runs; None = no parts section
+    # Report.compare_segmenters: one row per (model, labels), the main segmenter's first: "model", "labels"
+    # (pseudo | gt), "miou_no_crf", "miou_crf" (None without the CRF), "train_seconds"
+    segmenters: list[dict] = field(default_factory=list)
     generated: str | None = None           # the header's date; None = now
 
 
@@ -308,6 +312,21 @@ COMPARISON_NOTE = ("Each method run from the same CAMs: a recipe preset runs as 
 COMPARISON_HEADER = ("method", "recipe", "CAM", "seeds", "pseudo labels", "after CRF", "CRF", "vs CAM",
                      "DeepLab", "/ ceiling", "training", "propagation per image", "trained net")
 COMPARISON_NUMERIC = [False, False, True, True, True, True, False, True, True, True, True, True, False]
+
+
+SEGMENTERS_NOTE = ("Val mIoU (%) of each segmenter trained on the run's pseudo labels and on GT (the fully supervised "
+                  "ceiling), its own prediction and after the dense CRF; 'CRF gain' = the difference.")
+SEGMENTERS_HEADER = ("segmenter", "trained on", "mIoU", "+ dense CRF", "CRF gain", "training")
+
+
+def segmenter_rows(inputs: ReportInputs) -> list[tuple[str, ...]]:
+    rows = []
+    for row in inputs.segmenters:
+        raw, crf = _finite_or_none(row.get("miou_no_crf")), _finite_or_none(row.get("miou_crf"))
+        rows.append((str(row["model"]), "GT" if row["labels"] == "gt" else "pseudo labels", format_percent(raw),
+                     format_percent(crf), f"{100 * (crf - raw):+.1f}" if raw is not None and crf is not None else "-",
+                     format_duration(row["train_seconds"]) if row.get("train_seconds") is not None else "-"))
+    return rows
 
 
 def comparison_rows(inputs: ReportInputs) -> list[tuple[str, ...]]:
@@ -882,7 +901,8 @@ def _render_html(inputs: ReportInputs, names: list[str], palette: np.ndarray, fi
     versions = _merged_versions(inputs.provenance)
     if versions:
         out.append('<p class="meta">Versions: ' + "; ".join(f"{_esc(k)} {_esc(v)}" for k, v in versions) + "</p>")
-    optional = {"methods": bool(inputs.comparison), "parts": inputs.parts is not None}
+    optional = {"methods": bool(inputs.comparison), "parts": inputs.parts is not None,
+                "segmenters": bool(inputs.segmenters)}
     shown = [(sid, title) for sid, title in SECTIONS if optional.get(sid, True)]
     out.append("<nav>" + "".join(f'<a href="#{sid}">{_esc(title)}</a>' for sid, title in shown) + "</nav>")
     titles = dict(SECTIONS)
@@ -902,6 +922,10 @@ def _render_html(inputs: ReportInputs, names: list[str], palette: np.ndarray, fi
     if inputs.parts is not None:
         heading("parts")
         out += _parts_html(inputs.parts, figures)
+    if inputs.segmenters:
+        heading("segmenters")
+        out.append(f"<p>{_esc(SEGMENTERS_NOTE)}</p>")
+        out.append(_table(SEGMENTERS_HEADER, segmenter_rows(inputs), numeric=[False, False] + [True] * 4))
 
     heading("per-class")
     stages = per_class_stages(inputs, names)
@@ -1023,6 +1047,9 @@ def _render_markdown(inputs: ReportInputs, names: list[str], compute_seconds: fl
         header, rows = part_iou_rows(inputs.parts)
         lines += ["", "Per-part IoU (%):", ""]
         lines += _md_table(header, rows, numeric=[False] + [True] * len(inputs.parts.runs))
+    if inputs.segmenters:
+        lines += ["", "## Segmenters compared", "", SEGMENTERS_NOTE, ""]
+        lines += _md_table(SEGMENTERS_HEADER, segmenter_rows(inputs), numeric=[False, False] + [True] * 4)
     lines += ["", "## Per-class IoU", ""]
     stages = per_class_stages(inputs, names)
     if stages:

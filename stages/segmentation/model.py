@@ -18,15 +18,23 @@ from torch import nn
 from data.artifacts import MODEL_WEIGHTS
 from data.manifest import Manifest
 from data.transforms import normalize
+from models.ddd import DDDOptions
 from models.deeplab import create_segmenter
 from stages.config import TrainSegmentationConfig
 from stages.metrics import confusion, segmentation_scores
 
 
+def ddd_options(cfg: TrainSegmentationConfig) -> DDDOptions:
+    """The ``ddd_*`` knobs as the CRF's options (``ddd_early_stop`` 0 never stops early)."""
+    return DDDOptions(iterations=cfg.ddd_iterations, gamma=cfg.ddd_gamma, distances=cfg.ddd_distances,
+                      alpha=cfg.ddd_alpha, early_stop=cfg.ddd_early_stop or None, backend=cfg.ddd_backend)
+
+
 def build_model(cfg: TrainSegmentationConfig, num_classes: int, pretrained: bool = True) -> nn.Module:
     model = create_segmenter(cfg.model, cfg.backbone, num_classes,
                              pretrained=cfg.pretrained if pretrained and cfg.pretrained else None,
-                             freeze_bn=cfg.freeze_bn, msc=cfg.msc)
+                             freeze_bn=cfg.freeze_bn, msc=cfg.msc, output_stride=cfg.output_stride,
+                             ddd=ddd_options(cfg) if cfg.model == "deeplabv3_ddd" else None)
     if pretrained and cfg.init_checkpoint:
         load_matching(model, cfg.init_checkpoint)
     return model
