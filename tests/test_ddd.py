@@ -313,11 +313,11 @@ def test_bad_input_is_refused_clearly():
 
 
 @pytest.mark.cuda
-def test_cpu_and_cuda_agree():
+def test_cpu_and_cuda_agree(cuda_device):
     unary, pairs = random_grid(2, 21, 33, 33, 2, seed=13)
     flat = [t.float() for t in [unary] + [x for hv in pairs for x in hv]]
     results = []
-    for device in ("cpu", "cuda"):
+    for device in (torch.device("cpu"), cuda_device):
         inputs = [t.to(device).requires_grad_() for t in flat]
         out = dual_decomposition(inputs[0], [(inputs[1], inputs[2]), (inputs[3], inputs[4])])
         (out * torch.linspace(-1, 1, out.numel(), device=device).reshape(out.shape)).sum().backward()
