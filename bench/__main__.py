@@ -57,6 +57,7 @@ from bench.fingerprint import bench_fingerprint  # noqa: E402
 from bench.gm_loss import bench_gm, gm_table  # noqa: E402
 from bench.large_images import bench_large_images  # noqa: E402
 from bench.maps import smooth_cam_stack  # noqa: E402
+from bench.measure import timed  # noqa: E402
 from bench.propagation import bench_propagation, table  # noqa: E402
 from bench.pseudo_labels import bench_pseudo_labels  # noqa: E402
 from bench.scheduling import bench_scheduling  # noqa: E402
@@ -66,15 +67,6 @@ from data.synthetic import PROFILES, Profile, render_sample, write_dataset  # no
 from models.cam import CAMNet  # noqa: E402
 from models.resnet import create_backbone  # noqa: E402
 from stages.cam.infer import multiscale_cam  # noqa: E402
-
-
-def timed(fn, repeat: int = 1) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def bench_cam_inference(n_images: int = 24) -> dict:

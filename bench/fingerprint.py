@@ -16,6 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.measure import timed  # noqa: E402
 from stages.config import DatasetConfig  # noqa: E402
 from stages.dataset.prepare import input_fingerprint  # noqa: E402
 
@@ -37,15 +38,6 @@ def write_tree(root: Path, n_images: int, n_val: int) -> list[Path]:
             path.write_bytes(payload)
             files.append(path)
     return files
-
-
-def timed(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def bench_fingerprint(n_images: int = 10_000, n_val: int = 1_500) -> dict:

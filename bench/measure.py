@@ -75,3 +75,13 @@ def in_fresh_process(module: str, *args: str) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"{module} {' '.join(args)} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def timed(fn: Callable[[], object], repeat: int = 1) -> float:
+    """The best of ``repeat`` wall-clock timings of ``fn()``, in seconds."""
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best

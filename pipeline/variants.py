@@ -92,14 +92,20 @@ def recipe_values(path: Path, families: Iterable[str] = RECIPE_FAMILIES) -> dict
     return values
 
 
-def recipe_overrides(path: Path) -> dict[str, dict[str, object]]:
-    """The knobs where the recipe ``path`` differs from the main chain's configuration."""
+def differing_from_configured(family: str, values: dict[str, object]) -> dict[str, object]:
+    """The entries of ``values`` that differ from stage ``family``'s configured knobs: overriding only those keeps
+    every stage a variant shares with the configured chain one task and one directory."""
     import luigi
 
+    configured = luigi.task_register.Register.get_task_cls(family)().config
+    return {k: v for k, v in values.items() if getattr(configured, k) != v}
+
+
+def recipe_overrides(path: Path) -> dict[str, dict[str, object]]:
+    """The knobs where the recipe ``path`` differs from the main chain's configuration."""
     overrides: dict[str, dict[str, object]] = {}
     for family, values in recipe_values(path).items():
-        main = luigi.task_register.Register.get_task_cls(family)().config
-        differing = {k: v for k, v in values.items() if getattr(main, k) != v}
+        differing = differing_from_configured(family, values)
         if differing:
             overrides[family] = differing
     return overrides
@@ -174,8 +180,6 @@ def part_run(spec: str) -> PartRun:
     """The part run ``spec`` (``source/gm_mode[/gm_lambda]``, e.g. ``gt/st``, ``supervised/st/10``) names, or a
     ValueError naming the entry. Its overrides list only what differs from the configured
     ``[TrainPartSegmentation]``, so an entry equal to it is the configured run (one task, one directory)."""
-    import luigi
-
     from stages.config import CHOICES
 
     fields = spec.split("/")
@@ -196,6 +200,5 @@ def part_run(spec: str) -> PartRun:
     wanted: dict[str, object] = {"cond_source": fields[0], "gm_mode": fields[1]}
     if gm_lambda is not None:
         wanted["gm_lambda"] = gm_lambda
-    main = luigi.task_register.Register.get_task_cls(PART_FAMILY)().config
-    differing = {k: v for k, v in wanted.items() if getattr(main, k) != v}
+    differing = differing_from_configured(PART_FAMILY, wanted)
     return PartRun(spec, fields[0], fields[1], gm_lambda, {PART_FAMILY: differing} if differing else {})

@@ -682,30 +682,38 @@ def _check_labels(labels: np.ndarray, what: str) -> np.ndarray:
     return labels.astype(np.uint8)
 
 
+def _panel_grid(columns: list[tuple[str, str]], rows: list[tuple[str, dict[str, np.ndarray]]], *,
+                panel_width: float, extra_height: float, title_size: int, frame_missing: bool):
+    """A figure of image panels: one row per (image id, {column key: image}), one column per (key, title); a
+    missing panel says so (framed or not). Rows are as tall as their first panel's aspect ratio asks."""
+    ratios = [max(0.2, next(iter(panels.values())).shape[0] / next(iter(panels.values())).shape[1])
+              for _, panels in rows]
+    fig = _new_figure(panel_width * len(columns) + 0.4, panel_width * sum(ratios) + extra_height, dpi=120)
+    axes = fig.subplots(len(rows), len(columns), squeeze=False, gridspec_kw={"height_ratios": ratios})
+    for r, (image_id, panels) in enumerate(rows):
+        for c, (key, title) in enumerate(columns):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if key in panels:
+                ax.imshow(panels[key], interpolation="nearest")
+            else:
+                ax.text(0.5, 0.5, "missing", ha="center", va="center", color="#999", transform=ax.transAxes)
+                for spine in ax.spines.values():
+                    spine.set_visible(frame_missing)
+            if r == 0:
+                ax.set_title(title, fontsize=title_size)
+            if c == 0:
+                ax.set_ylabel(_mpl(image_id), fontsize=8)
+    return fig
+
+
 def _gallery_figure(kinds: list[str], rows: list[tuple[str, dict[str, np.ndarray]]], names: Sequence[str],
                     palette: np.ndarray) -> bytes:
     from matplotlib.patches import Patch
 
-    panel_width = 1.7
-    ratios = [max(0.2, next(iter(panels.values())).shape[0] / next(iter(panels.values())).shape[1])
-              for _, panels in rows]
-    fig = _new_figure(panel_width * len(kinds) + 0.4, panel_width * sum(ratios) + 0.5, dpi=120)
-    axes = fig.subplots(len(rows), len(kinds), squeeze=False, gridspec_kw={"height_ratios": ratios})
-    for r, (image_id, panels) in enumerate(rows):
-        for c, kind in enumerate(kinds):
-            ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if kind in panels:
-                ax.imshow(panels[kind], interpolation="nearest")
-            else:
-                ax.text(0.5, 0.5, "missing", ha="center", va="center", color="#999", transform=ax.transAxes)
-                for spine in ax.spines.values():
-                    spine.set_visible(False)
-            if r == 0:
-                ax.set_title(PANEL_TITLES[kind], fontsize=9)
-            if c == 0:
-                ax.set_ylabel(_mpl(image_id), fontsize=8)
+    fig = _panel_grid([(kind, PANEL_TITLES[kind]) for kind in kinds], rows, panel_width=1.7, extra_height=0.5,
+                      title_size=9, frame_missing=False)
     if any(kind in LABEL_PANELS for kind in kinds):
         handles = [Patch(facecolor=palette[i] / 255, edgecolor="#666", label=_mpl(name))
                    for i, name in enumerate(names)]
@@ -767,24 +775,8 @@ def parts_gallery_rows(parts: PartsInputs) -> tuple[list[str], list[tuple[str, d
 
 
 def _parts_gallery_figure(titles: list[str], rows: list[tuple[str, dict[str, np.ndarray]]]) -> bytes:
-    panel_width = 1.5
-    ratios = [max(0.2, next(iter(panels.values())).shape[0] / next(iter(panels.values())).shape[1])
-              for _, panels in rows]
-    fig = _new_figure(panel_width * len(titles) + 0.4, panel_width * sum(ratios) + 0.6, dpi=120)
-    axes = fig.subplots(len(rows), len(titles), squeeze=False, gridspec_kw={"height_ratios": ratios})
-    for r, (image_id, panels) in enumerate(rows):
-        for c, title in enumerate(titles):
-            ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if title in panels:
-                ax.imshow(panels[title], interpolation="nearest")
-            else:
-                ax.text(0.5, 0.5, "missing", ha="center", va="center", color="#999", transform=ax.transAxes)
-            if r == 0:
-                ax.set_title(_mpl(title), fontsize=8)
-            if c == 0:
-                ax.set_ylabel(_mpl(image_id), fontsize=8)
+    fig = _panel_grid([(title, _mpl(title)) for title in titles], rows, panel_width=1.5, extra_height=0.6,
+                      title_size=8, frame_missing=True)
     fig.subplots_adjust(left=0.03, right=0.99, bottom=0.01, top=0.93, wspace=0.04, hspace=0.06)
     return _png_bytes(fig)
 
