@@ -16,8 +16,9 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 install: $(BIN)/.installed
 
 # The whole chain on the embedded dataset (IRN family): CAM -> ... -> DeepLab -> report.
-# Two workers of one torch thread each: the GT ceiling trains beside the CAM chain, shards run in pairs.
-DEMO_FLAGS ?= --workers 2 --wsss-torch-threads 1
+# Two workers: the GT ceiling trains beside the CAM chain, shards run in pairs. Each task takes its share of the
+# cores ([wsss] torch_threads = 0): a task running alone, such as PretrainBackbone, uses both.
+DEMO_FLAGS ?= --workers 2
 demo: install
 	$(BIN)/luigi --module pipeline FullWSSS $(DEMO_FLAGS)
 	$(BIN)/python -m pipeline summary

@@ -1,4 +1,4 @@
-"""Host-local GPU allocation: which CUDA devices a task may use, shared safely between processes.
+"""Host-local GPU allocation (which CUDA devices a task may use) and each task's share of the CPU cores.
 
 Luigi's ``[resources] gpu = N`` is a counter: it bounds how many GPU tasks run at once but never says
 *which* device a task gets. This module picks the devices. Each device has a lock file ``gpu<id>.lock`` in
@@ -10,6 +10,13 @@ task never leaves a device reserved. Locks are per host: they coordinate every L
 The chosen ids reach the task as ``CUDA_VISIBLE_DEVICES`` (inherited by torchrun and other
 subprocesses). Nothing here initialises CUDA: detection reads ``CUDA_VISIBLE_DEVICES`` or asks
 ``nvidia-smi -L``, so the scheduling process stays safe to fork.
+
+CPU cores (:func:`cpu_share`): why not a fixed thread count per task? Luigi runs as many tasks at once as it has
+workers, but the demo's chain is mostly a line: ``PretrainBackbone`` ran alone on one thread for a fifth of the
+demo while the second core idled, and two tasks on the default thread count each would fight over two cores.
+So every computing task holds a lock file ``cpu-share-*.lock`` in the same private directory, and its threads are
+``cores // tasks holding one``, re-read while it runs (:func:`stages.runtime.rebalance_threads`). Liveness is the
+flock again: a file whose lock can be taken belongs to a dead task and is removed.
 """
 
 from __future__ import annotations
@@ -264,3 +271,72 @@ def will_use_cuda(device: str, spec: str = "") -> bool:
     if device.startswith("cuda"):
         return True
     return bool(detect_gpus(spec))  # auto: CUDA when the host has a device
+
+
+# ------------------------------------------------------------------------------------------ CPU cores
+
+CPU_SHARE_PREFIX = "cpu-share-"
+
+
+def host_cores() -> int:
+    """The cores this process may run on (its affinity mask: a Slurm or taskset allocation, not the whole host)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class CpuShare:
+    """This process's claim on the host's cores, held from :func:`cpu_share` until the end of its block."""
+
+    def __init__(self, lock_dir: Path, own: Path, cores: int):
+        self.lock_dir = lock_dir
+        self.own = own
+        self.cores = cores
+
+    def running(self) -> int:
+        """Tasks holding a share now (this one included); a share nobody holds any more is removed."""
+        count = 1
+        for path in self.lock_dir.glob(CPU_SHARE_PREFIX + "*.lock"):
+            if path != self.own and _held_by_another(path):
+                count += 1
+        return count
+
+    def threads(self) -> int:
+        return max(1, self.cores // self.running())
+
+
+def _held_by_another(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:  # removed meanwhile (its task ended), or a planted link: not a live share
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # its holder died (a killed task): the kernel dropped the lock, the file stayed
+    return False
+
+
+@contextlib.contextmanager
+def cpu_share(lock_dir: str | os.PathLike | None = None, cores: int | None = None) -> Iterator[CpuShare]:
+    """Hold a share of the host's cores for the block; see the module docstring."""
+    lock_dir = Path(lock_dir) if lock_dir else default_lock_dir()
+    prepare_lock_dir(lock_dir)
+    # Locked under a name nobody counts, then renamed: a counter never sees it unlocked and removes it.
+    fd, staging = tempfile.mkstemp(prefix=".staging-", suffix=".lock", dir=lock_dir)
+    own = lock_dir / f"{CPU_SHARE_PREFIX}{os.getpid()}-{Path(staging).stem.rsplit('-', 1)[-1]}.lock"
+    try:
+        os.set_inheritable(fd, False)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(staging, own)
+        yield CpuShare(lock_dir, own, cores or host_cores())
+    finally:
+        for path in (staging, own):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        os.close(fd)

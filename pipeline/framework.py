@@ -10,13 +10,14 @@ shard task class is generated with it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,12 +37,12 @@ from data.io import (
 from data.manifest import Manifest
 from pipeline import hashing
 from pipeline.checks import check_runtime, validate_config
-from pipeline.devices import assigned_gpus, will_use_cuda
+from pipeline.devices import assigned_gpus, cpu_share, will_use_cuda
 from pipeline.settings import runtime
 from pipeline.submit import run_as_job  # also registers [submitit] for --submitit-* on the command line
 from pipeline.variants import plain_value
 from stages import config as C
-from stages.runtime import configure_threads, versions
+from stages.runtime import configure_threads, rebalance_threads, thread_policy, versions
 
 if TYPE_CHECKING:
     from data.dense import DenseMapWriter
@@ -224,7 +225,6 @@ class StageTask(luigi.Task):
 
     def run(self) -> None:
         rt = runtime()
-        configure_threads(rt.torch_threads)
         from stages.refine.crf import set_default_backend  # lazily: stages.refine.crf is only needed by CRF stages
         set_default_backend(rt.crf_backend)
         started = time.time()
@@ -342,11 +342,34 @@ def run_compute(task: StageTask | ShardTask, out_dir: Path) -> tuple[dict, dict]
     if task.get_task_family() in submitted_families(rt):
         return run_as_job(task, out_dir)
     n_gpus = task.resources.get("gpu", 0)
-    if n_gpus and not rt.device.startswith("cuda:"):  # an explicit cuda:N means the user placed it
-        with assigned_gpus(n_gpus, rt.gpus, rt.gpu_lock_dir, rt.gpu_wait_s) as allocation:
-            logger.info("%s: on GPU %s", task.get_task_family(), allocation.visible_devices)
-            return task.compute(out_dir) or {}, {"gpus": allocation.devices}
-    return task.compute(out_dir) or {}, {}
+    placement: dict = {}
+    with task_threads(rt, placement):
+        if n_gpus and not rt.device.startswith("cuda:"):  # an explicit cuda:N means the user placed it
+            with assigned_gpus(n_gpus, rt.gpus, rt.gpu_lock_dir, rt.gpu_wait_s) as allocation:
+                logger.info("%s: on GPU %s", task.get_task_family(), allocation.visible_devices)
+                placement["gpus"] = allocation.devices
+                metrics = task.compute(out_dir) or {}
+        else:
+            metrics = task.compute(out_dir) or {}
+    return metrics, placement
+
+
+@contextlib.contextmanager
+def task_threads(rt: C.RuntimeConfig, record: dict) -> Iterator[None]:
+    """``[wsss] torch_threads`` when set; else (0) this task's share of the cores among the tasks computing on
+    this host, re-read as they start and end (``pipeline.devices.cpu_share``). ``record["torch_threads"]`` gets
+    the counts used: float sums can differ in their last bits between counts, so a rerun that must be bitwise
+    identical fixes ``torch_threads``."""
+    if rt.torch_threads > 0:
+        configure_threads(rt.torch_threads)
+        record["torch_threads"] = [rt.torch_threads]
+        yield
+        return
+    with cpu_share(rt.gpu_lock_dir) as share, thread_policy(share.threads) as used:
+        try:
+            yield
+        finally:
+            record["torch_threads"] = sorted(used)
 
 
 def report_progress(task: luigi.Task, percent: float, message: str) -> None:
@@ -354,6 +377,7 @@ def report_progress(task: luigi.Task, percent: float, message: str) -> None:
     task.set_progress_percentage(int(percent))
     task.set_status_message(message)
     logger.info("%s: %s", task.get_task_family(), message)
+    rebalance_threads()  # a progress report is a point the compute thread passes often
 
 
 def manifest_of(task: StageTask) -> Manifest:
@@ -515,7 +539,6 @@ class ShardTask(luigi.Task):
 
     def run(self) -> None:
         rt = runtime()
-        configure_threads(rt.torch_threads)
         from stages.refine.crf import set_default_backend  # lazily: stages.refine.crf is only needed by CRF stages
         set_default_backend(rt.crf_backend)
         parent = self.parent

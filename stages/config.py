@@ -33,7 +33,7 @@ class RuntimeConfig:
     work_dir: str = "work"
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     loader_workers: int = 1       # DataLoader worker processes
-    torch_threads: int = 0        # 0 = leave PyTorch's default
+    torch_threads: int = 0        # 0 = a share of the cores: cores // tasks computing on this host (re-read)
     train_processes: int = 1      # TrainCAM: DDP ranks under torchrun (1 = train in this process)
     gpus: str = ""                # devices GPU tasks share on this host: "" = CUDA_VISIBLE_DEVICES or nvidia-smi
     gpu_lock_dir: str = ""        # per-host lock files (pipeline.devices); "" = <tmp>/wsss-gpu-locks-<user>

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from data.artifacts import RESUME_CHECKPOINT
+from stages.runtime import rebalance_threads
 
 StepFn = Callable[[Any], "tuple[torch.Tensor, dict]"]
 OnStep = Callable[["TrainingLoop", int, "list[tuple[float, dict]]"], "str | None"]
@@ -138,6 +139,7 @@ class TrainingLoop:
         return micro
 
     def _after_step(self, step: int, micro: list[tuple[float, dict]]) -> None:
+        rebalance_threads()
         message = self.on_step(self, step, micro)
         if message is not None and self.progress and self.main_process:
             self.progress(100.0 * step / self.total_steps, message)
