@@ -95,11 +95,13 @@ def run_luigi(*tasks, workers: int = 1):
 
 def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None, repo: Path = REPO,
             check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``luigi``/``python -m`` commands in a subprocess against the code in ``repo``."""
+    """Run ``luigi``/``python -m`` commands in a subprocess against the code in ``repo`` (``tiny.cfg`` unless
+    ``env_extra`` says otherwise; a None value there removes the variable)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(repo)
     env["LUIGI_CONFIG_PATH"] = str(repo / "configs" / "tiny.cfg")
     env.update(env_extra or {})
+    env = {k: v for k, v in env.items() if v is not None}
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

@@ -337,9 +337,8 @@ def test_killed_make_cam_resumes_with_identical_outputs(tmp_path):
 
 @pytest.mark.slow
 def test_failed_pipeline_exits_nonzero_and_cli_verbs(tmp_path):
-    cwd = tmp_path / "run"
+    cwd = tmp_path / "run"   # empty: the project's luigi.cfg ([retcode]) applies from any directory
     cwd.mkdir()
-    (cwd / "luigi.cfg").write_text((REPO / "luigi.cfg").read_text())
     # A config error is found while scheduling: nothing runs, [retcode] scheduling_error.
     proc = run_cli(luigi_cmd("--EvalCAM-sweep", "[0.5, 0.1, 0.01]"), cwd, check=False)
     assert proc.returncode == 35 and "EvalCAM.sweep" in proc.stderr, proc.stderr[-2000:]
