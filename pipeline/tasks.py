@@ -16,7 +16,15 @@ from pathlib import Path
 
 import luigi
 
-from data.artifacts import BACKBONE_WEIGHTS, METRICS, MODEL_WEIGHTS, PROVENANCE, SCRIBBLE_AFFINITY, label_file
+from data.artifacts import (
+    BACKBONE_WEIGHTS,
+    METRICS,
+    MODEL_WEIGHTS,
+    PROVENANCE,
+    SCRIBBLE_AFFINITY,
+    TRAINING_LOG,
+    label_file,
+)
 from data.io import read_json
 from data.manifest import MANIFEST, Manifest
 from pipeline import hashing
@@ -752,7 +760,9 @@ class Report(StageTask):
                             segmenter_config=upstream["segmenter"].config,
                             eval_config=upstream["segmentation"].config, device=resolve_device(runtime().device),
                             out_dir=out_dir, comparison=self.comparison(), parts=parts,
-                            part_layout=layout, segmenters=self.segmenter_comparison())
+                            part_layout=layout, segmenters=self.segmenter_comparison(),
+                            trained={name: task.stage_dir for name, task in graph.items()
+                                     if "@" not in name and (task.stage_dir / TRAINING_LOG).is_file()})
 
 
 class FullWSSS(luigi.WrapperTask):

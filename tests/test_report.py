@@ -211,9 +211,9 @@ def test_full_report(tmp_path):
     assert "a&lt;b" in text and "dog &amp; co" in text and "Run &lt;report&gt; &amp; co" in text
 
     # every image is an inlined PNG that PIL opens, and equals the file under figures/
-    assert len(reader.sources) == 6  # bar chart, CAM curve, 2 training runs + overlay, gallery
+    assert len(reader.sources) == 5  # bar chart, CAM curve, every run's loss, the validated runs overlaid, gallery
     figure_files = {p.read_bytes() for p in (tmp_path / "figures").glob("*.png")}
-    assert len(figure_files) == 6
+    assert len(figure_files) == 5
     for src in reader.sources:
         assert src.startswith("data:image/png;base64,")
         png = base64.b64decode(src.split(",", 1)[1], validate=True)
@@ -375,3 +375,84 @@ def test_bad_parts_inputs_raise(tmp_path):
     with pytest.raises(ValueError, match="kind must be image, objects or parts"):
         parts_gallery_rows(inputs.parts)
     assert not (tmp_path / "report.html").exists()
+
+
+# ------------------------------------------------------------------------------- what a reader sees (issue 21)
+
+def test_figure_colours_stay_apart_under_colour_vision_deficiencies():
+    from stages.report.colours import figure_palette, min_distance
+
+    for n in (11, 21, 59):  # the embedded set's 11 labels, VOC's 21, Pascal-Part-58 with background
+        palette = figure_palette(n)
+        colours = np.vstack([palette[:n], palette[255:]])
+        assert tuple(palette[0]) == (0, 0, 0) and tuple(palette[255]) == (255, 255, 255)
+        assert len({tuple(c) for c in colours}) == n + 1
+        voc = np.vstack([voc_palette()[:n], voc_palette()[255:]])
+        # VOC's palette puts two labels at ΔE ~1 for some reader; ours keeps every pair apart for every reader
+        assert min_distance(voc) < 3 and min_distance(colours) > {11: 20, 21: 15, 59: 8}[n]
+        np.testing.assert_array_equal(figure_palette(n), palette)  # deterministic
+
+
+def test_report_draws_labels_in_the_figure_palette_and_keeps_the_png_palette(tmp_path):
+    from stages.report.colours import figure_palette
+
+    inputs = make_inputs()
+    write_report(inputs, tmp_path)
+    text = (tmp_path / "report.html").read_text()
+    legend = re.search(r"Colours: (.*?)</p>", text).group(1)
+    shown = [tuple(int(v) for v in m) for m in re.findall(r"rgb\((\d+),(\d+),(\d+)\)", legend)]
+    palette = figure_palette(len(NAMES))
+    assert shown == [tuple(int(v) for v in palette[i]) for i in [*range(len(NAMES)), 255]]
+    assert "label PNGs on disk keep" in text and "DeepLab (train image)" in text
+
+
+def test_seed_bars_say_they_score_labelled_pixels_only(tmp_path):
+    write_report(make_inputs(), tmp_path)
+    _, reader = read_html(tmp_path / "report.html")
+    assert table_starting(reader, "class")[0][2] == "Seeds (labelled pixels only)"
+
+
+def comparison_row(method: str, trainer: str) -> dict:
+    return {"method": method, "recipe": "configs/demo.cfg", "crf_preset": "a2gnn_final", "trainer": trainer,
+            "cam_miou": 0.39, "seed_miou": 0.71, "pseudo_label_miou": 0.46, "refined_miou": 0.54,
+            "deeplab_miou": 0.48, "ceiling_miou": 0.57, "train_seconds": 200.0, "propagate_seconds": 10.0,
+            "propagated_images": 100}
+
+
+def test_methods_table_only_when_a_method_is_compared(tmp_path):
+    inputs = make_inputs()
+    inputs.comparison = [comparison_row("rw_irn/image (main chain)", "TrainAffinity")]
+    write_report(inputs, tmp_path / "alone")
+    _, reader = read_html(tmp_path / "alone" / "report.html")
+    assert "Propagation methods compared" not in reader.headings
+    assert "Propagation methods compared" not in (tmp_path / "alone" / "report.md").read_text()
+    inputs.comparison.append(comparison_row("demo_psa.cfg", "TrainAffinity@seed_method=psa,lr=0.02,num_epochs=5"))
+    write_report(inputs, tmp_path / "two")
+    _, reader = read_html(tmp_path / "two" / "report.html")
+    assert "Propagation methods compared" in reader.headings
+    table = table_starting(reader, "method")
+    assert [row[-1] for row in table[1:]] == ["TrainAffinity", "TrainAffinity (own variant)"]
+
+
+def test_every_trained_stage_gets_a_training_curve(tmp_path):
+    rng = np.random.default_rng(5)
+    inputs = make_inputs()
+    no_val = [{k: v for k, v in row.items() if k != "val_miou"} for row in training_rows(rng, 3, 4)]
+    inputs.training_curves = {"PretrainBackbone": no_val, "TrainCAM": no_val, "TrainAffinity": no_val,
+                              "DeepLab on pseudo labels": training_rows(rng, 3, 4)}
+    summary = write_report(inputs, tmp_path)
+    _, reader = read_html(tmp_path / "report.html")
+    assert [row[0] for row in table_starting(reader, "run")[1:]] == list(inputs.training_curves)
+    assert {"training_losses.png", "training_validation.png"} <= set(summary["figures"])
+
+
+@pytest.mark.parametrize(("dataset", "root", "title"), [
+    ({"kind": "synthetic", "profile": "large"}, "/w/PrepareDataset/k/data", "synthetic large"),
+    ({"kind": "voc", "profile": "demo", "root": "/data/anchors_voc"}, "/data/anchors_voc", "anchors_voc"),
+])
+def test_the_title_names_the_dataset(dataset, root, title):
+    from types import SimpleNamespace
+
+    from stages.report.build import dataset_name
+
+    assert dataset_name(dataset, SimpleNamespace(root=Path(root))) == title

@@ -20,6 +20,17 @@ from data.manifest import Manifest
 from data.parts import PartLayout
 from stages.config import EvalSegmentationConfig, ReportConfig, TrainSegmentationConfig, validate
 
+# The two DeepLab runs by what they learn from; every other trained stage by its stage name.
+TRAINING_RUN_NAMES = {"TrainSegmentation": "DeepLab on pseudo labels",
+                      "TrainSegmentation-gt": "DeepLab on GT (ceiling)"}
+
+
+def dataset_name(dataset: dict, manifest: Manifest) -> str:
+    """What the report's title calls the data: the synthetic profile, or a VOC-layout root's folder name."""
+    if dataset.get("kind", "synthetic") == "synthetic":
+        return f"synthetic {dataset.get('profile', 'demo')}"
+    return Path(str(dataset.get("root") or manifest.root)).name or str(manifest.root)
+
 
 def read_curve(path: Path) -> list[dict]:
     """A CSV of numbers as dicts of floats (empty cells become None)."""
@@ -103,9 +114,11 @@ def build_report(cfg: ReportConfig, manifest: Manifest, dirs: dict[str, Path], c
                  eval_config: EvalSegmentationConfig, device: torch.device, out_dir: Path,
                  comparison: list[dict] | None = None, parts: list[dict] | None = None,
                  part_layout: PartLayout | None = None,
-                 segmenters: list[dict] | None = None) -> dict:
+                 segmenters: list[dict] | None = None, trained: dict[str, Path] | None = None) -> dict:
     """``report.html`` and ``report.md`` in ``out_dir`` from the stage directories ``dirs``; ``parts``: the
-    part runs compared (``Report.part_comparison()``) in ``part_layout``'s part space; none = no parts section."""
+    part runs compared (``Report.part_comparison()``) in ``part_layout``'s part space; none = no parts section;
+    ``trained``: every trained stage's directory by stage name (its ``log.csv`` is drawn; default: the two
+    DeepLab runs)."""
     from stages.report.html import ReportInputs, write_report
     from stages.segmentation.model import load_segmenter
 
@@ -124,15 +137,16 @@ def build_report(cfg: ReportConfig, manifest: Manifest, dirs: dict[str, Path], c
     notes = [f"quarantined image {q.get('id')}: {q.get('problem')}" for q in manifest.quarantine]
     if pseudo.get("cam_fallback_images"):
         notes.append(f"{pseudo['cam_fallback_images']} eval images had no seeds and were labelled from their CAM")
+    trained = trained or {"TrainSegmentation": dirs["segmenter"], "TrainSegmentation-gt": dirs["ceiling_segmenter"]}
     inputs = ReportInputs(
-        title=f"wsss run: {config.get('PrepareDataset', {}).get('profile') or manifest.root.name}",
+        title=f"wsss run: {dataset_name(config.get('PrepareDataset', {}), manifest)}",
         class_names=list(manifest.label_space.names), palette=manifest.label_space.palette,
         config=config, provenance=provenance,
         cam_metrics=metrics("cam_eval") or {}, cam_curve=read_curve(dirs["cam_eval"] / "curve.csv"),
         pseudo_metrics=pseudo, refined_metrics=refined,
         segmentation_metrics=metrics("segmentation"), ceiling_metrics=metrics("ceiling"),
-        training_curves={"pseudo labels": read_curve(dirs["segmenter"] / TRAINING_LOG),
-                         "GT (ceiling)": read_curve(dirs["ceiling_segmenter"] / TRAINING_LOG)},
+        training_curves={TRAINING_RUN_NAMES.get(name, name): read_curve(d / TRAINING_LOG)
+                         for name, d in trained.items()},
         gallery=gallery_panels(manifest, dirs, ids, model, eval_config, device), notes=notes,
         comparison=comparison or [], segmenters=segmenters or [],
         parts=parts_inputs(manifest, part_layout, parts, cfg.gallery_images) if parts else None)

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from data.io import atomic_path
+from stages.report.colours import SERIES_COLOURS, figure_palette
 
 HTML_NAME = "report.html"
 MARKDOWN_NAME = "report.md"
@@ -36,7 +37,7 @@ FIGURES_DIR = "figures"
 # Gallery columns, in display order, with their headers.
 PANEL_TITLES = {
     "image": "Image", "cam": "CAM", "seeds": "Seeds", "pseudo": "Pseudo labels", "crf": "After CRF",
-    "prediction": "DeepLab", "gt": "Ground truth",
+    "prediction": "DeepLab (train image)", "gt": "Ground truth",
 }
 LABEL_PANELS = ("seeds", "pseudo", "crf", "prediction", "gt")
 
@@ -67,7 +68,8 @@ figure { margin: 1em 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 0.88em; }
 details { margin: 0.4em 0; }
-summary { cursor: pointer; font-weight: 600; }
+summary { cursor: pointer; font-weight: 600; overflow-wrap: anywhere; }
+.wide { overflow-x: auto; }
 code { font-size: 0.92em; }
 .not-run { color: #8a6d3b; font-style: italic; }
 .swatch { display: inline-block; width: 0.9em; height: 0.9em; border: 1px solid #999; vertical-align: middle;
@@ -329,6 +331,13 @@ def segmenter_rows(inputs: ReportInputs) -> list[tuple[str, ...]]:
     return rows
 
 
+def _trainer_text(trainer: object) -> str:
+    """``TrainAffinity@seed_method=psa,...`` as ``TrainAffinity (own variant)``: the overrides are the recipe's,
+    listed in the Configuration section; in the table they made it wider than any screen."""
+    family, _, variant = str(trainer or "").partition("@")
+    return f"{family} (own variant)" if variant else family
+
+
 def comparison_rows(inputs: ReportInputs) -> list[tuple[str, ...]]:
     """The compared methods, formatted: mIoU at each step (%), the gain over the CAM, compute times."""
     rows = []
@@ -346,7 +355,7 @@ def comparison_rows(inputs: ReportInputs) -> list[tuple[str, ...]]:
                      format_percent(deeplab), f"{100 * deeplab / ceiling:.1f}%" if deeplab is not None and ceiling
                      else "-",
                      format_duration(row["train_seconds"]) if row.get("train_seconds") is not None else "-",
-                     f"{1000 * per_image:.0f} ms" if per_image is not None else "-", str(row.get("trainer", ""))))
+                     f"{1000 * per_image:.0f} ms" if per_image is not None else "-", _trainer_text(row.get("trainer"))))
     return rows
 
 
@@ -402,6 +411,10 @@ def part_iou_rows(parts: PartsInputs) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+# Seeds label a fraction of the pixels and are scored on those alone: higher than any full labelling, not better.
+SEEDS_LABEL = "Seeds (labelled pixels only)"
+
+
 def per_class_stages(inputs: ReportInputs, names: Sequence[str]) -> list[_Stage]:
     """The stages with per-class IoU, in pipeline order (absent stages left out)."""
     cam = inputs.cam_metrics or {}
@@ -413,7 +426,7 @@ def per_class_stages(inputs: ReportInputs, names: Sequence[str]) -> list[_Stage]
     seeds = pseudo.get("seeds") or {}
     seed_iou = seeds.get("iou")
     if isinstance(seed_iou, (list, tuple)) and len(seed_iou) == len(names):
-        stages.append(_Stage("Seeds", seeds.get("miou"), dict(zip(names, seed_iou))))
+        stages.append(_Stage(SEEDS_LABEL, seeds.get("miou"), dict(zip(names, seed_iou))))
     if pseudo.get("per_class_iou"):
         stages.append(_Stage("Pseudo labels", pseudo.get("miou"), pseudo["per_class_iou"]))
     for label, metrics in (("After CRF", inputs.refined_metrics), ("DeepLab (val)", inputs.segmentation_metrics),
@@ -492,7 +505,10 @@ def _bar_chart(stages: list[_Stage], names: Sequence[str]) -> bytes:
     x = np.arange(n_classes)
     for i, stage in enumerate(stages):
         heights = [100 * _as_float(stage.per_class.get(name)) for name in names]
-        ax.bar(x + (i - (n_stages - 1) / 2) * width, heights, width, label=_mpl(stage.label))
+        seeds = stage.label == SEEDS_LABEL  # hatched and pale: a different measure from the other bars
+        ax.bar(x + (i - (n_stages - 1) / 2) * width, heights, width, label=_mpl(stage.label),
+               color=SERIES_COLOURS[i % len(SERIES_COLOURS)], alpha=0.45 if seeds else 1.0,
+               hatch="///" if seeds else None, edgecolor="#333" if seeds else None, linewidth=0.3)
     ax.set_xticks(x)
     ax.set_xticklabels([_mpl(name) for name in names], rotation=45 if n_classes > 8 else 0,
                        ha="right" if n_classes > 8 else "center")
@@ -520,7 +536,7 @@ def _cam_curve_figure(curve: list[dict], cam: dict) -> bytes:
     t, m = _parse_curve(curve)
     fig = _new_figure(5.5, 3.4)
     ax = fig.add_subplot()
-    ax.plot(t, 100 * m, color="#1f77b4", lw=1.5, label="mIoU")
+    ax.plot(t, 100 * m, color=SERIES_COLOURS[0], lw=1.5, label="mIoU")
     chosen = _as_float(cam.get("threshold"))
     if math.isfinite(chosen):
         ax.axvline(chosen, color="#555", ls="--", lw=1,
@@ -530,7 +546,7 @@ def _cam_curve_figure(curve: list[dict], cam: dict) -> bytes:
         best = int(np.nanargmax(m))
         best_t, best_m = float(t[best]), float(m[best])
     if math.isfinite(best_t) and math.isfinite(best_m):
-        ax.scatter([best_t], [100 * best_m], color="#d62728", zorder=3,
+        ax.scatter([best_t], [100 * best_m], color=SERIES_COLOURS[3], zorder=3,
                    label=f"best {best_t:.2f}: {100 * best_m:.1f} (GT-tuned)")
     ax.set_xlabel("background threshold")
     ax.set_ylabel("mIoU (%)")
@@ -580,15 +596,17 @@ def _training_figure(runs: list[_Run]) -> bytes:
     ncols = 2 if with_val else 1
     fig = _new_figure(5.0 * ncols, 3.3)
     axes = fig.subplots(1, ncols, squeeze=False)[0]
-    for run in runs:
+    for i, run in enumerate(runs):
         keep = np.isfinite(run.loss) & np.isfinite(run.iteration)
-        axes[0].plot(run.iteration[keep], run.loss[keep], lw=1.2, label=_mpl(run.name))
-    axes[0].set_xlabel("iteration")
+        axes[0].plot(run.iteration[keep], run.loss[keep], lw=1.2, label=_mpl(run.name),
+                     color=SERIES_COLOURS[i % len(SERIES_COLOURS)])
+    axes[0].set_xlabel("step")
     axes[0].set_ylabel("loss")
     axes[0].grid(alpha=0.3)
     if with_val:
-        for run in with_val:
-            axes[1].plot(run.val_epoch, 100 * run.val_miou, marker="o", ms=3, lw=1.2, label=_mpl(run.name))
+        for i, run in enumerate(with_val):
+            axes[1].plot(run.val_epoch, 100 * run.val_miou, marker="o", ms=3, lw=1.2, label=_mpl(run.name),
+                         color=SERIES_COLOURS[i % len(SERIES_COLOURS)])
         axes[1].set_xlabel("epoch")
         axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
         axes[1].set_ylabel("val mIoU (%)")
@@ -599,6 +617,26 @@ def _training_figure(runs: list[_Run]) -> bytes:
             axes[1].legend(fontsize=8)
     else:
         fig.suptitle(_mpl(runs[0].name), fontsize=10)
+    return _png_bytes(fig)
+
+
+def _loss_grid_figure(runs: list[_Run]) -> bytes:
+    """One small panel per run: its loss against the optimiser step."""
+    ncols = min(3, len(runs))
+    nrows = -(-len(runs) // ncols)
+    fig = _new_figure(3.4 * ncols, 2.4 * nrows)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax, run in zip(axes.flat, runs):
+        keep = np.isfinite(run.loss) & np.isfinite(run.iteration)
+        ax.plot(run.iteration[keep], run.loss[keep], lw=1.2, color=SERIES_COLOURS[0])
+        ax.set_title(_mpl(run.name), fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_ylabel("loss", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(runs):]:
+        ax.set_visible(False)
+    fig.tight_layout()
     return _png_bytes(fig)
 
 
@@ -820,13 +858,13 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequen
         css = ' class="num"' if is_num else ""
         return f"<{tag}{css}>{_esc(text)}</{tag}>"
 
-    lines = ["<table>", "<thead><tr>" + "".join(cell("th", h, n) for h, n in zip(header, numeric)) + "</tr></thead>",
-             "<tbody>"]
+    lines = ['<div class="wide"><table>',
+             "<thead><tr>" + "".join(cell("th", h, n) for h, n in zip(header, numeric)) + "</tr></thead>", "<tbody>"]
     for i, row in enumerate(rows):
         css = row_classes[i] if i < len(row_classes) and row_classes[i] else ""
         opening = f'<tr class="{_esc(css)}">' if css else "<tr>"
         lines.append(opening + "".join(cell("td", text, n) for text, n in zip(row, numeric)) + "</tr>")
-    lines += ["</tbody>", "</table>"]
+    lines += ["</tbody>", "</table></div>"]
     return "\n".join(lines)
 
 
@@ -893,7 +931,7 @@ def _render_html(inputs: ReportInputs, names: list[str], palette: np.ndarray, fi
     versions = _merged_versions(inputs.provenance)
     if versions:
         out.append('<p class="meta">Versions: ' + "; ".join(f"{_esc(k)} {_esc(v)}" for k, v in versions) + "</p>")
-    optional = {"methods": bool(inputs.comparison), "parts": inputs.parts is not None,
+    optional = {"methods": len(inputs.comparison) > 1, "parts": inputs.parts is not None,
                 "segmenters": bool(inputs.segmenters)}
     shown = [(sid, title) for sid, title in SECTIONS if optional.get(sid, True)]
     out.append("<nav>" + "".join(f'<a href="#{sid}">{_esc(title)}</a>' for sid, title in shown) + "</nav>")
@@ -907,7 +945,7 @@ def _render_html(inputs: ReportInputs, names: list[str], palette: np.ndarray, fi
     out.append(_table(["stage", "mIoU (%)", "details"], headline, numeric=[False, True, False]))
     out.append('<p class="meta">CAMs, seeds and pseudo labels are scored on the eval (training) images, DeepLab '
                "and the ceiling on val; one dataset-level confusion matrix, background included, GT 255 ignored.</p>")
-    if inputs.comparison:
+    if optional["methods"]:  # the main chain alone is the headline table again
         heading("methods")
         out.append(f"<p>{_esc(COMPARISON_NOTE)}</p>")
         out.append(_table(COMPARISON_HEADER, comparison_rows(inputs), numeric=COMPARISON_NUMERIC))
@@ -935,7 +973,7 @@ def _render_html(inputs: ReportInputs, names: list[str], palette: np.ndarray, fi
     if inputs.cam_curve:
         png = figures.add("cam_threshold_curve", _cam_curve_figure(inputs.cam_curve, inputs.cam_metrics or {}))
         out.append(_figure(png, "CAM mIoU against background threshold",
-                           "CAM mIoU against the background threshold; dashed: the configured threshold, red: the "
+                           "CAM mIoU against the background threshold; dashed: the configured threshold, dot: the "
                            "best one, chosen with GT (an upper bound)."))
     else:
         out.append(_not_run_line("Not run: no CAM threshold sweep was given."))
@@ -954,14 +992,16 @@ def _render_html(inputs: ReportInputs, names: list[str], palette: np.ndarray, fi
                                  format_duration(run.seconds)])
         out.append(_table(["run", "log rows", "final loss", "best val mIoU (%)", "at epoch", "wall time"],
                           summary_rows, numeric=[False, True, True, True, True, True]))
-        for run in runs:
-            png = figures.add(f"training_{_slug(run.name)}", _training_figure([run]))
-            out.append(_figure(png, f"training curves of {run.name}",
-                               f"{run.name}: loss against iteration and validation mIoU against epoch."))
-        if len(runs) > 1:
-            png = figures.add("training_overlay", _training_figure(runs))
-            out.append(_figure(png, "training curves overlaid",
-                               "All runs overlaid: " + ", ".join(run.name for run in runs)))
+        png = figures.add("training_losses", _loss_grid_figure(runs))
+        out.append(_figure(png, "training loss of every trained stage",
+                           "Loss against optimiser step of every trained stage (its log.csv; the y axis is each "
+                           "stage's own loss, not comparable across stages)."))
+        validated = [run for run in runs if run.val_miou.size]
+        if validated:
+            png = figures.add("training_validation", _training_figure(validated))
+            out.append(_figure(png, "training curves of the validated runs",
+                               "Runs with a validation mIoU (" + ", ".join(run.name for run in validated)
+                               + "): loss against step and val mIoU against epoch, overlaid."))
     else:
         out.append(_not_run_line("Not run: no training curves were given."))
 
@@ -971,8 +1011,11 @@ def _render_html(inputs: ReportInputs, names: list[str], palette: np.ndarray, fi
         png = figures.add("gallery", _gallery_figure(kinds, rendered, names, palette))
         out.append(_figure(png, "qualitative gallery",
                            "Rows: images (" + ", ".join(image_id for image_id, _ in rendered) + "); columns: "
-                           + ", ".join(PANEL_TITLES[k] for k in kinds) + ". CAM: heat map (jet, 0 to 1) blended "
-                           "over the image; label maps in the label-space palette."))
+                           + ", ".join(PANEL_TITLES[k] for k in kinds) + ". The images are eval images, i.e. "
+                           "training images: DeepLab was trained on their pseudo labels (its val figures are in "
+                           "the tables). CAM: heat map (jet, 0 to 1) blended over the image; label maps in colours "
+                           "chosen to stay distinct with colour-vision deficiencies (the label PNGs on disk keep "
+                           "the label space's palette)."))
         legend = "".join(f'<span class="swatch" style="background: rgb({r},{g},{b})"></span>{_esc(name)}'
                          for name, (r, g, b) in zip([*names, "ignore"], [*palette[: len(names)], palette[255]]))
         out.append(f'<p class="meta">Colours: {legend}</p>')
@@ -1030,7 +1073,7 @@ def _render_markdown(inputs: ReportInputs, names: list[str], compute_seconds: fl
              f"Percentages; '-' = not run or undefined. Full report with figures: {HTML_NAME}.", "",
              "## Headline results", ""]
     lines += _md_table(["stage", "mIoU (%)", "details"], headline_rows(inputs), numeric=[False, True, False])
-    if inputs.comparison:
+    if len(inputs.comparison) > 1:
         lines += ["", "## Propagation methods compared", "", COMPARISON_NOTE, ""]
         lines += _md_table(COMPARISON_HEADER, comparison_rows(inputs), numeric=COMPARISON_NUMERIC)
     if inputs.parts is not None:
@@ -1072,9 +1115,13 @@ def write_report(inputs: ReportInputs, out_dir: Path) -> dict:
     ``segmentation_to_ceiling`` is DeepLab's val mIoU over the ceiling's, also a fraction.
     """
     names = _check_class_names(inputs.class_names)
-    palette = _check_palette(inputs.palette)
+    _check_palette(inputs.palette)
+    palette = figure_palette(len(names))  # the label PNGs keep inputs.palette (stages.report.colours)
     if inputs.parts is not None:
-        inputs = dataclasses.replace(inputs, parts=_check_parts(inputs.parts))
+        parts = _check_parts(inputs.parts)
+        inputs = dataclasses.replace(inputs, parts=dataclasses.replace(
+            parts, part_palette=figure_palette(len(parts.part_names)),
+            object_palette=figure_palette(len(parts.object_names))))
     out_dir = Path(out_dir)
     figures = _Figures(out_dir / FIGURES_DIR)
     compute_seconds = _compute_seconds(inputs.provenance)
