@@ -136,8 +136,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    print(f"{'stage':<20} {'key':<18} {'seconds':>8}  metrics")
+    from stages.report.html import stage_seconds
+
+    print(f"{'stage':<20} {'key':<18} {'seconds':>8}  metrics (seconds: a sharded stage's summed over its shards)")
     footer = []
+    segmentation: dict[str, float] = {}
     for family, task in stage_graph().items():
         if not task.complete():
             print(f"{family:<20} {task.key:<18} {'-':>8}  (not computed)")
@@ -146,7 +149,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
         metrics = prov.get("metrics", {})
         shown = ", ".join(f"{k}={len(v) if isinstance(v, list) else _fmt(v)}" for k, v in metrics.items()
                           if not isinstance(v, dict))
-        print(f"{family:<20} {task.key:<18} {prov.get('seconds', 0):>8.1f}  {shown}")
+        print(f"{family:<20} {task.key:<18} {stage_seconds(prov):>8.1f}  {shown}")
         if family == "EvalCAM":
             footer.append(f"CAM mIoU: {100 * metrics['miou']:.2f} at background threshold "
                           f"{metrics['threshold']:.2f} (GT-tuned best {100 * metrics['best_miou']:.2f} at "
@@ -160,6 +163,10 @@ def cmd_summary(args: argparse.Namespace) -> int:
             who = "pseudo labels" if family == "EvalSegmentation" else "GT (fully supervised ceiling)"
             footer.append(f"DeepLab trained on {who}: val mIoU {100 * metrics['miou']:.2f} "
                           f"({100 * metrics['miou_no_crf']:.2f} before the CRF)")
+            segmentation[family] = metrics["miou"]
+            if len(segmentation) == 2 and segmentation["EvalSegmentation-gt"] > 0:
+                ratio = segmentation["EvalSegmentation"] / segmentation["EvalSegmentation-gt"]
+                footer.append(f"DeepLab / ceiling: {100 * ratio:.1f}% of the fully supervised val mIoU")
         if family == "Report":
             footer += compared_methods(task.stage_dir / "report.md")
             footer.append(f"Report: {task.stage_dir / 'report.html'}")

@@ -353,6 +353,17 @@ def test_failed_pipeline_exits_nonzero_and_cli_verbs(tmp_path):
     assert "nothing (everything is cached)" in run_cli([sys.executable, "-m", "pipeline", "status"], cwd).stdout
     summary = run_cli([sys.executable, "-m", "pipeline", "summary"], cwd).stdout
     assert "CAM mIoU" in summary
+    status = run_cli([sys.executable, "-m", "pipeline", "status"], cwd).stdout
+    status_rows = [line.split() for line in status.splitlines()]
+    keys = {row[0]: row[1] for row in status_rows if row and row[0].startswith("EvalSegmentation")}
+    seg, ceiling = (json.loads((cwd / "work" / "EvalSegmentation" / keys[family] / "metrics.json").read_text())
+                    for family in ("EvalSegmentation", "EvalSegmentation-gt"))
+    assert f"DeepLab / ceiling: {100 * seg['miou'] / ceiling['miou']:.1f}% of the fully supervised" in summary
+    # a sharded stage's seconds are its shards' (its own run is only the join)
+    make_cam = next(line for line in summary.splitlines() if line.startswith("MakeCAM "))
+    record = json.loads(next((cwd / "work" / "MakeCAM").glob("*/provenance.json")).read_text())
+    assert float(make_cam.split()[2]) == pytest.approx(record["seconds"] + record["metrics"]["shard_seconds"],
+                                                       abs=0.06)
 
     dry = run_cli([sys.executable, "-m", "pipeline", "clean", "--stage", "MakeCAM", "--downstream", "--dry-run"],
                   cwd).stdout

@@ -479,8 +479,16 @@ def _not_run(inputs: ReportInputs) -> list[str]:
     return missing
 
 
+def stage_seconds(provenance: dict) -> float:
+    """A stage's compute time: its own run plus, for a sharded stage, its shards' (summed over the shards: the
+    run's ``seconds`` is then the join alone)."""
+    own = _as_float(provenance.get("seconds"))
+    shards = _as_float((provenance.get("metrics") or {}).get("shard_seconds"))
+    return sum(s for s in (own, shards) if math.isfinite(s))
+
+
 def _compute_seconds(provenance: dict[str, dict]) -> float:
-    return float(sum(s for s in (_as_float(p.get("seconds")) for p in provenance.values()) if math.isfinite(s)))
+    return float(sum(stage_seconds(p) for p in provenance.values()))
 
 
 # ---------------------------------------------------------------------------------------------- figures
@@ -1033,7 +1041,7 @@ def _render_html(inputs: ReportInputs, names: list[str], palette: np.ndarray, fi
 
     heading("provenance")
     if inputs.provenance:
-        rows = [[str(p.get("stage", name)), str(p.get("key", "-")), f"{_as_float(p.get('seconds')):.1f}",
+        rows = [[str(p.get("stage", name)), str(p.get("key", "-")), f"{stage_seconds(p):.1f}",
                  "-" if p.get("seed") is None else str(p["seed"]), str(p.get("code_digest", "-")),
                  str(p.get("started", "-")), str(p.get("host", "-"))]
                 for name, p in inputs.provenance.items()]
