@@ -194,7 +194,7 @@ def agreement(case: str, device: torch.device) -> float:
 
 def _host_step(name: str, device: torch.device):
     """One SGD step of segmenter ``name`` on the demo's resnet_mini at OS8 (crop 112, batch 10, 11 classes)."""
-    from models.deeplab import create_segmenter
+    from models.segmenters import create_segmenter
     from stages.segmentation.train import segmentation_loss
 
     torch.manual_seed(0)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.measure import PeakMemory
-from models.deeplab import create_segmenter
+from models.segmenters import create_segmenter
 from stages.config import TrainPartSegmentationConfig
 from stages.parts.graph_matching import dilate, graph_matching_maps
 from stages.parts.train import part_losses

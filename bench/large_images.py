@@ -36,7 +36,7 @@ def measure(name: str) -> dict:
     import torch
 
     from data.synthetic import PROFILES, render_sample
-    from models.deeplab import create_segmenter
+    from models.segmenters import create_segmenter
     from stages.config import EvalSegmentationConfig
     from stages.segmentation.predict import predict_labels
 

@@ -14,8 +14,8 @@ import time
 import torch
 
 from models.cam import CAMNet
-from models.deeplab import create_segmenter
 from models.resnet import create_backbone
+from models.segmenters import create_segmenter
 from stages.segmentation.train import segmentation_loss
 
 

@@ -61,8 +61,8 @@ def _eval_segmentation(cfg) -> None:
 
 
 def _train_segmentation(cfg) -> None:
-    from models.deeplab import SEGMENTERS
     from models.resnet import BACKBONES
+    from models.segmenters import SEGMENTERS
     SEGMENTERS.get(cfg.model, key="TrainSegmentation.model")
     BACKBONES.get(cfg.backbone, key="TrainSegmentation.backbone")
 

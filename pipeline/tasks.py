@@ -299,6 +299,9 @@ class TrainSeedNet(TrainingStage):
     code = ("stages.seed_net.train",)
     gpus = 1
 
+    def code_roots(self) -> tuple[str, ...]:
+        return (*self.code, segmenter_code(self.model))
+
     def upstream(self) -> dict[str, StageTask]:
         return {"dataset": self.stage(PrepareDataset), "seeds": self.stage(ExtractSeeds),
                 **pretraining_upstream(self)}
@@ -447,6 +450,9 @@ class TrainSegmentation(TrainingStage):
     gpus = 1
     labels = luigi.ChoiceParameter(choices=LABEL_SOURCES, default="pseudo")
 
+    def code_roots(self) -> tuple[str, ...]:
+        return (*self.code, segmenter_code(self.model))
+
     def fingerprint(self) -> dict:
         return {"labels": self.labels}
 
@@ -481,6 +487,9 @@ class EvalSegmentation(ShardedStage):
     """DeepLab predictions on the val list (palette PNGs) and their mIoU, with and without the test-time CRF."""
 
     code = ("stages.segmentation.predict",)
+
+    def code_roots(self) -> tuple[str, ...]:
+        return (*self.code, segmenter_code(self.upstream()["model"].model))
     shard_gpus = 1
     labels = luigi.ChoiceParameter(choices=LABEL_SOURCES, default="pseudo")
     variant_params = ("labels",)
@@ -542,6 +551,10 @@ class MakeObjectMaps(ShardedStage):
     def fingerprint(self) -> dict:
         return {"source": self.source}
 
+    def code_roots(self) -> tuple[str, ...]:
+        trained = self.upstream().get("model")
+        return (*self.code, segmenter_code(trained.model)) if trained else self.code
+
     def upstream(self) -> dict[str, StageTask]:
         up: dict[str, StageTask] = {"dataset": self.stage(PrepareDataset)}
         if self.source in ("supervised", "wsss"):
@@ -579,6 +592,10 @@ class TrainPartSegmentation(TrainingStage):
     code = ("stages.parts.train", "stages.parts.graph_matching")
     gpus = 1
 
+    def code_roots(self) -> tuple[str, ...]:
+        from stages.parts import part_model
+        return (*self.code, segmenter_code(part_model(self.cond_source)))
+
     def upstream(self) -> dict[str, StageTask]:
         up: dict[str, StageTask] = {"dataset": self.stage(PrepareDataset), **pretraining_upstream(self)}
         if self.cond_source != "none":
@@ -602,6 +619,10 @@ class EvalParts(ShardedStage):
 
     code = ("stages.parts.evaluate",)
     shard_gpus = 1
+
+    def code_roots(self) -> tuple[str, ...]:
+        from stages.parts import part_model
+        return (*self.code, segmenter_code(part_model(self.stage(TrainPartSegmentation).cond_source)))
 
     def upstream(self) -> dict[str, StageTask]:
         train = self.stage(TrainPartSegmentation)
@@ -649,6 +670,9 @@ class Report(StageTask):
     """The run report: one self-contained HTML file and a Markdown summary of every stage."""
 
     code = ("stages.report.html", "stages.report.build")
+
+    def code_roots(self) -> tuple[str, ...]:
+        return (*self.code, segmenter_code(self.upstream()["segmenter"].model))  # the gallery's predictions
 
     @cached_property
     def comparisons(self) -> list[Comparison]:
@@ -776,6 +800,12 @@ class FullWSSS(luigi.WrapperTask):
 
     def requires_stages(self) -> list[StageTask]:
         return [Report(), EvalParts()] if self.parts else [Report()]
+
+
+def segmenter_code(model: str) -> str:
+    """The module of segmentation model ``model`` (``models.segmenters``): a stage that builds it runs it."""
+    from models.segmenters import SEGMENTERS
+    return SEGMENTERS.module_of(model, "model")
 
 
 # Order matters for status/clean: upstream first.

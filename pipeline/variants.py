@@ -114,7 +114,7 @@ def recipe_overrides(path: Path) -> dict[str, dict[str, object]]:
 def segmenter_overrides(spec: str) -> dict[str, object]:
     """``{parameter: value}`` of TrainSegmentation for a ``Report.compare_segmenters`` entry, e.g.
     ``deeplabv3_ddd:output_stride=8,ddd_iterations=5`` (values typed as the knob's default)."""
-    from models.deeplab import SEGMENTERS
+    from models.segmenters import SEGMENTERS
 
     model, _, knobs = spec.partition(":")
     SEGMENTERS.get(model, key=f"Report.compare_segmenters entry {spec!r}")

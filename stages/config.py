@@ -308,7 +308,7 @@ class TrainSegmentationConfig:
     deeplab-pytorch's VOC recipe is in the comments and in configs/voc.cfg; the defaults size it for the demo.
     """
 
-    model: str = "deeplabv2"                  # registry: models.deeplab.SEGMENTERS (deeplabv2 | deeplabv3plus |
+    model: str = "deeplabv2"                  # registry: models.segmenters.SEGMENTERS (deeplabv2 | deeplabv3plus |
     #                                           deeplabv3 | deeplabv3_ddd: DeepLab-v3 + DDD's learned grid CRF)
     backbone: str = "resnet_mini"             # deeplab-pytorch: resnet101 (DeepLab-v2), resnet50/101 (v3+)
     output_stride: int = 0                    # 0 = the model's own (v2: 8, v3/v3+: 16); deeplabv3(_ddd): 8 | 16
@@ -363,7 +363,7 @@ class TrainSeedNetConfig:
     """
 
     method: str = "graphcut"                  # graphcut (DGCN: per-class s-t cut on a kNN graph) | dsrg
-    model: str = "deeplabv2"                  # registry: models.deeplab.SEGMENTERS; graphcut needs deeplabv2
+    model: str = "deeplabv2"                  # registry: models.segmenters.SEGMENTERS; graphcut needs deeplabv2
     head: str = "aspp"                        # deeplabv2's: aspp (DSRG: dilations 6/12/18/24 summed) | dilated12
     #                                           (DGCN: one 3x3 classifier of dilation 12, DeepLab-LargeFOV's)
     backbone: str = "resnet_mini"             # DGCN, DSRG: resnet101 (DSRG's paper also VGG16)

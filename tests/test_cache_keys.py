@@ -52,14 +52,17 @@ RUNS: dict[str, tuple[str, ...]] = {
     "models.affinity": ("TrainAffinity", AFFINITY_PROPAGATIONS),
     "models.cam": ("TrainCAM", "MakeCAM"),
     "models.classifier": ("PretrainBackbone",),
-    "models.ddd": SEGMENTER_USERS,              # imported by models.deeplab
+    "models.ddd": (),                           # model = deeplabv3_ddd only
     "models.deeplab": SEGMENTER_USERS,
+    "models.deeplab_ddd": (),
+    "models.gmnet": (),                         # the part branch only
     "models.norm": NETS,
     "models.pairs": ("TrainAffinity", AFFINITY_PROPAGATIONS),
     "models.registry": REGISTRY_USERS,
     "models.resnet": NETS,
     "models.resnet38": NETS,
     "models.seam": (),                      # cam_method = seam only
+    "models.segmenters": SEGMENTER_USERS,
     "stages": ALL,
     "stages.affinity": ("TrainAffinity", AFFINITY_PROPAGATIONS),
     "stages.affinity.a2gnn": ("TrainAffinity[affinity_method=a2gnn]", "Propagate[propagation=a2gnn]"),
@@ -102,6 +105,7 @@ RUNS: dict[str, tuple[str, ...]] = {
     "stages.refine.refine": ("RefineCRF",),
     "stages.report": ("Report",),
     "stages.report.build": ("Report",),
+    "stages.report.colours": ("Report",),
     "stages.report.html": ("Report",),
     "stages.runtime": TRAINERS,
     "stages.seed_net": SEED_NET,
@@ -194,7 +198,7 @@ def test_a_method_the_chain_does_not_run_changes_no_key(library, luigi_config):
     before = keys()
     for module in ("stages.propagation.a2gnn", "stages.propagation.gcn", "stages.affinity.a2gnn",
                    "stages.seed_net.graphcut", "stages.seeds.supervision", "models.a2gnn", "models.seam",
-                   "stages.cam.seam", "stages.propagation.rw_psa"):
+                   "stages.cam.seam", "stages.propagation.rw_psa", "models.ddd", "models.deeplab_ddd", "models.gmnet"):
         path = hashing.module_path(module)
         source = path.read_text()
         path.write_text(source + "\n_X = 1\n")
@@ -211,3 +215,26 @@ def test_comments_and_docstrings_change_no_key(library):
         path.write_text(source.replace('"""', '"""Edited. ', 1) + "\n# a comment\n")
         assert keys() == before, module
         path.write_text(source)
+
+
+def test_gmnet_and_ddd_edits_rekey_only_the_stages_that_build_them(library, luigi_config):
+    """Each segmenter is a module of its own (models.segmenters): GMNet's and DDD's code reach only their stages."""
+    _, keys = library
+    luigi_config("Report", "compare", "[]")
+    luigi_config("FullWSSS", "parts", "true")
+
+    def changed_by(module: str) -> set[str]:
+        before = keys()
+        path = hashing.module_path(module)
+        source = path.read_text()
+        path.write_text(source + "\n_X = 1\n")
+        after = keys()
+        path.write_text(source)
+        return {name for name in before if after[name] != before[name]}
+
+    assert {name.partition("@")[0] for name in changed_by("models.gmnet")} == {"TrainPartSegmentation", "EvalParts"}
+    assert changed_by("models.ddd") == set() and changed_by("models.deeplab_ddd") == set()
+    luigi_config("TrainSegmentation", "model", "deeplabv3_ddd")
+    families = {name.partition("@")[0] for name in changed_by("models.ddd")}
+    assert {"TrainSegmentation", "EvalSegmentation", "Report"} <= families
+    assert not families & {"TrainCAM", "TrainAffinity", "TrainPartSegmentation-none"}

@@ -25,7 +25,7 @@ from models.ddd import (
     grid_score,
     map_inference,
 )
-from models.deeplab import create_segmenter
+from models.segmenters import create_segmenter
 from pipeline.checks import validate_config
 from pipeline.variants import segmenter_overrides
 from stages.config import EvalSegmentationConfig, TrainSegmentationConfig

@@ -9,7 +9,9 @@ import torch
 from data.labelspace import LabelSpace
 from data.parts import PartSpace
 from data.synthetic import part_space
-from models.deeplab import ConcatASPP, ConditioningNet, create_segmenter
+from models.deeplab import ConcatASPP
+from models.gmnet import ConditioningNet
+from models.segmenters import create_segmenter
 from stages.config import TrainPartSegmentationConfig
 from stages.parts.train import augment_parts, gt_object_maps, object_logits, param_groups, part_losses
 

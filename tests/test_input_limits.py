@@ -79,7 +79,7 @@ def test_a_large_val_image_is_predicted_at_a_bounded_size(monkeypatch, crf):
     back at the image's size. An image within the limit is predicted exactly as without one."""
     import torch
 
-    from models.deeplab import create_segmenter
+    from models.segmenters import create_segmenter
     from stages.config import EvalSegmentationConfig
     from stages.refine import crf as crf_module
     from stages.segmentation import predict

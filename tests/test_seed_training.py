@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from models.deeplab import create_segmenter
+from models.segmenters import create_segmenter
 from pipeline.checks import validate_config as validate
 from stages.config import TrainSeedNetConfig, all_knobs
 from stages.seed_net.graphcut import DGCNConfig

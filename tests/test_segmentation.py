@@ -11,8 +11,9 @@ import torch
 
 from data.io import BadInputError, read_label_png, write_label_png
 from data.labelspace import voc_palette
-from models.deeplab import MultiScaleInputs, create_segmenter
+from models.deeplab import MultiScaleInputs
 from models.resnet import create_backbone
+from models.segmenters import create_segmenter
 from pipeline.checks import validate_config as validate
 from stages.config import EvalSegmentationConfig, TrainSegmentationConfig
 from stages.metrics import segmentation_scores

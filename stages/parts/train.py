@@ -34,8 +34,9 @@ from data.io import atomic_path, write_csv
 from data.manifest import Manifest
 from data.parts import PartLayout, PartSpace, load_part_space
 from data.transforms import normalize
-from models.deeplab import create_segmenter
+from models.segmenters import create_segmenter
 from stages.config import TrainPartSegmentationConfig, validate
+from stages.parts import part_model
 from stages.parts.graph_matching import graph_matching_loss
 from stages.runtime import seed_everything
 from stages.segmentation.model import load_matching
@@ -56,12 +57,10 @@ def part_layout(manifest: Manifest, cfg: TrainPartSegmentationConfig) -> PartLay
 
 def build_part_model(cfg: TrainPartSegmentationConfig, space: PartSpace, pretrained: bool = True) -> nn.Module:
     weights = cfg.pretrained if pretrained and cfg.pretrained else None
-    if cfg.cond_source == "none":
-        model = create_segmenter("deeplabv3plus", cfg.backbone, space.num_parts, pretrained=weights,
-                                 freeze_bn=cfg.freeze_bn)
-    else:
-        model = create_segmenter("gmnet", cfg.backbone, space.num_parts, pretrained=weights, freeze_bn=cfg.freeze_bn,
-                                 num_objects=space.num_objects, cond_mult=cfg.cond_mult or None)
+    name = part_model(cfg.cond_source)
+    conditioning = {"num_objects": space.num_objects, "cond_mult": cfg.cond_mult or None} if name == "gmnet" else {}
+    model = create_segmenter(name, cfg.backbone, space.num_parts, pretrained=weights, freeze_bn=cfg.freeze_bn,
+                             **conditioning)
     if pretrained and cfg.init_checkpoint:
         load_matching(model, cfg.init_checkpoint)
     return model

@@ -67,8 +67,8 @@ ProgressFn = Callable[[float, str], None]
 
 def validate_seed_net(cfg: TrainSeedNetConfig) -> None:
     """Reject a TrainSeedNet configuration the loop cannot use, naming the key (called by stages.config.validate)."""
-    from models.deeplab import SEGMENTERS
     from models.resnet import BACKBONES
+    from models.segmenters import SEGMENTERS
 
     SEGMENTERS.get(cfg.model, key="TrainSeedNet.model")
     BACKBONES.get(cfg.backbone, key="TrainSeedNet.backbone")
@@ -206,7 +206,7 @@ class SeedCropSet(Dataset):
 
 
 def build_seed_net(cfg: TrainSeedNetConfig, num_classes: int, pretrained: bool = True) -> nn.Module:
-    from models.deeplab import create_segmenter
+    from models.segmenters import create_segmenter
 
     model = create_segmenter(cfg.model, cfg.backbone, num_classes,
                              pretrained=cfg.pretrained if pretrained and cfg.pretrained else None,

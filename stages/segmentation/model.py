@@ -18,16 +18,16 @@ from torch import nn
 from data.artifacts import MODEL_WEIGHTS
 from data.manifest import Manifest
 from data.transforms import normalize
-from models.ddd import DDDOptions
-from models.deeplab import create_segmenter
+from models.segmenters import create_segmenter
 from stages.config import TrainSegmentationConfig
 from stages.metrics import confusion, segmentation_scores
 
 
-def ddd_options(cfg: TrainSegmentationConfig) -> DDDOptions:
-    """The ``ddd_*`` knobs as the CRF's options (``ddd_early_stop`` 0 never stops early)."""
-    return DDDOptions(iterations=cfg.ddd_iterations, gamma=cfg.ddd_gamma, distances=cfg.ddd_distances,
-                      alpha=cfg.ddd_alpha, early_stop=cfg.ddd_early_stop or None, backend=cfg.ddd_backend)
+def ddd_options(cfg: TrainSegmentationConfig) -> dict:
+    """The ``ddd_*`` knobs as the CRF's options (``models.ddd.DDDOptions``' fields; ``ddd_early_stop`` 0 never stops
+    early). A dict, not the dataclass: only ``deeplabv3_ddd`` imports the solver, so only its keys cover it."""
+    return {"iterations": cfg.ddd_iterations, "gamma": cfg.ddd_gamma, "distances": cfg.ddd_distances,
+            "alpha": cfg.ddd_alpha, "early_stop": cfg.ddd_early_stop or None, "backend": cfg.ddd_backend}
 
 
 def build_model(cfg: TrainSegmentationConfig, num_classes: int, pretrained: bool = True) -> nn.Module:
