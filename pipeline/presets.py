@@ -30,11 +30,13 @@ imports ``pipeline`` first and sets them afterwards (tests/conftest.py does).
 from __future__ import annotations
 
 import configparser
+import contextlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import luigi.configuration
+import luigi.task_register
 from luigi.configuration import LuigiConfigParser
 
 from stages.config import STAGE_CONFIGS
@@ -153,6 +155,37 @@ def install() -> list[Path]:
     if LuigiConfigParser._instance is not None:  # otherwise Luigi reads them when it first needs a value
         LuigiConfigParser.reload()
     return files
+
+
+@contextlib.contextmanager
+def reading(files: Sequence[Path]) -> Iterator[None]:
+    """Luigi reads ``files`` (already resolved, as :func:`loaded_files` lists them) inside; afterwards exactly what
+    it held before, values set in this process included."""
+    parser = luigi.configuration.get_config()
+    before_paths = LuigiConfigParser._config_paths
+    before = {section: {option: parser.get(section, option, raw=True) for option in parser.options(section)}
+              for section in parser.sections()}
+
+    def load(paths: list[str], values: dict[str, dict[str, str]] | None) -> None:
+        for section in parser.sections():
+            parser.remove_section(section)
+        LuigiConfigParser._config_paths = paths
+        if values is None:
+            parser.read(paths)
+        for section, options in (values or {}).items():
+            parser.add_section(section)
+            for option, value in options.items():
+                parser.set(section, option, value)
+        luigi.task_register.Register.clear_instance_cache()
+
+    missing = [str(p) for p in files if not Path(p).is_file()]
+    if missing:
+        raise PresetError(f"{', '.join(missing)}: no such file (a configuration file the recorded run read)")
+    load([str(p) for p in files], None)
+    try:
+        yield
+    finally:
+        load(before_paths, before)
 
 
 def loaded_files() -> list[Path]:

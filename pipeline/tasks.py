@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 
@@ -775,10 +776,11 @@ STAGES: tuple[type[StageTask], ...] = (PrepareDataset, PretrainBackbone, TrainCA
                                        EvalParts, Report)
 
 
-def stage_graph() -> dict[str, StageTask]:
-    """The stages the current configuration's FullWSSS runs, upstream first, by stage name."""
+def stage_graph(roots: Sequence[luigi.Task] = ()) -> dict[str, StageTask]:
+    """The stages ``roots`` run (by default the current configuration's FullWSSS), upstream first, by stage name."""
     used: dict[str, StageTask] = {}
-    pending = [task for task in FullWSSS().requires_stages()]
+    pending = [task for root in (roots or [FullWSSS()])
+               for task in (root.requires_stages() if isinstance(root, FullWSSS) else [root])]
     while pending:
         task = pending.pop()
         if task.stage_name not in used:
