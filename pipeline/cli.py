@@ -28,6 +28,7 @@ from pipeline.command_line import (
     check_configured_values,
     read_last_run,
     recent_keys,
+    section_summary,
     shown_run,
     where_set,
 )
@@ -135,7 +136,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
             remove_path(path)
     print(f"{len(victims)} path(s) {'to remove' if args.dry_run else 'removed'}")
     if spared:
-        print(f"kept {spared} path(s) that recent `luigi` runs used (recorded in {work_dir / 'last_run.json'}); "
+        print(f"keeping {spared} path(s) that recent `luigi` runs used (recorded in {work_dir / 'last_run.json'}); "
               "--force removes them too")
     return 0
 
@@ -260,7 +261,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     print()
     for section, rows in table.items():
         if section in sections:
-            print(*_comment(" ".join((sections[section].__doc__ or "").split("\n\n")[0].split())), sep="\n")
+            print(*_comment(f"[{section}]: {section_summary(sections[section])}"), sep="\n")
         print(f"[{section}]")
         for name, (value, where) in rows.items():
             about = docs.get(section, {}).get(name, "")

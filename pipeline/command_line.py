@@ -55,10 +55,16 @@ def stage_sections_help() -> str:
              "`knob = VALUE` under [<Section>] in a preset. --help-all describes every knob and its default;",
              "`python -m pipeline config` prints the values in force and the file each comes from.", ""]
     for section, cls in {**STAGE_CONFIGS, "wsss": RuntimeConfig}.items():
-        what = inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0].replace("\n", " ")
-        what = what.split(": ", 1)[1] if what.startswith("``[") else what
-        lines.append(f"  {section:<22} {len(cls.__dataclass_fields__):>3} knobs  {what}")
+        count = len(cls.__dataclass_fields__)
+        lines.append(f"  {section:<22} {count:>3} knob{'s' if count > 1 else ' '}  {section_summary(cls)}")
     return "\n".join(lines)
+
+
+def section_summary(config_class: type) -> str:
+    """The first sentence of a stages.config class's docstring, in plain text: what its section configures."""
+    what = " ".join(inspect.cleandoc(config_class.__doc__ or "").split("\n\n")[0].split())
+    what = what.split(": ", 1)[1] if what.startswith("``[") else what
+    return what.replace("``", "").split(". ")[0].rstrip(".") + "."
 
 
 def _show_help_with_sections(parser: argparse.ArgumentParser, known_args: argparse.Namespace) -> None:
@@ -84,15 +90,21 @@ def _given(known: argparse.Namespace, root: str) -> list[tuple[str, str, object]
     """(section, parameter, value) of every flag Luigi parsed into ``known``; the root task's own flags
     (``--parts`` after FullWSSS) under its section."""
     given = []
-    for section, _, name, _ in Register.get_all_params():
+    for section, _, name, param in Register.get_all_params():
         value = getattr(known, f"{section}_{name}", None)
-        if value is not None:
+        if value is not None and not (value is False and _is_switch(param)):
             given.append((section, name, value))
-    for name, _ in Register.get_task_cls(root).get_params():
+    for name, param in Register.get_task_cls(root).get_params():
         value = getattr(known, name, None)
-        if value is not None and getattr(known, f"{root}_{name}", None) is None:
+        if value is not None and not (value is False and _is_switch(param)) \
+                and getattr(known, f"{root}_{name}", None) in (None, False):
             given.append((root, name, value))
     return given
+
+
+def _is_switch(param: luigi.Parameter) -> bool:
+    """A flag without a value (``--parts``; argparse stores False when it is absent)."""
+    return isinstance(param, luigi.BoolParameter) and param.parsing == luigi.BoolParameter.IMPLICIT_PARSING
 
 
 def _text(value: object) -> str:
@@ -100,9 +112,11 @@ def _text(value: object) -> str:
 
 
 def overrides_of(known: argparse.Namespace, root: str) -> list[list[str]]:
-    """The flags of ``known`` that can change what runs, as ``[flag, value]`` in their global spelling: every task
-    parameter; not Luigi's own settings nor ``[wsss]`` (configuration classes)."""
-    return sorted([_flag(section, name), _text(value)] for section, name, value in _given(known, root)
+    """The flags of ``known`` that can change what runs, as ``[flag, value]`` (``[flag]`` for a switch) in their
+    global spelling: every task parameter; not Luigi's own settings nor ``[wsss]`` (configuration classes)."""
+    params = {(section, name): param for section, _, name, param in Register.get_all_params()}
+    return sorted([_flag(section, name)] if _is_switch(params[section, name]) else [_flag(section, name), _text(value)]
+                  for section, name, value in _given(known, root)
                   if not issubclass(Register.get_task_cls(section), luigi.Config))
 
 
@@ -197,8 +211,8 @@ def preset_name(files: Sequence[str | Path]) -> str:
 
 
 def describe_run(record: dict) -> str:
-    flags = " ".join(f"{flag} {value}" for flag, value in record["overrides"])
-    return f"{preset_name(record['files'])}{' ' + flags if flags else ', no flags'}"
+    flags = " ".join(" ".join(pair) for pair in record["overrides"])
+    return f"{flags or 'no flags'} ({preset_name(record['files'])})"
 
 
 def other_run_note(record: dict | None, overrides: list[list[str]]) -> str | None:

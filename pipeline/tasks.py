@@ -760,7 +760,8 @@ class FullWSSS(luigi.WrapperTask):
     """The whole chain: CAM -> seeds -> affinity net -> propagation -> CRF -> DeepLab -> evaluation -> report;
     with ``parts = true`` also GMNet's part branch (MakeObjectMaps -> TrainPartSegmentation -> EvalParts)."""
 
-    parts = luigi.BoolParameter(default=False)
+    parts = luigi.BoolParameter(default=False, description="also GMNet's part branch (MakeObjectMaps -> "
+                                "TrainPartSegmentation -> EvalParts)")
 
     def requires(self):
         return self.requires_stages()
