@@ -24,6 +24,7 @@ import luigi
 from data.artifacts import INPUTS_RECORD, PARTS_SUFFIX, PROVENANCE, RESUME_SUFFIX
 from data.io import BadInputError, is_temporary, read_json, remove_path
 from pipeline.command_line import (
+    ConfigurationError,
     UsageError,
     check_configured_values,
     read_last_run,
@@ -338,10 +339,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class ConfigurationError(ValueError):
-    """A configuration the stages cannot run; the message names the knob and where its value comes from."""
-
-
 def _inspect(args: argparse.Namespace, flags: Sequence[str]) -> int:
     with shown_run(flags, args.last) as header:
         try:
@@ -350,7 +347,7 @@ def _inspect(args: argparse.Namespace, flags: Sequence[str]) -> int:
                 print(line)
             return args.fn(args)
         except (ValueError, configparser.Error, luigi.parameter.ParameterException) as err:
-            if isinstance(err, (UsageError, BadInputError)):
+            if isinstance(err, (UsageError, BadInputError, ConfigurationError)):
                 raise
             raise ConfigurationError(where_set(str(err), flags)) from None
 

@@ -47,6 +47,10 @@ class UsageError(ValueError):
     """A command line that Luigi would refuse; the message names the flag."""
 
 
+class ConfigurationError(ValueError):
+    """A configuration the stages cannot run; the message names the knob and where its value comes from."""
+
+
 # ------------------------------------------------------------------------------------------------------ help
 
 def stage_sections_help() -> str:
@@ -270,7 +274,7 @@ def recent_keys(record: dict | None, work_dir: Path) -> set[tuple[str, str]]:
 
 def check_configured_values() -> None:
     """Every value the configuration files give a stage knob or a ``[wsss]`` setting parses as its parameter;
-    else a ValueError naming the file, the section and the knob."""
+    else a :class:`ConfigurationError` naming the file, the section and the knob."""
     parser = luigi.configuration.get_config()
     origin = sources(loaded_files())
     for section in [*STAGE_CONFIGS, "wsss"]:
@@ -285,7 +289,8 @@ def check_configured_values() -> None:
                 params[option].parse(value)
             except Exception as err:  # each Parameter class raises its own kind
                 where = describe(origin[section, option]) if (section, option) in origin else "set in this process"
-                raise ValueError(f"{where}: [{section}] {option} = {value}: not a valid value ({err})") from None
+                raise ConfigurationError(f"{where}: [{section}] {option} = {value}: not a valid value ({err})") \
+                    from None
 
 
 def where_set(message: str, flags: Sequence[str]) -> str:

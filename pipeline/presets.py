@@ -32,7 +32,8 @@ from __future__ import annotations
 import configparser
 import contextlib
 import os
-from collections.abc import Iterable, Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import luigi.configuration
@@ -239,6 +240,22 @@ def effective(parser: configparser.ConfigParser | None = None,
     return table
 
 
+def _message_only(hook: Callable) -> Callable:
+    """``sys.excepthook`` printing a :class:`PresetError` as its message alone: it names the file and the problem,
+    the traceback (through the import of ``pipeline``) adds nothing."""
+    def show(kind: type, err: BaseException, tb: object) -> None:
+        if isinstance(err, PresetError):
+            print(f"error: {err}", file=sys.stderr)
+        else:
+            hook(kind, err, tb)
+    return show
+
+
 # Importing ``pipeline`` (``luigi --module pipeline``, ``python -m pipeline``) installs the chain before Luigi reads
-# any parameter: pipeline/__init__.py imports this module first.
-install()
+# any parameter: pipeline/__init__.py imports this module first. A bad chain raises (importers can catch it); when
+# nothing does, the program ends printing the message alone.
+try:
+    install()
+except PresetError:
+    sys.excepthook = _message_only(sys.excepthook)
+    raise
