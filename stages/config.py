@@ -142,7 +142,7 @@ class MakeCAMConfig:
 class EvalCAMConfig:
     """``[EvalCAM]``: CAMs scored against GT on the eval list."""
 
-    bg_threshold: float = 0.15                # IRN cam_eval_thres
+    bg_threshold: float = 0.15                # background where every CAM is below it (IRN cam_eval_thres)
     sweep: tuple[float, float, float] = (0.0, 0.6, 0.01)   # start, stop (inclusive), step
     pred_ignore: str = "background"           # predicted 255: background (IRN) | exclude (WSGCN)
 
