@@ -21,7 +21,7 @@ The rules, applied when ``pipeline`` is imported (before Luigi reads any paramet
 * A relative path is looked up next to the file that names it, then, for a copy of a preset written elsewhere
   (the Slurm template's job file), as the project's ``configs/<file name>``.
 
-``python -m pipeline config --effective`` prints every value in force and the file it came from (:func:`sources`).
+``python -m pipeline config`` prints every value in force and the file it came from (:func:`sources`).
 
 Installing reloads Luigi's configuration from these files, so code that sets options by hand (tests, notebooks)
 imports ``pipeline`` first and sets them afterwards (tests/conftest.py does).
@@ -211,7 +211,7 @@ def describe(path: Path) -> str:
 
 def effective(parser: configparser.ConfigParser | None = None,
               files: Sequence[Path] | None = None) -> dict[str, dict[str, tuple[object, str]]]:
-    """Section -> option -> (value in force, where it comes from), for ``python -m pipeline config --effective``.
+    """Section -> option -> (value in force, where it comes from), for ``python -m pipeline config``.
 
     The value is the text Luigi reads (or the code default, from "default"); the source is the file that sets it
     (:func:`describe`). Every knob of stages/config.py comes first, then Luigi's own sections (``[preset]`` is
