@@ -26,7 +26,6 @@ SCRIBBLE_GROWN = "scribble_grown"         # ... and the scribbles grown over sup
 PARTS_SUFFIX = ".parts"     # finished shards of a stage not yet joined, next to its directory
 RESUME_SUFFIX = ".resume"   # training checkpoints of an unfinished stage, next to its directory
 INPUTS_RECORD = "inputs.json"   # in <key>.parts/ and <key>.resume/: the stage directories that work reads (for gc)
-LAST_RUN = "last_run.json"      # in <work_dir>: what the last `luigi` run scheduled (pipeline.command_line)
 
 
 class UnsafeImageIdError(ValueError):

@@ -28,7 +28,6 @@ import luigi.configuration
 from luigi.cmdline_parser import CmdlineParser
 from luigi.task_register import Register
 
-from data.artifacts import LAST_RUN
 from data.io import BadInputError, read_json, write_json
 from pipeline.framework import PENDING, StageTask
 from pipeline.presets import PROJECT_CFG, describe, loaded_files, reading, sources
@@ -39,6 +38,8 @@ from stages.config import STAGE_CONFIGS, RuntimeConfig, all_knobs
 logger = logging.getLogger("luigi-interface")
 
 ROOT = "FullWSSS"
+# In <work_dir>; named here, not in data.artifacts: that module is in every stage's code key, this is no artifact.
+LAST_RUN = "last_run.json"
 RECENT_S = 24 * 3600   # runs recorded within this long before the last one keep their directories from gc too
 EARLIER_RUNS = 20      # at most this many of them are remembered
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from conftest import TINY_CFG, luigi_cmd, run_cli
 
-from data.artifacts import LAST_RUN, PROVENANCE
+from data.artifacts import PROVENANCE
 from data.io import write_json
 from pipeline import cli
-from pipeline.command_line import command_line, record_run
+from pipeline.command_line import LAST_RUN, command_line, record_run
 from pipeline.tasks import EvalCAM, FullWSSS, Report, TrainSegmentation
 from stages.config import STAGE_CONFIGS, all_knobs, knob_help
 
