@@ -355,6 +355,8 @@ def _inspect(args: argparse.Namespace, flags: Sequence[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, flags = parser.parse_known_args(argv)
+    if flags[:1] == ["FullWSSS"]:  # a pasted `luigi ... FullWSSS <flags>` keeps its task name
+        flags = flags[1:]
     if flags and args.command not in INSPECTING:
         parser.error(f"unrecognized arguments: {' '.join(flags)}")
     try:

@@ -92,6 +92,8 @@ def test_status_takes_luigi_s_flags_and_names_one_it_does_not_know(luigi_config,
     flagged = table(capsys.readouterr().out)
     assert flagged["EvalCAM"][0] == EvalCAM(bg_threshold=0.2).key != plain["EvalCAM"][0]
     assert flagged["MakeCAM"] == plain["MakeCAM"] and flagged["Report"][0] != plain["Report"][0]
+    assert cli.main(["status", "FullWSSS", *FLAG]) == 0   # a pasted `luigi ... FullWSSS <flags>`
+    assert table(capsys.readouterr().out) == flagged
     assert cli.main(["summary", "--EvalCAM-bogus", "1"]) == 2
     assert "unrecognized argument(s) --EvalCAM-bogus 1" in capsys.readouterr().err
     assert cli.main(["gc", "--dry-run", "--EvalCAM-bg-threshold", "abc"]) == 2
