@@ -1,20 +1,39 @@
 """``python -m pipeline``: inspect and manage the artifact cache without editing code.
 
-Configuration comes from the same files as ``luigi`` (``./luigi.cfg`` then ``$LUIGI_CONFIG_PATH``), so
-``status`` shows exactly what ``luigi --module pipeline FullWSSS`` would reuse or run.
+Configuration comes from the same files as ``luigi`` (``./luigi.cfg`` then ``$LUIGI_CONFIG_PATH``), and ``status``,
+``summary``, ``gc`` and ``clean`` take the flags ``luigi`` takes after the task (pipeline.command_line), so
+``status --EvalCAM-bg-threshold 0.2`` shows exactly what ``luigi --module pipeline FullWSSS --EvalCAM-bg-threshold
+0.2`` would reuse or run. Without flags they say when the last ``luigi`` run used others (``--last`` shows it).
 """
 
 from __future__ import annotations
 
 import argparse
+import configparser
 import contextlib
+import json
 import os
 import sys
+import textwrap
 import time
+from collections.abc import Sequence
 from pathlib import Path
+
+import luigi
 
 from data.artifacts import INPUTS_RECORD, PARTS_SUFFIX, PROVENANCE, RESUME_SUFFIX
 from data.io import BadInputError, is_temporary, read_json, remove_path
+from pipeline.command_line import (
+    ConfigurationError,
+    UsageError,
+    check_configured_values,
+    read_last_run,
+    recent_keys,
+    section_summary,
+    shown_run,
+    where_set,
+)
+from pipeline.presets import PresetError
 from pipeline.settings import runtime
 from pipeline.tasks import STAGES, downstream_of, stage_graph
 
@@ -30,14 +49,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     work_dir = Path(runtime().work_dir)
     print(f"work_dir: {work_dir.resolve()}")
     print(f"{'stage':<20} {'key':<18} {'state':<10} other keys on disk")
+    graph = stage_graph()
+    used: dict[str, set[str]] = {}  # a family can run twice in one graph (TrainSegmentation and its -gt ceiling)
+    for task in graph.values():
+        used.setdefault(task.get_task_family(), set()).add(task.key)
     pending = []
-    for family, task in stage_graph().items():
+    for family, task in graph.items():
         done = task.complete()
         state = "cached" if done else ("partial" if task.stage_dir.with_name(task.key + PARTS_SUFFIX).exists()
                                        else "to run")
-        others = [p for p in _stage_dirs(work_dir, task.get_task_family()) if p.name != task.key and not is_temporary(p)
-                  and not p.name.endswith(PARTS_SUFFIX)]
-        print(f"{family:<20} {task.key:<18} {state:<10} {len(others)}")
+        others = {_key_of(p) for p in _stage_dirs(work_dir, task.get_task_family()) if not is_temporary(p)}
+        print(f"{family:<20} {task.key:<18} {state:<10} {len(others - used[task.get_task_family()])}")
         if not done:
             pending.append(family)
     print("would run: " + (", ".join(pending) if pending else "nothing (everything is cached)"))
@@ -94,17 +116,36 @@ def cmd_gc(args: argparse.Namespace) -> int:
     """Remove temporary debris and stage directories the current configuration does not reference.
 
     Kept whatever their key: temporary paths and unfinished work (``.parts``, ``.resume``) touched within
-    ``--min-age`` seconds (a run, perhaps under another configuration, may own them), and every directory that
-    kept work reads (transitively, from provenance and the unfinished work's ``inputs.json``).
+    ``--min-age`` seconds (a run, perhaps under another configuration, may own them); unless ``--force``, every
+    directory of the last recorded ``luigi`` run and of those recorded within a day before it (``last_run.json``);
+    and every directory that kept work reads (transitively, from provenance and the unfinished work's
+    ``inputs.json``).
     """
     work_dir = Path(runtime().work_dir)
     live = {(task.get_task_family(), task.key) for task in stage_graph().values()}
+    recent = set() if args.force else recent_keys(read_last_run(work_dir), work_dir)
     now = time.time()
     entries = [(family, path) for family in [cls.get_task_family() for cls in STAGES]
                for path in _stage_dirs(work_dir, family)]
     young = {path for _, path in entries if (is_temporary(path) or path.name.endswith((PARTS_SUFFIX, RESUME_SUFFIX)))
              and now - _newest_mtime(path) < args.min_age}
-    kept_keys = set(live)
+    victims = _unused(entries, young, live | recent, args, now)
+    spared = len(_unused(entries, young, live, args, now)) - len(victims)
+    for path in victims:
+        print(("would remove " if args.dry_run else "removing ") + str(path))
+        if not args.dry_run:
+            remove_path(path)
+    print(f"{len(victims)} path(s) {'to remove' if args.dry_run else 'removed'}")
+    if spared:
+        print(f"keeping {spared} path(s) that recent `luigi` runs used (recorded in {work_dir / 'last_run.json'}); "
+              "--force removes them too")
+    return 0
+
+
+def _unused(entries: list[tuple[str, Path]], young: set[Path], kept: set[tuple[str, str]],
+            args: argparse.Namespace, now: float) -> list[Path]:
+    """What gc removes when the (family, key) directories ``kept`` stay, with every directory their work reads."""
+    kept_keys = set(kept)
     kept_keys |= {(family, _key_of(path)) for family, path in entries if path in young and not is_temporary(path)}
     if args.keep_unreferenced:
         kept_keys |= {(family, _key_of(path)) for family, path in entries if not is_temporary(path)}
@@ -127,12 +168,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
             victims.append(path)
         elif path.name.endswith(PARTS_SUFFIX):  # shards of a kept key: resumable work, but debris inside
             victims += [p for p in path.iterdir() if is_temporary(p) and now - _newest_mtime(p) >= args.min_age]
-    for path in victims:
-        print(("would remove " if args.dry_run else "removing ") + str(path))
-        if not args.dry_run:
-            remove_path(path)
-    print(f"{len(victims)} path(s) {'to remove' if args.dry_run else 'removed'}")
-    return 0
+    return victims
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
@@ -194,34 +230,51 @@ def _fmt(value: object) -> str:
 
 
 def _cfg_text(value: object) -> str:
-    """A default as a luigi.cfg value: tuples as JSON-style lists, booleans in lower case."""
-    value = list(value) if isinstance(value, tuple) else value
+    """A default as a luigi.cfg value: tuples as JSON lists, booleans in lower case."""
+    if isinstance(value, tuple):
+        return json.dumps(list(value))
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def _cfg_line(name: str, text: str) -> str:
+    """``name = text`` as a configuration file holds it: '%' doubled (Luigi interpolates), the lines of a multi-line
+    value indented (so that they continue it)."""
+    return f"{name} = " + text.replace("%", "%%").replace("\n", "\n    ")
+
+
+def _comment(text: str) -> list[str]:
+    return [f"# {line}" for line in textwrap.wrap(text, 114)]
+
+
 def cmd_config(args: argparse.Namespace) -> int:
-    if args.effective:
-        return _print_effective()
-    from stages.config import all_knobs
-    for section, knobs in all_knobs().items():
-        print(f"[{section}]")
-        for name, default in knobs.items():
-            print(f"{name} = {_cfg_text(default)}")
-        print()
-    return 0
-
-
-def _print_effective() -> int:
-    """Every knob (and every other section read) with the value in force and the file it comes from."""
+    """The configuration in force (or the code defaults) as a valid luigi.cfg, each knob preceded by what it does
+    (stages.config.knob_help) and where its value comes from."""
     from pipeline.presets import describe, effective, loaded_files
-    print("# files read, in order (later ones override earlier ones): "
-          + ", ".join(describe(p) for p in loaded_files()))
-    print("# `default` = stages/config.py; values given on a luigi command line are not shown")
-    for section, rows in effective().items():
+    from stages.config import STAGE_CONFIGS, RuntimeConfig, all_knobs, knob_help
+
+    docs = knob_help()
+    sections = {"wsss": RuntimeConfig, **STAGE_CONFIGS}
+    if args.defaults:
+        table = {section: {name: (value, "default") for name, value in knobs.items()}
+                 for section, knobs in all_knobs().items()}
+        print("# Every knob with its default in stages/config.py (the code; the demo preset changes some of them, and")
+        print("# TrainSegmentation.freeze_bn needs pretrained weights: `config` without --defaults is a runnable set).")
+    else:
+        table = effective()
+        print(*_comment("The configuration in force, as a luigi.cfg (save it and point LUIGI_CONFIG_PATH at it to "
+                        "run the same). Files read, later ones overriding earlier ones: "
+                        + ", ".join(describe(p) for p in loaded_files())
+                        + ". In brackets: the file a value comes from (default = stages/config.py); values given "
+                        "on a luigi command line are not included."), sep="\n")
+    print()
+    for section, rows in table.items():
+        if section in sections:
+            print(*_comment(f"[{section}]: {section_summary(sections[section])}"), sep="\n")
         print(f"[{section}]")
         for name, (value, where) in rows.items():
-            text = _cfg_text(value) if where == "default" else str(value)
-            print(f"{name} = {text}".ljust(40) + f"  # {where}")
+            about = docs.get(section, {}).get(name, "")
+            print(*_comment(f"{about} [{where}]" if about else f"[{where}]"), sep="\n")
+            print(_cfg_line(name, _cfg_text(value) if where == "default" else str(value)))
         print()
     return 0
 
@@ -241,26 +294,48 @@ def cmd_make_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+INSPECTING = ("status", "clean", "gc", "summary")   # commands that take luigi's flags and show one run
+RUN_FLAGS = ("Takes the flags `luigi --module pipeline FullWSSS` takes after the task, to see the run they make: "
+             "stage knobs (--EvalCAM-bg-threshold 0.2, --TrainCAM-lr 0.1: `luigi --module pipeline FullWSSS "
+             "--help-all` lists them) and runtime flags (--workers 2, --local-scheduler, --no-lock; no effect here). "
+             "Without knob flags it says when the last `luigi` run used other ones; --last shows that run.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description="Inspect and manage the artifact cache without editing code. Reads the same configuration "
+                    "as luigi (./luigi.cfg, then $LUIGI_CONFIG_PATH); status, summary, gc and clean also take "
+                    "luigi's command-line flags (--EvalCAM-bg-threshold 0.2) or --last.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("status", help="what is cached and what would run").set_defaults(fn=cmd_status)
-    clean = sub.add_parser("clean", help="delete a stage's current artifacts to force a rerun")
+
+    def inspecting(name: str, help_text: str) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=help_text, description=f"{help_text}. {RUN_FLAGS}", allow_abbrev=False)
+        command.add_argument("--last", action="store_true",
+                             help="the flags and preset of the last `luigi` run (<work_dir>/last_run.json)")
+        return command
+
+    inspecting("status", "what is cached and what would run").set_defaults(fn=cmd_status)
+    clean = inspecting("clean", "delete a stage's current artifacts to force a rerun")
     clean.add_argument("--stage", required=True, help="stage name, e.g. MakeCAM")
     clean.add_argument("--downstream", action="store_true", help="also every stage that depends on it")
     clean.add_argument("--dry-run", action="store_true")
     clean.set_defaults(fn=cmd_clean)
-    gc = sub.add_parser("gc", help="remove temporary debris and artifacts the current config does not use")
+    gc = inspecting("gc", "remove temporary debris and artifacts the current config does not use")
     gc.add_argument("--dry-run", action="store_true")
     gc.add_argument("--keep-unreferenced", action="store_true", help="only remove temporary debris")
     gc.add_argument("--min-age", type=float, default=TMP_MIN_AGE_S,
                     help="seconds a temporary path must be old before removal (a run may own younger ones)")
+    gc.add_argument("--force", action="store_true",
+                    help="also remove the directories of the last `luigi` run and of those recorded within a day "
+                         "before it (kept otherwise)")
     gc.set_defaults(fn=cmd_gc)
-    sub.add_parser("summary", help="metrics of every computed stage").set_defaults(fn=cmd_summary)
-    config = sub.add_parser("config", help="print every knob with its default")
-    config.add_argument("--effective", action="store_true",
-                        help="the values in force instead (./luigi.cfg, $LUIGI_CONFIG_PATH and the bases it names) "
-                             "and the file each comes from")
+    inspecting("summary", "metrics of every computed stage").set_defaults(fn=cmd_summary)
+    config = sub.add_parser("config", help="print the configuration in force as a luigi.cfg, every knob described",
+                            description="Print the configuration in force as a valid luigi.cfg: every knob with its "
+                                        "value, what it does and the file the value comes from.")
+    config.add_argument("--defaults", action="store_true", help="the code defaults of stages/config.py instead")
+    config.add_argument("--effective", action="store_true", help="the values in force (what it prints anyway)")
     config.set_defaults(fn=cmd_config)
     make = sub.add_parser("make-dataset", help="write the embedded synthetic dataset for inspection")
     make.add_argument("--profile", default="demo")
@@ -271,6 +346,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _inspect(args: argparse.Namespace, flags: Sequence[str]) -> int:
+    with shown_run(flags, args.last) as header:
+        try:
+            check_configured_values()
+            for line in header:
+                print(line)
+            return args.fn(args)
+        except (ValueError, configparser.Error, luigi.parameter.ParameterException) as err:
+            if isinstance(err, (UsageError, BadInputError, ConfigurationError)):
+                raise
+            raise ConfigurationError(where_set(str(err), flags)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.fn(args)
+    parser = build_parser()
+    args, flags = parser.parse_known_args(argv)
+    if flags[:1] == ["FullWSSS"]:  # a pasted `luigi ... FullWSSS <flags>` keeps its task name
+        flags = flags[1:]
+    if flags and args.command not in INSPECTING:
+        parser.error(f"unrecognized arguments: {' '.join(flags)}")
+    try:
+        return _inspect(args, flags) if args.command in INSPECTING else args.fn(args)
+    except UsageError as err:
+        print(f"python -m pipeline {args.command}: {err}", file=sys.stderr)
+        return 2
+    except (ConfigurationError, PresetError, BadInputError) as err:
+        print(f"python -m pipeline {args.command}: error: {err}", file=sys.stderr)
+        return 1

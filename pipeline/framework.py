@@ -38,7 +38,7 @@ from data.manifest import Manifest
 from pipeline import hashing
 from pipeline.checks import check_runtime, validate_config
 from pipeline.devices import assigned_gpus, cpu_share, will_use_cuda
-from pipeline.settings import runtime
+from pipeline.settings import knob_description, runtime
 from pipeline.submit import run_as_job  # also registers [submitit] for --submitit-* on the command line
 from pipeline.variants import plain_value
 from stages import config as C
@@ -52,24 +52,29 @@ logger = logging.getLogger("luigi-interface")
 PENDING = "pending-"   # a key prefix: an input's content is not known yet (see StageTask.key)
 
 
-def _parameter_for(default: object) -> luigi.Parameter:
+def _parameter_for(default: object, description: str | None = None) -> luigi.Parameter:
     if isinstance(default, bool):
-        return luigi.BoolParameter(default=default, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
+        return luigi.BoolParameter(default=default, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
+                                   description=description)
     if isinstance(default, int):
-        return luigi.IntParameter(default=default)
+        return luigi.IntParameter(default=default, description=description)
     if isinstance(default, float):
-        return luigi.FloatParameter(default=default)
+        return luigi.FloatParameter(default=default, description=description)
     if isinstance(default, tuple):
-        return luigi.TupleParameter(default=default)
-    return luigi.Parameter(default=default)
+        return luigi.TupleParameter(default=default, description=description)
+    return luigi.Parameter(default=default, description=description)
 
 
 def with_config(config_class: type):
-    """Give a task one Luigi parameter per field of a stages.config dataclass."""
+    """Give a task one Luigi parameter per field of a stages.config dataclass, described by the comments beside
+    the field (stages.config.knob_help)."""
+    section = {cls: name for name, cls in C.STAGE_CONFIGS.items()}[config_class]
+    docs = C.knob_help()[section]
+
     def decorate(task_class: type) -> type:
         task_class.config_class = config_class
         for f in dataclasses.fields(config_class):
-            param = _parameter_for(f.default)
+            param = _parameter_for(f.default, knob_description(docs[f.name], f.default))
             setattr(task_class, f.name, param)
             param.__set_name__(task_class, f.name)  # what class creation does for declared attributes
         return task_class

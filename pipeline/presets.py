@@ -21,7 +21,7 @@ The rules, applied when ``pipeline`` is imported (before Luigi reads any paramet
 * A relative path is looked up next to the file that names it, then, for a copy of a preset written elsewhere
   (the Slurm template's job file), as the project's ``configs/<file name>``.
 
-``python -m pipeline config --effective`` prints every value in force and the file it came from (:func:`sources`).
+``python -m pipeline config`` prints every value in force and the file it came from (:func:`sources`).
 
 Installing reloads Luigi's configuration from these files, so code that sets options by hand (tests, notebooks)
 imports ``pipeline`` first and sets them afterwards (tests/conftest.py does).
@@ -30,11 +30,14 @@ imports ``pipeline`` first and sets them afterwards (tests/conftest.py does).
 from __future__ import annotations
 
 import configparser
+import contextlib
 import os
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import luigi.configuration
+import luigi.task_register
 from luigi.configuration import LuigiConfigParser
 
 from stages.config import STAGE_CONFIGS
@@ -155,6 +158,37 @@ def install() -> list[Path]:
     return files
 
 
+@contextlib.contextmanager
+def reading(files: Sequence[Path]) -> Iterator[None]:
+    """Luigi reads ``files`` (already resolved, as :func:`loaded_files` lists them) inside; afterwards exactly what
+    it held before, values set in this process included."""
+    parser = luigi.configuration.get_config()
+    before_paths = LuigiConfigParser._config_paths
+    before = {section: {option: parser.get(section, option, raw=True) for option in parser.options(section)}
+              for section in parser.sections()}
+
+    def load(paths: list[str], values: dict[str, dict[str, str]] | None) -> None:
+        for section in parser.sections():
+            parser.remove_section(section)
+        LuigiConfigParser._config_paths = paths
+        if values is None:
+            parser.read(paths)
+        for section, options in (values or {}).items():
+            parser.add_section(section)
+            for option, value in options.items():
+                parser.set(section, option, value)
+        luigi.task_register.Register.clear_instance_cache()
+
+    missing = [str(p) for p in files if not Path(p).is_file()]
+    if missing:
+        raise PresetError(f"{', '.join(missing)}: no such file (a configuration file the recorded run read)")
+    load([str(p) for p in files], None)
+    try:
+        yield
+    finally:
+        load(before_paths, before)
+
+
 def loaded_files() -> list[Path]:
     """The files Luigi reads now, in order."""
     return [Path(p) for p in LuigiConfigParser._config_paths if Path(p).is_file()]
@@ -177,7 +211,7 @@ def describe(path: Path) -> str:
 
 def effective(parser: configparser.ConfigParser | None = None,
               files: Sequence[Path] | None = None) -> dict[str, dict[str, tuple[object, str]]]:
-    """Section -> option -> (value in force, where it comes from), for ``python -m pipeline config --effective``.
+    """Section -> option -> (value in force, where it comes from), for ``python -m pipeline config``.
 
     The value is the text Luigi reads (or the code default, from "default"); the source is the file that sets it
     (:func:`describe`). Every knob of stages/config.py comes first, then Luigi's own sections (``[preset]`` is
@@ -206,6 +240,22 @@ def effective(parser: configparser.ConfigParser | None = None,
     return table
 
 
+def _message_only(hook: Callable) -> Callable:
+    """``sys.excepthook`` printing a :class:`PresetError` as its message alone: it names the file and the problem,
+    the traceback (through the import of ``pipeline``) adds nothing."""
+    def show(kind: type, err: BaseException, tb: object) -> None:
+        if isinstance(err, PresetError):
+            print(f"error: {err}", file=sys.stderr)
+        else:
+            hook(kind, err, tb)
+    return show
+
+
 # Importing ``pipeline`` (``luigi --module pipeline``, ``python -m pipeline``) installs the chain before Luigi reads
-# any parameter: pipeline/__init__.py imports this module first.
-install()
+# any parameter: pipeline/__init__.py imports this module first. A bad chain raises (importers can catch it); when
+# nothing does, the program ends printing the message alone.
+try:
+    install()
+except PresetError:
+    sys.excepthook = _message_only(sys.excepthook)
+    raise

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 
@@ -793,7 +794,8 @@ class FullWSSS(luigi.WrapperTask):
     """The whole chain: CAM -> seeds -> affinity net -> propagation -> CRF -> DeepLab -> evaluation -> report;
     with ``parts = true`` also GMNet's part branch (MakeObjectMaps -> TrainPartSegmentation -> EvalParts)."""
 
-    parts = luigi.BoolParameter(default=False)
+    parts = luigi.BoolParameter(default=False, description="also GMNet's part branch (MakeObjectMaps -> "
+                                "TrainPartSegmentation -> EvalParts)")
 
     def requires(self):
         return self.requires_stages()
@@ -815,10 +817,11 @@ STAGES: tuple[type[StageTask], ...] = (PrepareDataset, PretrainBackbone, TrainCA
                                        EvalParts, Report)
 
 
-def stage_graph() -> dict[str, StageTask]:
-    """The stages the current configuration's FullWSSS runs, upstream first, by stage name."""
+def stage_graph(roots: Sequence[luigi.Task] = ()) -> dict[str, StageTask]:
+    """The stages ``roots`` run (by default the current configuration's FullWSSS), upstream first, by stage name."""
     used: dict[str, StageTask] = {}
-    pending = [task for task in FullWSSS().requires_stages()]
+    pending = [task for root in (roots or [FullWSSS()])
+               for task in (root.requires_stages() if isinstance(root, FullWSSS) else [root])]
     while pending:
         task = pending.pop()
         if task.stage_name not in used:

@@ -21,16 +21,21 @@ only the chosen method's enter the key.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import io
 import math
+import tokenize
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
 class RuntimeConfig:
     """``[wsss]``: where and how to run; never part of a cache key."""
 
-    work_dir: str = "work"
+    work_dir: str = "work"        # where stage directories go: <work_dir>/<Stage>/<key>/
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     loader_workers: int = 1       # DataLoader worker processes
     torch_threads: int = 0        # 0 = a share of the cores: cores // tasks computing on this host (re-read)
@@ -54,7 +59,7 @@ class DatasetConfig:
     label_space: str = ""         # JSON/YAML class list; "" = the 21 VOC classes (voc) or the embedded one
     train_list: str = "ImageSets/Segmentation/train.txt"   # VOC+SBD: ImageSets/Segmentation/train_aug.txt
     eval_list: str = "ImageSets/Segmentation/train.txt"    # seeds/pseudo labels are scored on train
-    val_list: str = "ImageSets/Segmentation/val.txt"
+    val_list: str = "ImageSets/Segmentation/val.txt"  # the segmenter's val split (DeepLab and parts are scored on it)
     seg_dir: str = "SegmentationClass"        # VOC+SBD: SegmentationClassAug (labels-from-mask, training GT)
     eval_seg_dir: str = "SegmentationClass"   # GT used for every evaluation
     image_labels_from: str = "xml"            # xml | mask
@@ -84,14 +89,14 @@ class PretrainBackboneConfig:
     """
 
     backbone: str = "resnet_mini"             # must equal the backbone of every stage that uses it
-    steps: int = 1500
-    batch_size: int = 32
-    image_size: int = 80
+    steps: int = 1500                         # SGD steps, one batch of fresh renders each
+    batch_size: int = 32                      # renders per step
+    image_size: int = 80                      # side of each square render, in pixels
     lr: float = 0.1                           # SGD, Nesterov momentum 0.9, poly decay per step
-    weight_decay: float = 1e-4
-    poly_power: float = 0.9
+    weight_decay: float = 1e-4                # L2 penalty on the weights (SGD weight_decay)
+    poly_power: float = 0.9                   # learning rate x (1 - progress)^poly_power
     eval_images: int = 512                    # held-out renders for the accuracy in the metrics
-    seed: int = 0
+    seed: int = 0                             # seeds the initial weights and the rendered images
 
 
 @dataclass(frozen=True)
@@ -110,9 +115,9 @@ class TrainCAMConfig:
     head_lr_mult: float = 10.0                # IRN: 10 (classifier at 1.0)
     weight_decay: float = 1e-4                # IRN: 1e-4
     optimizer: str = "sgd"                    # sgd (IRN) | adamw (for backbones trained from scratch)
-    momentum: float = 0.9
+    momentum: float = 0.9                     # SGD momentum
     momentum_quirk: bool = False              # IRN/PSA pass weight decay into SGD's momentum slot
-    poly_power: float = 0.9
+    poly_power: float = 0.9                   # learning rate x (1 - progress)^poly_power
     resize_long: tuple[int, int] = (80, 160)  # IRN: (320, 640), drawn uniformly per image
     crop_size: int = 112                      # IRN: 512, zero-padded when the image is smaller
     color_jitter: float = 0.0                 # PSA/SEAM: 0.3 (brightness/contrast/saturation; hue = jitter/3)
@@ -120,6 +125,7 @@ class TrainCAMConfig:
     seam_rescale: float = 0.3                 # scale of the Siamese branch's input
     seam_ecr_top: float = 0.2                 # ECR keeps the hardest 20% of entries
     seam_min_pool: float = 0.25               # min-pool loss on the weakest 25% of pixels
+    # The run's seed: initial weights, the order of the images and their augmentation
     seed: int = 0
 
 
@@ -127,8 +133,8 @@ class TrainCAMConfig:
 class MakeCAMConfig:
     """``[MakeCAM]``: multi-scale CAM inference."""
 
-    scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
-    flip: bool = True
+    scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)   # image rescales whose CAMs are summed (IRN)
+    flip: bool = True                         # also predict the horizontally flipped image and add it back
     shard_size: int = 256                     # images per shard file (one task each)
 
 
@@ -136,7 +142,7 @@ class MakeCAMConfig:
 class EvalCAMConfig:
     """``[EvalCAM]``: CAMs scored against GT on the eval list."""
 
-    bg_threshold: float = 0.15                # IRN cam_eval_thres
+    bg_threshold: float = 0.15                # background where every CAM is below it (IRN cam_eval_thres)
     sweep: tuple[float, float, float] = (0.0, 0.6, 0.01)   # start, stop (inclusive), step
     pred_ignore: str = "background"           # predicted 255: background (IRN) | exclude (WSGCN)
 
@@ -146,21 +152,21 @@ class ExtractSeedsConfig:
     """``[ExtractSeeds]``: confident seeds (fg / bg / 255 = ignore) from full-resolution CAMs."""
 
     seed_method: str = "irn"                  # registry: stages.seeds.rules.SEED_METHODS (irn | psa | a2gnn)
-    # irn: constant background planes, each followed by the label CRF
+    # irn: constant background planes, each followed by the label CRF:
     fg_threshold: float = 0.30                # IRN conf_fg_thres
     bg_threshold: float = 0.05                # IRN conf_bg_thres
-    label_crf_gt_prob: float = 0.7
+    label_crf_gt_prob: float = 0.7            # label CRF: confidence in each hard label (its unary)
     label_crf_bilateral: tuple[float, float, float] = (50.0, 5.0, 10.0)   # sxy, srgb, compat
-    # psa / a2gnn: background (1 - max CAM)^alpha, CRF on the unnormalised scores
+    # psa / a2gnn: background (1 - max CAM)^alpha, CRF on the unnormalised scores:
     alpha_low: float = 4.0                    # "la": confident foreground
     alpha_high: float = 32.0                  # "ha": confident background; SEAM and A2GNN: 24
-    score_crf_bilateral: tuple[float, float, float] = (80.0, 13.0, 10.0)
+    score_crf_bilateral: tuple[float, float, float] = (80.0, 13.0, 10.0)   # sxy, srgb, compat
     # a2gnn: top 40% of each class inside its argmax region, confident background and CRF
     top_fraction: float = 0.4
-    bg_confidence: float = 0.8
-    crf_confidence: float = 0.8
-    crf_gaussian: tuple[float, float] = (3.0, 3.0)                       # sxy, compat
-    crf_iterations: int = 10
+    bg_confidence: float = 0.8                # confident background: (1 - max CAM)^ha above this
+    crf_confidence: float = 0.8               # kept where the CRF's max of [ha bg, la classes] reaches this
+    crf_gaussian: tuple[float, float] = (3.0, 3.0)                       # every CRF here: Gaussian sxy, compat
+    crf_iterations: int = 10                  # mean-field iterations of every CRF here
     # Extra supervision merged into the CAM seeds (stages.seeds.supervision; A2GNN's SEAM_{Point,Scribble,Box}):
     # image (CAM seeds as they are) | point | scribble | box
     supervision: str = "image"
@@ -177,7 +183,7 @@ class ExtractSeedsConfig:
     box_ring: float = 0.05                    # ignore ring along each box edge, fraction of its shorter side
     box_inside_background: bool = True        # in-box background where GrabCut says bg and the CAM agrees
     box_bg_cam: float = 0.1                   # "the CAM agrees": CAM seed = bg, or every CAM plane below this
-    shard_size: int = 256
+    shard_size: int = 256                     # images per shard file (one task each)
 
 
 @dataclass(frozen=True)
@@ -198,19 +204,20 @@ class TrainAffinityConfig:
     batch_size: int = 16                      # IRN 32, PSA/SEAM 8
     lr: float = 0.1                           # IRN 0.1 (heads; displacement 10x); PSA 0.1, SEAM 0.01
     weight_decay: float = 1e-4                # IRN 1e-4, PSA/SEAM 5e-4
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    momentum_quirk: bool = False
-    poly_power: float = 0.9
+    optimizer: str = "sgd"                    # sgd | adamw
+    momentum: float = 0.9                     # SGD momentum
+    momentum_quirk: bool = False              # IRN/PSA quirk: SGD gets weight_decay as its momentum
+    poly_power: float = 0.9                   # learning rate x (1 - progress)^poly_power
     scale_range: tuple[float, float] = (0.5, 1.5)   # IRN random rescale; PSA/SEAM: (1, 1)
     crop_size: int = 112                      # IRN 512, PSA/SEAM 448
     color_jitter: float = 0.0                 # PSA/SEAM 0.3; the same ColorJitter as TrainCAM's
     displacement: bool = False                # IRNet's displacement branch (instances only)
-    # a2gnn (A2GNN's affinity CNN, stages/affinity/a2gnn.py): a dense square window replaces the half disc of `radius`.
+    # a2gnn (A2GNN's affinity CNN, stages/affinity/a2gnn.py): a dense square window replaces the half disc of `radius`:
     window_radius: int = 3                    # A2GNN: 3 (image, point seeds), 4 (box, scribble seeds)
     gated_weight: float = 3.0                 # A2GNN: 3 x the RGB-XY gated feature-distance penalty
     gated_sigma_rgb: float = 0.1              # A2GNN: 0.1 on the ImageNet-normalised image
     gated_sigma_xy: float = 6.0               # A2GNN: 6 grid cells
+    # The run's seed: initial weights, the order of the images and their augmentation
     seed: int = 0
 
 
@@ -226,8 +233,8 @@ class PropagateConfig:
     alpha: float = 16.0                       # rw_psa: propagated background (1 - max)^alpha; SEAM 6
     empty_seeds: str = "cam"                  # image whose seeds are all ignore: cam (CAM label) | propagate
     cam_bg_threshold: float = 0.15            # background threshold of that CAM label
-    shard_size: int = 256
-    # gcn (WSGCN-I, stages/propagation/gcn.py), WSGCN's values; beta and radius above build its walk.
+    shard_size: int = 256                     # images per shard file (one task each)
+    # gcn (WSGCN-I, stages/propagation/gcn.py), WSGCN's values; beta and radius above build its walk:
     gcn_walk_steps: int = 256                 # t of T^t. WSGCN 256 (VOC grids); the demo grid wants fewer, as for
     #                                           `steps` (configs/demo.cfg explains 16 there)
     gcn_adjacency: str = "dense"              # dense: T^t N x N (the reference) | topk: k largest per column of T^t
@@ -237,21 +244,21 @@ class PropagateConfig:
     gcn_alpha_high: float = 32.0              # ha CRF, and the confident-background score (1 - max)^32
     gcn_crf_gaussian: tuple[float, float] = (4.0, 3.0)                # sxy, compat (on the stride-4 image)
     gcn_crf_bilateral: tuple[float, float, float] = (20.0, 3.0, 10.0)  # sxy, srgb, compat
-    gcn_crf_iterations: int = 10
+    gcn_crf_iterations: int = 10              # mean-field iterations of the la/ha CRFs
     gcn_top_fraction: float = 0.3             # confident: top 30% of a class's CAM inside its argmax region...
     gcn_cam_floor: float = 0.1                # ...among its values above 0.1
     gcn_bg_confidence: float = 0.8            # confident background: (1 - max)^32 wins the argmax and exceeds this
     gcn_crf_confidence: float = 0.8           # max of [ha background, la classes] must reach this
     gcn_hidden: int = 16                      # GCN 160 -> hidden -> classes
-    gcn_dropout: float = 0.3
+    gcn_dropout: float = 0.3                  # dropout on the GCN's input and hidden features
     gcn_lr: float = 0.01                      # Adam
-    gcn_weight_decay: float = 5e-4
+    gcn_weight_decay: float = 5e-4            # Adam weight decay
     gcn_epochs: int = 250                     # full-batch epochs, a fresh GCN per image
     gcn_entropy_weight: float = 10.0          # x entropy on unlabelled nodes
     gcn_smooth_weight: float = 0.01           # x tr(Z^T L Z) / N on the log-probabilities
     gcn_seed: int = 42                        # per-image seed = hash(gcn_seed, image id); WSGCN seeds once with 42
     # a2gnn (A2GNN, stages/propagation/a2gnn.py): the reference's values; 0 = the reference value for the image's
-    # supervision.
+    # supervision:
     a2gnn_hidden: int = 256                   # A2GNN: 256 hidden units
     a2gnn_layers: int = 3                     # A2GNN: 3 affinity-attention layers
     a2gnn_dropout: float = 0.5                # A2GNN: 0.5 on the embedding
@@ -298,7 +305,7 @@ class RefineCRFConfig:
     # registry: stages.refine.crf.CRF_PRESETS, or "method": the final CRF of the propagation method's paper (its
     # record's final_crf: a2gnn_final, wsgcn_final, dgcn_test for graphcut and dsrg; IRN and PSA have none in code)
     preset: str = "a2gnn_final"
-    shard_size: int = 256
+    shard_size: int = 256                     # images per shard file (one task each)
 
 
 @dataclass(frozen=True)
@@ -325,17 +332,17 @@ class TrainSegmentationConfig:
     pseudo_labels: str = "crf"                # train on: crf (RefineCRF output) | propagated (before the CRF)
     iterations: int = 1500                    # deeplab-pytorch: 20000
     batch_size: int = 10                      # deeplab-pytorch: 5, with accumulation 2 (effective batch 10)
-    accumulation: int = 1
+    accumulation: int = 1                     # batches whose gradients are summed per optimiser step
     lr: float = 0.01                          # deeplab-pytorch: 2.5e-4 from a COCO-trained DeepLab-v1
     lr_decay_every: int = 10                  # poly decay stepped every 10 iterations (deeplab-pytorch)
-    poly_power: float = 0.9
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    poly_power: float = 0.9                   # learning rate x (1 - progress)^poly_power
+    momentum: float = 0.9                     # SGD momentum
+    weight_decay: float = 5e-4                # deeplab-pytorch: 5e-4
     crop_size: int = 112                      # deeplab-pytorch: 321
-    scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)
+    scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)   # random rescale before the crop, one per image
     eval_every: int = 1                       # epochs between val mIoU rows in log.csv (0 = only at the end)
     checkpoint_every: int = 100               # iterations between resume checkpoints
-    seed: int = 0
+    seed: int = 0                             # seeds the initial weights, the image order and the augmentation
 
 
 @dataclass(frozen=True)
@@ -346,7 +353,7 @@ class EvalSegmentationConfig:
     flip: bool = True                         # deeplab-pytorch: false
     crf: bool = True                          # deeplab-pytorch reports both; the CRF one is the headline
     crf_preset: str = "deeplab_test"          # POS 3/1, BI 4/67/3, 10 iterations
-    shard_size: int = 256
+    shard_size: int = 256                     # images per shard file (one task each)
     # A larger val image is predicted (and CRF-refined) downscaled to this many pixels, its labels upsampled
     # (nearest) to full size for scoring: peak memory then stays bounded whatever the image (a 12-megapixel image
     # took 7.5 GiB at full size). 1 MP is 4x VOC's largest (500x500), so VOC is never downscaled; 0 = no limit.
@@ -400,7 +407,7 @@ class TrainSeedNetConfig:
     crf_unary: str = "auto"                   # auto = the method's: DSRG linear (-p), DGCN log (-log p)
     predict_scales: tuple[float, ...] = (0.75, 1.0, 1.25)   # DGCN make_pred: summed logits at 0.75/1/1.25
     checkpoint_every: int = 100               # iterations between resume checkpoints
-    seed: int = 0
+    seed: int = 0                             # seeds the initial weights, the image order and the augmentation
 
 
 @dataclass(frozen=True)
@@ -410,7 +417,7 @@ class MakeObjectMapsConfig:
     supervised (TrainSegmentation on GT: GMNet's choice) | wsss (the weak chain's DeepLab) | none (uniform)."""
 
     scales: tuple[float, ...] = (1.0,)        # supervised/wsss: GMNet's vis_classes.py runs single scale
-    flip: bool = True
+    flip: bool = True                         # also predict the horizontally flipped image and add it back
     shard_size: int = 256                     # images per shard file (one task each)
 
 
@@ -441,16 +448,16 @@ class TrainPartSegmentationConfig:
     batch_size: int = 10                      # GMNet: 10
     lr: float = 0.01                          # GMNet: 0.005
     lr_decay_every: int = 1                   # GMNet: poly every step
-    poly_power: float = 0.9
-    momentum: float = 0.9
+    poly_power: float = 0.9                   # learning rate x (1 - progress)^poly_power
+    momentum: float = 0.9                     # SGD momentum
     weight_decay: float = 1e-4                # GMNet: 1e-4
     head_lr_mult: float = 10.0                # new layers' weights; GMNet: 1
     bias_lr_mult: float = 2.0                 # new layers' biases, x head_lr_mult; GMNet: 2
     crop_size: int = 112                      # GMNet: 513
     scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)   # GMNet: 0.5-2.0 in 0.25 steps
     eval_every: int = 0                       # epochs between val part-mIoU rows in log.csv (0 = only at the end)
-    checkpoint_every: int = 100
-    seed: int = 0
+    checkpoint_every: int = 100               # iterations between resume checkpoints
+    seed: int = 0                             # seeds the initial weights, the image order and the augmentation
 
 
 @dataclass(frozen=True)
@@ -461,7 +468,7 @@ class EvalPartsConfig:
     # parts that the image cannot identify (embedded data: disc and ring rotate freely and look the same under
     # a half turn); mIoU is also reported without them. Names not in the part space are skipped.
     unidentifiable: tuple[str, ...] = ("disc.upper", "disc.lower", "ring.upper", "ring.lower")
-    shard_size: int = 256
+    shard_size: int = 256                     # images per shard file (one task each)
 
 
 @dataclass(frozen=True)
@@ -676,3 +683,54 @@ def all_knobs() -> dict[str, dict[str, object]]:
     return {sec: {f.name: f.default for f in dataclasses.fields(cls)} for sec, cls in sections.items()}
 
 
+
+
+def _comment_lines(source: str) -> dict[int, tuple[int, str, bool]]:
+    """Line -> (column of its text, the text, whether code precedes it on that line) for every comment."""
+    comments: dict[int, tuple[int, str, bool]] = {}
+    code_lines: set[int] = set()
+    skip = (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENCODING)
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            text = tok.string.lstrip("#").strip()
+            column = tok.start[1] + len(tok.string) - len(tok.string.lstrip("#").lstrip())
+            comments[tok.start[0]] = (column, text, tok.start[0] in code_lines)
+        elif tok.type not in skip:
+            code_lines.update(range(tok.start[0], tok.end[0] + 1))
+    return comments
+
+
+def _field_help(fields: list[ast.AnnAssign], comments: dict[int, tuple[int, str, bool]]) -> dict[str, str]:
+    """Each field's documentation: the full-line comments just above it (``# text`` at its indentation), its
+    trailing comment and the comment lines continuing that (text indented further). A block that ends in ':' heads
+    every field below it up to the next block."""
+    docs: dict[str, str] = {}
+    heading = ""
+    for node in fields:
+        column, above, line = node.col_offset + 2, [], node.lineno - 1
+        while line in comments and not comments[line][2] and comments[line][0] == column:
+            above.insert(0, comments[line][1])
+            line -= 1
+        if above:
+            block = " ".join(above)
+            heading = block if block.endswith(":") else ""
+        own = [comments[node.end_lineno][1]] if comments.get(node.end_lineno, (0, "", False))[2] else []
+        line = node.end_lineno + 1
+        while line in comments and not comments[line][2] and comments[line][0] > column:
+            own.append(comments[line][1])
+            line += 1
+        lead = " ".join(above) if above else heading
+        docs[node.target.id] = " ".join(" ".join([lead, *own]).split())
+    return docs
+
+
+@functools.cache
+def knob_help() -> dict[str, dict[str, str]]:
+    """Section name -> {knob: its documentation in this file}, for the command line's ``--help-all`` and
+    ``python -m pipeline config``: read from the source, so the comment beside a knob is its only description."""
+    source = Path(__file__).read_text()
+    comments = _comment_lines(source)
+    classes = {node.name: node for node in ast.parse(source).body if isinstance(node, ast.ClassDef)}
+    sections = {"wsss": RuntimeConfig, **STAGE_CONFIGS}
+    return {section: _field_help([n for n in classes[cls.__name__].body if isinstance(n, ast.AnnAssign)], comments)
+            for section, cls in sections.items()}

@@ -35,7 +35,7 @@ def publish(task, seconds_old: float) -> Path:
 
 
 def gc(min_age: float = 3600) -> None:
-    assert cmd_gc(argparse.Namespace(dry_run=False, keep_unreferenced=False, min_age=min_age)) == 0
+    assert cmd_gc(argparse.Namespace(dry_run=False, keep_unreferenced=False, min_age=min_age, force=False)) == 0
 
 
 def test_gc_keeps_another_presets_young_work_and_what_it_reads(luigi_config):
