@@ -19,6 +19,7 @@ from data.io import read_json, read_label_png
 from data.manifest import Manifest
 from data.parts import PartLayout
 from stages.config import EvalSegmentationConfig, ReportConfig, TrainSegmentationConfig, validate
+from stages.report.cooccurrence import measure_cooccurrence
 
 # The two DeepLab runs by what they learn from; every other trained stage by its stage name.
 TRAINING_RUN_NAMES = {"TrainSegmentation": "DeepLab on pseudo labels",
@@ -138,6 +139,8 @@ def build_report(cfg: ReportConfig, manifest: Manifest, dirs: dict[str, Path], c
     if pseudo.get("cam_fallback_images"):
         notes.append(f"{pseudo['cam_fallback_images']} eval images had no seeds and were labelled from their CAM")
     trained = trained or {"TrainSegmentation": dirs["segmenter"], "TrainSegmentation-gt": dirs["ceiling_segmenter"]}
+    # the labels DeepLab trained on: after the CRF, or before it (TrainSegmentation.pseudo_labels)
+    final_labels = dirs["refined"] if segmenter_config.pseudo_labels == "crf" else dirs["labels"]
     inputs = ReportInputs(
         title=f"wsss run: {dataset_name(config.get('PrepareDataset', {}), manifest)}",
         class_names=list(manifest.label_space.names), palette=manifest.label_space.palette,
@@ -149,6 +152,7 @@ def build_report(cfg: ReportConfig, manifest: Manifest, dirs: dict[str, Path], c
                          for name, d in trained.items()},
         gallery=gallery_panels(manifest, dirs, ids, model, eval_config, device), notes=notes,
         comparison=comparison or [], segmenters=segmenters or [],
+        cooccurrence=measure_cooccurrence(manifest, final_labels, cfg.cooccurrence_flag, dirs.get("segmentation")),
         parts=parts_inputs(manifest, part_layout, parts, cfg.gallery_images) if parts else None)
     summary = write_report(inputs, out_dir)
     # Paths inside the temporary stage directory mean nothing once it is published.
