@@ -197,3 +197,22 @@ def test_bad_files_name_themselves(tmp_path):
     labels = stage_dir(tmp_path / "Propagate", {"a": LABELS_WATER, "b": LABELS_GRASS})
     with pytest.raises(BadInputError, match=r"a\.xml.*cannot parse"):
         measure_cooccurrence(manifest, labels, 0.5)
+
+
+def test_summary_command_prints_the_flagged_classes():
+    from pipeline.cli import cooccurrence_flag
+
+    metrics = {"cooccurrence_flagged": ["boat"], "cooccurrence_on_background": {"boat": 0.8, "car": 0.5}}
+    assert cooccurrence_flag(metrics) == ["Co-occurrence flag (report): boat (80.0% of its pseudo-label pixels on GT "
+                                          "background)"]
+    assert cooccurrence_flag({"cooccurrence_flagged": []}) == ["Co-occurrence flag (report): no class"]
+    assert cooccurrence_flag({"miou": 0.5}) == []   # a report from before the measure
+
+
+def test_the_labels_measured_are_those_deeplab_trained_on():
+    from stages.config import TrainSegmentationConfig
+    from stages.report.build import final_labels_dir
+
+    dirs = {"labels": Path("Propagate/k"), "refined": Path("RefineCRF/k")}
+    assert final_labels_dir(dirs, TrainSegmentationConfig(pseudo_labels="crf")) == dirs["refined"]
+    assert final_labels_dir(dirs, TrainSegmentationConfig(pseudo_labels="propagated")) == dirs["labels"]

@@ -33,6 +33,12 @@ def dataset_name(dataset: dict, manifest: Manifest) -> str:
     return Path(str(dataset.get("root") or manifest.root)).name or str(manifest.root)
 
 
+def final_labels_dir(dirs: dict[str, Path], segmenter_config: TrainSegmentationConfig) -> Path:
+    """The stage directory of the pseudo labels DeepLab trained on: RefineCRF's, or Propagate's with
+    ``pseudo_labels = propagated``."""
+    return dirs["refined"] if segmenter_config.pseudo_labels == "crf" else dirs["labels"]
+
+
 def read_curve(path: Path) -> list[dict]:
     """A CSV of numbers as dicts of floats (empty cells become None)."""
     if not path.is_file():
@@ -139,8 +145,6 @@ def build_report(cfg: ReportConfig, manifest: Manifest, dirs: dict[str, Path], c
     if pseudo.get("cam_fallback_images"):
         notes.append(f"{pseudo['cam_fallback_images']} eval images had no seeds and were labelled from their CAM")
     trained = trained or {"TrainSegmentation": dirs["segmenter"], "TrainSegmentation-gt": dirs["ceiling_segmenter"]}
-    # the labels DeepLab trained on: after the CRF, or before it (TrainSegmentation.pseudo_labels)
-    final_labels = dirs["refined"] if segmenter_config.pseudo_labels == "crf" else dirs["labels"]
     inputs = ReportInputs(
         title=f"wsss run: {dataset_name(config.get('PrepareDataset', {}), manifest)}",
         class_names=list(manifest.label_space.names), palette=manifest.label_space.palette,
@@ -152,7 +156,8 @@ def build_report(cfg: ReportConfig, manifest: Manifest, dirs: dict[str, Path], c
                          for name, d in trained.items()},
         gallery=gallery_panels(manifest, dirs, ids, model, eval_config, device), notes=notes,
         comparison=comparison or [], segmenters=segmenters or [],
-        cooccurrence=measure_cooccurrence(manifest, final_labels, cfg.cooccurrence_flag, dirs.get("segmentation")),
+        cooccurrence=measure_cooccurrence(manifest, final_labels_dir(dirs, segmenter_config), cfg.cooccurrence_flag,
+                                          dirs.get("segmentation")),
         parts=parts_inputs(manifest, part_layout, parts, cfg.gallery_images) if parts else None)
     summary = write_report(inputs, out_dir)
     # Paths inside the temporary stage directory mean nothing once it is published.
