@@ -205,6 +205,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
                 footer.append(f"DeepLab / ceiling: {100 * ratio:.1f}% of the fully supervised val mIoU")
         if family == "Report":
             footer += compared_methods(task.stage_dir / "report.md")
+            footer += cooccurrence_flag(metrics)
             footer.append(f"Report: {task.stage_dir / 'report.html'}")
     print("\n" + "\n".join(footer) if footer else "")
     return 0
@@ -223,6 +224,17 @@ def compared_methods(report_md: Path) -> list[str]:
             table = section.split("\n\n|", 1)[1].split("\n\n", 1)[0] if "\n\n|" in section else ""
             lines += [title, *("|" + table).splitlines()]
     return lines
+
+
+def cooccurrence_flag(report_metrics: dict) -> list[str]:
+    """The classes the report flags as having learned their context, with their pseudo-label pixels' share on GT
+    background (``[Report] cooccurrence_flag``); nothing for a report without the measure."""
+    if "cooccurrence_flagged" not in report_metrics:
+        return []
+    shares = report_metrics.get("cooccurrence_on_background") or {}
+    flagged = [f"{name} ({100 * shares[name]:.1f}% of its pseudo-label pixels on GT background)"
+               if shares.get(name) is not None else name for name in report_metrics["cooccurrence_flagged"]]
+    return [f"Co-occurrence flag (report): {'; '.join(flagged) if flagged else 'no class'}"]
 
 
 def _fmt(value: object) -> str:

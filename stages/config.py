@@ -489,6 +489,10 @@ class ReportConfig:
     # the dense CRF in one table: "model[:knob=value,...]" with TrainSegmentation knobs, e.g.
     # ["deeplabv3:output_stride=8", "deeplabv3_ddd:output_stride=8"] (DeepLab-v3 without and with DDD)
     compare_segmenters: tuple[str, ...] = ()
+    # Co-occurrence flag (stages.report.cooccurrence): a class is flagged as having learned its context when at least
+    # this share of its final pseudo-label pixels is GT background on the eval images (the boat/water failure);
+    # in (0, 1], 1 flags only classes whose every pseudo-label pixel is background
+    cooccurrence_flag: float = 0.5
 
 
 STAGE_CONFIGS = {
@@ -675,6 +679,8 @@ def validate(cfg: object) -> None:
             raise ValueError(f"Report.parts_compare lists a run twice: {list(cfg.parts_compare)}")
         if len(set(cfg.compare_segmenters)) != len(cfg.compare_segmenters):
             raise ValueError(f"Report.compare_segmenters lists a model twice: {list(cfg.compare_segmenters)}")
+        if not 0 < cfg.cooccurrence_flag <= 1:
+            raise ValueError(f"Report.cooccurrence_flag = {cfg.cooccurrence_flag!r}: a share of pixels in (0, 1]")
 
 
 def all_knobs() -> dict[str, dict[str, object]]:

@@ -106,6 +106,7 @@ RUNS: dict[str, tuple[str, ...]] = {
     "stages.report": ("Report",),
     "stages.report.build": ("Report",),
     "stages.report.colours": ("Report",),
+    "stages.report.cooccurrence": ("Report",),
     "stages.report.html": ("Report",),
     "stages.runtime": TRAINERS,
     "stages.seed_net": SEED_NET,

@@ -118,6 +118,25 @@ def check_segmentation_and_report(manifest: dict, work: Path) -> None:
     assert not list(work.glob("*/*.resume")), "resume checkpoints are removed once a model is published"
     html = (Report().stage_dir / "report.html").read_text()
     assert "<html" in html.lower() and (Report().stage_dir / "report.md").is_file()
+    check_cooccurrence(manifest)
+
+
+def check_cooccurrence(manifest: dict) -> None:
+    """The report's co-occurrence figures are those of the labels DeepLab trained on (after the CRF) and of its val
+    predictions; the synthetic data's scenes are the context."""
+    from pipeline.framework import manifest_of
+    from stages.report.cooccurrence import SCENE_CONTEXT, measure_cooccurrence
+
+    report = Report()
+    summary = json.loads((report.stage_dir / "provenance.json").read_text())["metrics"]
+    measured = measure_cooccurrence(manifest_of(report), RefineCRF().stage_dir, report.cooccurrence_flag,
+                                    EvalSegmentation().stage_dir)
+    assert measured.context_kind == SCENE_CONTEXT and measured.val_images == len(manifest["splits"]["val"])
+    assert summary["cooccurrence_on_background"] == {row.name: row.on_background for row in measured.classes}
+    assert summary["cooccurrence_flagged"] == measured.flagged
+    assert set(summary["cooccurrence_on_background"]) == set(manifest["label_space"]["names"][1:])
+    markdown = (report.stage_dir / "report.md").read_text()
+    assert "## Co-occurrence" in markdown and "top background scene (share)" in markdown
 
 
 def test_psa_seam_family_runs_end_to_end(luigi_config):
@@ -359,6 +378,7 @@ def test_failed_pipeline_exits_nonzero_and_cli_verbs(tmp_path):
     seg, ceiling = (json.loads((cwd / "work" / "EvalSegmentation" / keys[family] / "metrics.json").read_text())
                     for family in ("EvalSegmentation", "EvalSegmentation-gt"))
     assert f"DeepLab / ceiling: {100 * seg['miou'] / ceiling['miou']:.1f}% of the fully supervised" in summary
+    assert "Co-occurrence flag (report): " in summary
     # a sharded stage's seconds are its shards' (its own run is only the join)
     make_cam = next(line for line in summary.splitlines() if line.startswith("MakeCAM "))
     record = json.loads(next((cwd / "work" / "MakeCAM").glob("*/provenance.json")).read_text())

@@ -17,8 +17,8 @@ from data.labelspace import voc_palette
 from stages.report.html import ReportInputs, gallery_rows, write_report
 
 NAMES = ["background", "a<b", "cat", "dog & co"]
-SECTION_TITLES = ["Headline results", "Per-class IoU", "CAM threshold curve", "Training curves", "Gallery",
-                  "Configuration", "Provenance", "Notes"]
+SECTION_TITLES = ["Headline results", "Per-class IoU", "Co-occurrence", "CAM threshold curve", "Training curves",
+                  "Gallery", "Configuration", "Provenance", "Notes"]
 H, W = 30, 40
 
 
@@ -57,6 +57,17 @@ def label_map(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
     labels = rng.integers(0, len(NAMES), shape).astype(np.uint8)
     labels[0, :] = 255  # an ignore band, as along VOC borders
     return labels
+
+
+def cooccurrence(rng: np.random.Generator):
+    """The co-occurrence table of random pseudo labels against random GT (tests/test_cooccurrence.py checks it)."""
+    from stages.report.cooccurrence import CooccurrenceTally
+
+    tally = CooccurrenceTally(NAMES)
+    for scene in ("water", "grass"):
+        tally.add(label_map(rng, (H, W)), label_map(rng, (H, W)), scene)
+    tally.add_val(label_map(rng, (H, W)), label_map(rng, (H, W)))
+    return tally.result(threshold=0.5)
 
 
 def make_inputs(seed: int = 0) -> ReportInputs:
@@ -106,6 +117,7 @@ def make_inputs(seed: int = 0) -> ReportInputs:
         ceiling_metrics=seg_metrics(rng, crf=False),
         training_curves={"DeepLab": training_rows(rng, 3, 4), "DeepLab (GT ceiling)": training_rows(rng, 3, 4)},
         gallery=gallery,
+        cooccurrence=cooccurrence(rng),
         notes=["2 images quarantined: <bad>.jpg"],
         generated="2024-05-05 12:00",
     )
@@ -262,6 +274,7 @@ def test_optional_stages_missing(tmp_path):
     inputs = make_inputs()
     inputs.refined_metrics = inputs.segmentation_metrics = inputs.ceiling_metrics = None
     inputs.training_curves, inputs.gallery, inputs.cam_curve, inputs.notes = {}, [], [], []
+    inputs.cooccurrence = None
     summary = write_report(inputs, tmp_path)
     text, reader = read_html(tmp_path / "report.html")
     assert reader.headings == SECTION_TITLES
@@ -276,7 +289,7 @@ def test_optional_stages_missing(tmp_path):
     assert len(reader.sources) == 1  # only the per-class bar chart is left
     assert summary["refined_miou"] is None and summary["segmentation_to_ceiling"] is None
     assert summary["not_run"] == ["CRF refinement", "DeepLab", "fully supervised ceiling", "CAM threshold sweep",
-                                  "training curves", "gallery"]
+                                  "training curves", "gallery", "co-occurrence"]
     assert "| DeepLab / ceiling | - | not run |" in (tmp_path / "report.md").read_text()
 
 

@@ -19,6 +19,7 @@ from data.io import read_json, read_label_png
 from data.manifest import Manifest
 from data.parts import PartLayout
 from stages.config import EvalSegmentationConfig, ReportConfig, TrainSegmentationConfig, validate
+from stages.report.cooccurrence import measure_cooccurrence
 
 # The two DeepLab runs by what they learn from; every other trained stage by its stage name.
 TRAINING_RUN_NAMES = {"TrainSegmentation": "DeepLab on pseudo labels",
@@ -30,6 +31,12 @@ def dataset_name(dataset: dict, manifest: Manifest) -> str:
     if dataset.get("kind", "synthetic") == "synthetic":
         return f"synthetic {dataset.get('profile', 'demo')}"
     return Path(str(dataset.get("root") or manifest.root)).name or str(manifest.root)
+
+
+def final_labels_dir(dirs: dict[str, Path], segmenter_config: TrainSegmentationConfig) -> Path:
+    """The stage directory of the pseudo labels DeepLab trained on: RefineCRF's, or Propagate's with
+    ``pseudo_labels = propagated``."""
+    return dirs["refined"] if segmenter_config.pseudo_labels == "crf" else dirs["labels"]
 
 
 def read_curve(path: Path) -> list[dict]:
@@ -149,6 +156,8 @@ def build_report(cfg: ReportConfig, manifest: Manifest, dirs: dict[str, Path], c
                          for name, d in trained.items()},
         gallery=gallery_panels(manifest, dirs, ids, model, eval_config, device), notes=notes,
         comparison=comparison or [], segmenters=segmenters or [],
+        cooccurrence=measure_cooccurrence(manifest, final_labels_dir(dirs, segmenter_config), cfg.cooccurrence_flag,
+                                          dirs.get("segmentation")),
         parts=parts_inputs(manifest, part_layout, parts, cfg.gallery_images) if parts else None)
     summary = write_report(inputs, out_dir)
     # Paths inside the temporary stage directory mean nothing once it is published.

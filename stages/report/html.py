@@ -29,6 +29,7 @@ from PIL import Image
 
 from data.io import atomic_path
 from stages.report.colours import SERIES_COLOURS, figure_palette
+from stages.report.cooccurrence import SCENE_CONTEXT, Cooccurrence
 
 HTML_NAME = "report.html"
 MARKDOWN_NAME = "report.md"
@@ -45,7 +46,7 @@ SECTIONS = (
     ("headline", "Headline results"), ("methods", "Propagation methods compared"),
     ("parts", "Part segmentation (GMNet)"),
     ("segmenters", "Segmenters compared"),
-    ("per-class", "Per-class IoU"), ("cam-curve", "CAM threshold curve"),
+    ("per-class", "Per-class IoU"), ("cooccurrence", "Co-occurrence"), ("cam-curve", "CAM threshold curve"),
     ("training", "Training curves"), ("gallery", "Gallery"), ("configuration", "Configuration"),
     ("provenance", "Provenance"), ("notes", "Notes"),
 )
@@ -72,6 +73,8 @@ summary { cursor: pointer; font-weight: 600; overflow-wrap: anywhere; }
 .wide { overflow-x: auto; }
 code { font-size: 0.92em; }
 .not-run { color: #8a6d3b; font-style: italic; }
+tr.flagged td { background: #fde2e1; }
+.flag { color: #a61b1b; font-weight: 600; }
 .swatch { display: inline-block; width: 0.9em; height: 0.9em; border: 1px solid #999; vertical-align: middle;
           margin: 0 0.25em 0 0.8em; }
 """
@@ -102,6 +105,9 @@ class ReportInputs:
     # Report.compare_segmenters: one row per (model, labels), the main segmenter's first: "model", "labels"
     # (pseudo | gt), "miou_no_crf", "miou_crf" (None without the CRF), "train_seconds"
     segmenters: list[dict] = field(default_factory=list)
+    # per class of the final pseudo labels: its pixels on GT background, recall, top context, DeepLab's val
+    # background painted as it (stages.report.cooccurrence); None = not measured (the section says "not run")
+    cooccurrence: Cooccurrence | None = None
     generated: str | None = None           # the header's date; None = now
 
 
@@ -411,6 +417,54 @@ def part_iou_rows(parts: PartsInputs) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+COOCCURRENCE_EXPLANATION = "this class learned its context: WSSS's boat/water failure"
+COOCCURRENCE_NOT_RUN = "Not run: the final pseudo labels were not given."
+
+
+def cooccurrence_header(cooc: Cooccurrence) -> tuple[str, ...]:
+    context = ("top background scene (share)" if cooc.context_kind == SCENE_CONTEXT
+               else "top co-occurring GT class (share)")
+    return ("class", "pseudo-label pixels on GT background (%)", "recall (%)", context,
+            "DeepLab: val background painted as the class (%)", "flagged")
+
+
+COOCCURRENCE_NUMERIC = [False, True, True, False, True, False]
+
+
+def cooccurrence_rows(cooc: Cooccurrence) -> list[tuple[str, ...]]:
+    """One row per foreground class, formatted; '-' where a share is undefined or was not measured."""
+    return [(row.name, format_percent(row.on_background), format_percent(row.recall),
+             f"{row.context} ({_percent_text(row.context_share)})" if row.context is not None else "-",
+             format_percent(row.val_background_painted), "yes" if row.flagged else "")
+            for row in cooc.classes]
+
+
+def cooccurrence_note(cooc: Cooccurrence) -> str:
+    context = ("the scene of the image (Annotations/<id>.xml <scene>) holding most of the class's pixels on GT "
+               "background, and its share of them" if cooc.context_kind == SCENE_CONTEXT else
+               "no scene is annotated: the GT class most often present in the images where the class spills onto "
+               "background, and the share of the spilled pixels in images that contain it")
+    val = (f"DeepLab: the share of val GT-background pixels its prediction labels as the class "
+           f"({cooc.val_images} val images)" if cooc.val_images else "DeepLab's val predictions were not read")
+    return (f"Per class of the pseudo labels DeepLab trained on, on the {cooc.images} eval images (GT 255 ignored): "
+            f"the share of its pixels that GT calls background, its recall (share of its GT pixels labelled as it) "
+            f"and its top background context: {context}. {val}. A class is flagged when its background share "
+            f"reaches {_percent_text(cooc.threshold)} ([Report] cooccurrence_flag): {COOCCURRENCE_EXPLANATION}.")
+
+
+def cooccurrence_flag_line(cooc: Cooccurrence) -> str:
+    """One line naming the flagged classes with their background share and top context."""
+    if not cooc.flagged:
+        return (f"Co-occurrence flag: no class has {_percent_text(cooc.threshold)} or more of its pseudo-label "
+                "pixels on GT background.")
+    shown = []
+    for row in cooc.classes:
+        if row.flagged:
+            context = f", mostly {row.context}" if row.context is not None else ""
+            shown.append(f"{row.name} ({_percent_text(row.on_background)} on GT background{context})")
+    return f"Co-occurrence flag: {'; '.join(shown)}: {COOCCURRENCE_EXPLANATION}."
+
+
 # Seeds label a fraction of the pixels and are scored on those alone: higher than any full labelling, not better.
 SEEDS_LABEL = "Seeds (labelled pixels only)"
 
@@ -455,6 +509,10 @@ def _summary(inputs: ReportInputs, compute_seconds: float, not_run: list[str]) -
         "segmentation_to_ceiling": _ratio(seg.get("miou"), ceiling.get("miou")),  # a fraction, not %
         "compute_seconds": compute_seconds,
         "not_run": not_run,
+        # the classes whose pseudo labels learned their context, and every class's share on GT background
+        "cooccurrence_flagged": list(inputs.cooccurrence.flagged) if inputs.cooccurrence else [],
+        "cooccurrence_on_background": {row.name: row.on_background for row in inputs.cooccurrence.classes}
+        if inputs.cooccurrence else {},
         # per part run: its val part mIoU, identifiable-parts mIoU and adjacency error
         "parts": {str(run.get("entry")): {k: _finite_or_none((run.get("metrics") or {}).get(k))
                                           for k in ("miou", "miou_identifiable", "adjacency_error")}
@@ -476,6 +534,8 @@ def _not_run(inputs: ReportInputs) -> list[str]:
         missing.append("training curves")
     if not inputs.gallery:
         missing.append("gallery")
+    if inputs.cooccurrence is None:
+        missing.append("co-occurrence")
     return missing
 
 
@@ -953,6 +1013,8 @@ def _render_html(inputs: ReportInputs, names: list[str], palette: np.ndarray, fi
     out.append(_table(["stage", "mIoU (%)", "details"], headline, numeric=[False, True, False]))
     out.append('<p class="meta">CAMs, seeds and pseudo labels are scored on the eval (training) images, DeepLab '
                "and the ceiling on val; one dataset-level confusion matrix, background included, GT 255 ignored.</p>")
+    if inputs.cooccurrence is not None and inputs.cooccurrence.flagged:
+        out.append(f'<p class="flag">{_esc(cooccurrence_flag_line(inputs.cooccurrence))}</p>')
     if optional["methods"]:  # the main chain alone is the headline table again
         heading("methods")
         out.append(f"<p>{_esc(COMPARISON_NOTE)}</p>")
@@ -976,6 +1038,16 @@ def _render_html(inputs: ReportInputs, names: list[str], palette: np.ndarray, fi
                                                            "missing bar mean the class is absent (IoU undefined)."))
     else:
         out.append(_not_run_line("Not run: no stage reported per-class IoU."))
+
+    heading("cooccurrence")
+    cooc = inputs.cooccurrence
+    if cooc is not None:
+        out.append(f"<p>{_esc(cooccurrence_note(cooc))}</p>")
+        out.append(f'<p class="{"flag" if cooc.flagged else "meta"}">{_esc(cooccurrence_flag_line(cooc))}</p>')
+        out.append(_table(cooccurrence_header(cooc), cooccurrence_rows(cooc), numeric=COOCCURRENCE_NUMERIC,
+                          row_classes=["flagged" if row.flagged else "" for row in cooc.classes]))
+    else:
+        out.append(_not_run_line(COOCCURRENCE_NOT_RUN))
 
     heading("cam-curve")
     if inputs.cam_curve:
@@ -1081,6 +1153,8 @@ def _render_markdown(inputs: ReportInputs, names: list[str], compute_seconds: fl
              f"Percentages; '-' = not run or undefined. Full report with figures: {HTML_NAME}.", "",
              "## Headline results", ""]
     lines += _md_table(["stage", "mIoU (%)", "details"], headline_rows(inputs), numeric=[False, True, False])
+    if inputs.cooccurrence is not None:
+        lines += ["", _md(cooccurrence_flag_line(inputs.cooccurrence))]
     if len(inputs.comparison) > 1:
         lines += ["", "## Propagation methods compared", "", COMPARISON_NOTE, ""]
         lines += _md_table(COMPARISON_HEADER, comparison_rows(inputs), numeric=COMPARISON_NUMERIC)
@@ -1100,6 +1174,13 @@ def _render_markdown(inputs: ReportInputs, names: list[str], compute_seconds: fl
         lines += _md_table(header, rows, numeric=[False] + [True] * len(stages))
     else:
         lines.append("Not run: no stage reported per-class IoU.")
+    lines += ["", "## Co-occurrence", ""]
+    if inputs.cooccurrence is not None:
+        lines += [_md(cooccurrence_note(inputs.cooccurrence)), ""]
+        lines += _md_table(cooccurrence_header(inputs.cooccurrence), cooccurrence_rows(inputs.cooccurrence),
+                           numeric=COOCCURRENCE_NUMERIC)
+    else:
+        lines.append(COOCCURRENCE_NOT_RUN)
     lines += ["", "## Configuration", ""]
     for section, knobs in inputs.config.items():
         lines.append(f"- **[{_md(section)}]** " + ", ".join(f"`{k} = {format_value(v)}`" for k, v in knobs.items()))
