@@ -302,8 +302,10 @@ class CpuShare:
                 count += 1
         return count
 
-    def threads(self) -> int:
-        return max(1, self.cores // self.running())
+    def threads(self, reserved: int = 0) -> int:
+        """This task's threads: the cores, less ``reserved`` (what its own input pipeline keeps busy), split
+        evenly among the running tasks."""
+        return max(1, (self.cores - reserved) // self.running())
 
 
 def _held_by_another(path: Path) -> bool:

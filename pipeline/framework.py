@@ -107,6 +107,7 @@ class StageTask(luigi.Task):
     config_class: type | None = None
     code: tuple[str, ...] = ()     # library modules this stage runs (their imports are followed)
     gpus = 0                       # CUDA devices compute() uses when it runs on CUDA (see `resources`)
+    input_cores = 0                # cores its data pipeline keeps busy beside torch (taken off its thread share)
     accepts_messages = False
     # A compared method's chain (Report.compare; pipeline.variants.variant_overrides): per task family the parameters
     # it overrides, and its name, which lists those overrides that reach this task (see `stage_in_variant`), so
@@ -348,7 +349,7 @@ def run_compute(task: StageTask | ShardTask, out_dir: Path) -> tuple[dict, dict]
         return run_as_job(task, out_dir)
     n_gpus = task.resources.get("gpu", 0)
     placement: dict = {}
-    with task_threads(rt, placement):
+    with task_threads(rt, placement, reserved=task.input_cores):
         if n_gpus and not rt.device.startswith("cuda:"):  # an explicit cuda:N means the user placed it
             with assigned_gpus(n_gpus, rt.gpus, rt.gpu_lock_dir, rt.gpu_wait_s) as allocation:
                 logger.info("%s: on GPU %s", task.get_task_family(), allocation.visible_devices)
@@ -360,7 +361,7 @@ def run_compute(task: StageTask | ShardTask, out_dir: Path) -> tuple[dict, dict]
 
 
 @contextlib.contextmanager
-def task_threads(rt: C.RuntimeConfig, record: dict) -> Iterator[None]:
+def task_threads(rt: C.RuntimeConfig, record: dict, reserved: int = 0) -> Iterator[None]:
     """``[wsss] torch_threads`` when set; else (0) this task's share of the cores among the tasks computing on
     this host, re-read as they start and end (``pipeline.devices.cpu_share``). ``record["torch_threads"]`` gets
     the counts used: float sums can differ in their last bits between counts, so a rerun that must be bitwise
@@ -370,7 +371,7 @@ def task_threads(rt: C.RuntimeConfig, record: dict) -> Iterator[None]:
         record["torch_threads"] = [rt.torch_threads]
         yield
         return
-    with cpu_share(rt.gpu_lock_dir) as share, thread_policy(share.threads) as used:
+    with cpu_share(rt.gpu_lock_dir) as share, thread_policy(lambda: share.threads(reserved)) as used:
         try:
             yield
         finally:
@@ -512,6 +513,7 @@ class ShardTask(luigi.Task):
     parent_params = luigi.DictParameter(default={}, significant=False)
     parent_class: type[ShardedStage]
     gpus = 0                       # as StageTask.gpus, for one shard
+    input_cores = 0                # as StageTask.input_cores
 
     @cached_property
     def parent(self) -> ShardedStage:

@@ -91,6 +91,9 @@ class PretrainBackbone(TrainingStage):
 
     code = ("stages.pretrain.train",)
     gpus = 1
+    # Its DataLoader worker renders every image (about half a core on the demo), and on 80x80 images a second torch
+    # thread costs more than it gives: 400 steps took 27.3 s on one thread, 36.9 s on two (2 cores, idle).
+    input_cores = 1
 
     def compute(self, out_dir: Path) -> dict:
         from stages.pretrain.train import pretrain_backbone

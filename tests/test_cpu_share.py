@@ -84,6 +84,17 @@ def test_the_running_task_takes_a_smaller_share_when_another_starts(tmp_path, mo
     assert record == {"torch_threads": [2, 4]} and torch.get_num_threads() == before
 
 
+def test_cores_an_input_pipeline_keeps_busy_are_left_to_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(devices, "host_cores", lambda: 4)
+    record: dict = {}
+    with task_threads(RuntimeConfig(torch_threads=0, gpu_lock_dir=str(tmp_path)), record, reserved=1):
+        assert torch.get_num_threads() == 3
+    with cpu_share(tmp_path, cores=2) as share:
+        assert share.threads(reserved=1) == 1 and share.threads(reserved=5) == 1  # never below one thread
+    from pipeline.tasks import PretrainBackbone, TrainCAM
+    assert (PretrainBackbone.input_cores, TrainCAM.input_cores) == (1, 0)
+
+
 def test_a_fixed_thread_count_is_kept_and_recorded(tmp_path):
     record: dict = {}
     with task_threads(RuntimeConfig(torch_threads=1, gpu_lock_dir=str(tmp_path)), record):
