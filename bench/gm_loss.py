@@ -2,9 +2,10 @@
 
 1. The loss: our Gram form (one dilation per class, one (C, N) x (N, C) product) against a literal port of the
    reference's loop over pairs of present classes (both masks dilated per pair, overlap counted), on blocky
-   random part maps with 255 holes and every class present, at C = 28 / 58 / 108: seconds (best of 3), peak
-   MiB above the start, and the two values (equal to 1e-6). Sizes: the demo batch (10 x 112^2) and, with
-   ``--full``, GMNet's 513^2 (batch 2 on a CPU; the reference trains batch 10).
+   random part maps with 255 holes and every class present, at C = 28 / 58 / 108: seconds (Gram: best of 2
+   after the first call; loop: one call, timed while its peak memory is measured, as at 513² and C = 108 a
+   call takes minutes on a CPU), peak MiB above the start, and the two values (equal to 1e-6). Sizes: the demo
+   batch (10 x 112^2) and, with ``--full``, GMNet's 513^2 (batch 2 on a CPU; the reference trains batch 10).
 2. The part training step on ``resnet_mini`` at the demo batch and crop: plain DeepLab-v3+ (the baseline),
    + conditioning, + GM (st), + both; the overhead of each as a fraction of the baseline step.
 """
@@ -57,18 +58,19 @@ def part_maps(batch: int, size: int, classes: int, seed: int = 0) -> tuple[torch
 
 
 def _measure(fn, repeat: int) -> tuple[float, float, float]:
-    """(best seconds, peak MiB of the first call, value)."""
+    """(seconds, peak MiB of the first call, value): the best of ``repeat - 1`` calls after the measured first
+    one, or with ``repeat = 1`` that first call itself (one call in all: the literal loop at 513² and C = 108
+    takes minutes per call on a CPU)."""
+    start = time.perf_counter()
     with PeakMemory() as mem:
         value = fn()
-    best = float("inf")
-    for _ in range(repeat - 1):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    if repeat == 1:
-        start = time.perf_counter()
-        value = fn()
-        best = time.perf_counter() - start
+    best = time.perf_counter() - start
+    if repeat > 1:
+        best = float("inf")
+        for _ in range(repeat - 1):
+            start = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - start)
     return best, mem.peak / 2**20, value
 
 
@@ -99,6 +101,7 @@ def bench_gm_loss(sizes: tuple[tuple[int, int], ...] = ((10, 112),), classes: tu
                          "speedup": loop_s / gram_s, "gram_peak_mib": gram_mib, "loop_peak_mib": loop_mib,
                          "gram_value": gram_value, "loop_value": loop_value,
                          "abs_difference": abs(gram_value - loop_value)})
+            print(gm_table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)   # progress: a row a size
     return rows
 
 
