@@ -10,7 +10,9 @@ others), within one time budget (``--budget-s``, default 480 s):
    the package index or, with ``--wheels DIR``, from that folder alone (an offline machine). The code itself
    is imported from this checkout (``PYTHONPATH``), never installed.
 2. ``pytest_cuda``: ``pytest -m cuda`` on the test files that hold CUDA tests (CPU against CUDA).
-3. ``crf``, ``walk``, ``deeplab``, ``shards``, ``allocator``: bench/gpu_parts.py at VOC's size.
+3. ``crf``, ``walk``, ``deeplab``, ``shards``, ``allocator``: bench/gpu_parts.py at VOC's size; ``gmnet``: GMNet's
+   Pascal-Part-58 recipe at 513^2 on random weights (it comes last and needs about 5 minutes of its own:
+   ``--parts env,gmnet``).
 
 It prints progress, and writes ``gpu_check.json`` (everything), ``gpu_check.md`` (the table), ``logs.txt``
 (every part's output) and ``pytest-cuda.xml`` into ``--out``; scratch files go to ``--work``. Exit status 0
@@ -37,10 +39,10 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PARTS = ("env", "pytest_cuda", "crf", "walk", "deeplab", "shards", "allocator")
+PARTS = ("env", "pytest_cuda", "crf", "walk", "deeplab", "shards", "allocator", "gmnet")
 # Per-part caps in seconds (real run, dry run); the budget's remainder caps them further.
 TIMEOUTS = {"env": (240, 240), "pytest_cuda": (150, 90), "crf": (90, 60), "walk": (90, 60), "deeplab": (120, 60),
-            "shards": (240, 120), "allocator": (120, 60)}
+            "shards": (240, 120), "allocator": (120, 60), "gmnet": (300, 90)}
 # Imported by name to decide whether the environment is complete (distribution -> module).
 MODULES = {"torch": "torch", "numpy": "numpy", "scipy": "scipy", "pillow": "PIL", "h5py": "h5py",
            "opencv-python-headless": "cv2", "luigi": "luigi", "pydensecrf2": "pydensecrf", "PyMaxflow": "maxflow",

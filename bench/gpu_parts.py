@@ -11,7 +11,9 @@ CUDA device from it): it proves the plumbing, and its verdicts are ``n/a``, neve
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -35,12 +37,14 @@ class Sizes:
     deeplab: dict        # bench.segmentation.precision_step_rates arguments
     profile_preset: str  # the preset the shard parts build on
     shard_size: int
+    gmnet: dict          # part_gmnet: overrides of configs/voc_part58.cfg's knobs, and the steps timed
 
 
 GPU = Sizes(375, 500, 21, "voc", 3, {"backbone": "resnet101", "classes": 21, "batch": 5, "crop": 321, "repeat": 5},
-            "demo.cfg", 160)
+            "demo.cfg", 160, {"knobs": {}, "steps": 200, "baseline_steps": 50, "warmup": 3, "loss_repeat": 20})
 DRY = Sizes(30, 40, 3, "demo", 1, {"backbone": "resnet_mini", "classes": 3, "batch": 2, "crop": 33, "repeat": 1},
-            "tiny.cfg", 8)
+            "tiny.cfg", 8, {"knobs": {"backbone": "resnet_mini", "batch_size": 2, "crop_size": 65}, "steps": 2,
+                            "baseline_steps": 1, "warmup": 1, "loss_repeat": 1})
 
 CRF_TARGET_SPEEDUP, CRF_TARGET_AGREEMENT, WALK_TARGET_MS = 50.0, 99.0, 5.0
 
@@ -163,6 +167,106 @@ def part_deeplab(sizes: Sizes, dry_run: bool, work: Path) -> dict:
             "verdict": verdict(dry_run or device.type != "cuda", figures["speedup_amp_channels_last"] > 1)}
 
 
+def preset_config(preset: str, family: str):
+    """A stage's config as ``configs/<preset>`` sets it, read the way the pipeline reads it (the preset's
+    weights files are neither checked nor loaded). Call it once per process: the preset is read on import."""
+    os.environ["LUIGI_CONFIG_PATH"] = str(REPO / "configs" / preset)
+    import pipeline.tasks
+    from pipeline.framework import plain_value
+    task = getattr(pipeline.tasks, family)
+    names = {f.name for f in dataclasses.fields(task.config_class)}
+    return task.config_class(**{name: plain_value(param.task_value(family, name))
+                                for name, param in task.get_params() if name in names})
+
+
+def part_gmnet(sizes: Sizes, dry_run: bool, work: Path) -> dict:
+    """GMNet's Pascal-Part-58 recipe (configs/voc_part58.cfg: DeepLab-v3+ ResNet-101 conditioned on the 21 object
+    maps, 58 parts, batch 10, crop 513, part CE + aux + GM ``st`` at lambda 0.1, BN frozen) on random weights and
+    blocky random part maps: a few hundred training steps with GM ``st`` against steps with GM off; seconds per
+    step, peak allocated MiB, and the GM loss's share of the step (the two steps' difference, and the loss's own
+    forward and backward at the step's size)."""
+    import torch
+    import torch.nn.functional as F
+
+    from bench.gm_loss import part_maps
+    from data.labelspace import VOC_LABEL_SPACE
+    from data.parts import load_part_space
+    from stages.parts.graph_matching import graph_matching_loss
+    from stages.parts.train import build_part_model, param_groups, part_losses
+    from stages.training.optim import make_optimizer
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_cuda = device.type == "cuda"
+    torch.backends.cudnn.benchmark = True
+    cfg = dataclasses.replace(preset_config("voc_part58.cfg", "TrainPartSegmentation"), **sizes.gmnet["knobs"])
+    space = load_part_space(cfg.part_space, work, VOC_LABEL_SPACE)
+    torch.manual_seed(cfg.seed)
+    _, parts = part_maps(cfg.batch_size, cfg.crop_size, space.num_parts, cfg.seed)
+    owner = torch.tensor(space.object_of_part)
+    objects = torch.where(parts == 255, parts, owner[parts.clamp(max=space.num_parts - 1)])
+    maps = F.one_hot(objects.clamp(max=space.num_objects - 1), space.num_objects).permute(0, 3, 1, 2).float()
+    images = torch.randn(cfg.batch_size, 3, cfg.crop_size, cfg.crop_size)
+    images, parts, objects, maps, owner = (t.to(device) for t in (images, parts, objects, maps, owner))
+
+    def sync() -> None:
+        if on_cuda:
+            torch.cuda.synchronize(device)
+
+    def seconds_per_step(gm_mode: str, steps: int) -> tuple[float, float | None, float]:
+        run_cfg = dataclasses.replace(cfg, gm_mode=gm_mode)
+        model = build_part_model(run_cfg, space, pretrained=False).to(device).train()
+        optimizer = make_optimizer(param_groups(model, run_cfg), lr=cfg.lr, momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay)
+        losses = []
+
+        def step() -> None:
+            loss, _ = part_losses(model(images, maps), parts, objects, owner, space.num_objects, run_cfg)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        for _ in range(sizes.gmnet["warmup"]):
+            step()
+        sync()
+        if on_cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        elapsed = (time.perf_counter() - start) / steps
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 if on_cuda else None
+        return elapsed, peak, losses[-1]
+
+    st_s, st_mib, st_loss = seconds_per_step(cfg.gm_mode, sizes.gmnet["steps"])
+    if on_cuda:
+        torch.cuda.empty_cache()    # the first model's cached blocks would hide the second one's peak
+    off_s, off_mib, _ = seconds_per_step("off", sizes.gmnet["baseline_steps"])
+    logits = torch.randn(cfg.batch_size, space.num_parts, cfg.crop_size, cfg.crop_size, device=device,
+                         requires_grad=True)
+    graph_matching_loss(logits, parts, cfg.gm_mode, cfg.gm_dilation, cfg.gm_valid).backward()
+    sync()
+    start = time.perf_counter()
+    for _ in range(sizes.gmnet["loss_repeat"]):
+        graph_matching_loss(logits, parts, cfg.gm_mode, cfg.gm_dilation, cfg.gm_valid).backward()
+    sync()
+    loss_s = (time.perf_counter() - start) / sizes.gmnet["loss_repeat"]
+    figures = {"backbone": cfg.backbone, "parts": space.num_parts, "objects": space.num_objects,
+               "batch": cfg.batch_size, "crop": cfg.crop_size, "gm_mode": cfg.gm_mode, "gm_lambda": cfg.gm_lambda,
+               "steps": sizes.gmnet["steps"], "baseline_steps": sizes.gmnet["baseline_steps"],
+               "step_s": st_s, "step_gm_off_s": off_s, "peak_mib": st_mib, "peak_gm_off_mib": off_mib,
+               "last_loss": st_loss, "gm_loss_forward_backward_s": loss_s,
+               "gm_share_of_step": loss_s / st_s, "gm_step_overhead": st_s / off_s - 1}
+    summary = (f"{cfg.backbone} {space.num_parts} parts, batch {cfg.batch_size}, crop {cfg.crop_size}, "
+               f"{sizes.gmnet['steps']} steps: {st_s:.3f} s/step with GM {cfg.gm_mode} vs {off_s:.3f} off "
+               f"({100 * figures['gm_step_overhead']:+.1f}%); GM loss alone {1000 * loss_s:.1f} ms "
+               f"({100 * figures['gm_share_of_step']:.1f}% of the step)")
+    if st_mib is not None:
+        summary += f"; peak {st_mib:.0f} MiB ({off_mib:.0f} without GM)"
+    return {"figures": figures, "summary": summary,
+            "target": "a finite loss after the steps, on CUDA (the figures are the result)",
+            "verdict": verdict(dry_run or not on_cuda, math.isfinite(st_loss))}
+
+
 # ---------------------------------------------------------------------------------------- pipeline parts
 
 
@@ -265,7 +369,7 @@ def part_allocator(sizes: Sizes, dry_run: bool, work: Path) -> dict:
 
 PARTS: dict[str, Callable[[Sizes, bool, Path], dict]] = {
     "env": part_env, "crf": part_crf, "walk": part_walk, "deeplab": part_deeplab, "shards": part_shards,
-    "allocator": part_allocator}
+    "allocator": part_allocator, "gmnet": part_gmnet}
 
 
 def main() -> None:
