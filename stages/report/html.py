@@ -19,7 +19,6 @@ import html
 import io
 import json
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -946,10 +945,6 @@ def _not_run_line(text: str) -> str:
     return f'<p class="not-run">{_esc(text)}</p>'
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or "run"
-
-
 def _merged_versions(provenance: dict[str, dict]) -> list[tuple[str, str]]:
     values: dict[str, set[str]] = {}
     for record in provenance.values():
@@ -1096,9 +1091,7 @@ def _render_html(inputs: ReportInputs, names: list[str], palette: np.ndarray, fi
                            "the tables). CAM: heat map (jet, 0 to 1) blended over the image; label maps in colours "
                            "chosen to stay distinct with colour-vision deficiencies (the label PNGs on disk keep "
                            "the label space's palette)."))
-        legend = "".join(f'<span class="swatch" style="background: rgb({r},{g},{b})"></span>{_esc(name)}'
-                         for name, (r, g, b) in zip([*names, "ignore"], [*palette[: len(names)], palette[255]]))
-        out.append(f'<p class="meta">Colours: {legend}</p>')
+        out.append(f'<p class="meta">Colours: {_swatches(names, palette)}</p>')
     else:
         out.append(_not_run_line("Not run: no gallery images were given."))
 
