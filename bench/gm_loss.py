@@ -7,7 +7,9 @@
    call takes minutes on a CPU), peak MiB above the start, and the two values (equal to 1e-6). Sizes: the demo
    batch (10 x 112^2) and, with ``--full``, GMNet's 513^2 (batch 2 on a CPU; the reference trains batch 10).
 2. The part training step on ``resnet_mini`` at the demo batch and crop: plain DeepLab-v3+ (the baseline),
-   + conditioning, + GM (st), + both; the overhead of each as a fraction of the baseline step.
+   + conditioning and + GM (st) at GMNet's scaling (conditioning widths x head width / 256, GM on the labels'
+   grid), then as ``configs/demo_parts.cfg`` runs them (its ``cond_mult``, ``cond_stride`` and
+   ``gm_resolution``), alone and both; the overhead of each as a fraction of the baseline step.
 
 Seconds are wall time; ``--cpu-time`` counts the process's CPU seconds instead (``time.process_time``), for a
 shared machine where other jobs take the cores: with one thread (``OMP_NUM_THREADS=1``) that is the work done,
@@ -21,12 +23,14 @@ import sys
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from bench.measure import PeakMemory
 from models.segmenters import create_segmenter
+from pipeline.presets import chain, read_file
 from stages.config import TrainPartSegmentationConfig
 from stages.parts.graph_matching import dilate, graph_matching_maps
 from stages.parts.train import part_losses
@@ -112,14 +116,14 @@ def bench_gm_loss(sizes: tuple[tuple[int, int], ...] = ((10, 112),), classes: tu
     return rows
 
 
-def _train_step(conditioned: bool, gm_mode: str, batch: int = 10, crop: int = 112, parts: int = 28,
-                objects: int = 11):
+def _train_step(conditioned: bool, gm_mode: str, cond_mult: float = 0.0, cond_stride: int = 1,
+                gm_resolution: str = "label", batch: int = 10, crop: int = 112, parts: int = 28, objects: int = 11):
     torch.manual_seed(0)
-    extra = {"num_objects": objects} if conditioned else {}
+    extra = {"num_objects": objects, "cond_mult": cond_mult or None, "cond_stride": cond_stride} if conditioned else {}
     net = create_segmenter("gmnet" if conditioned else "deeplabv3plus", "resnet_mini", parts, freeze_bn=False,
                            **extra).train()
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
-    cfg = TrainPartSegmentationConfig(gm_mode=gm_mode, freeze_bn=False)
+    cfg = TrainPartSegmentationConfig(gm_mode=gm_mode, gm_resolution=gm_resolution, freeze_bn=False)
     x = torch.randn(batch, 3, crop, crop)
     maps = F.one_hot(torch.randint(0, objects, (batch, crop, crop)), objects).permute(0, 3, 1, 2).float()
     y = torch.randint(0, parts, (batch, crop, crop))
@@ -135,19 +139,52 @@ def _train_step(conditioned: bool, gm_mode: str, batch: int = 10, crop: int = 11
     return step
 
 
-def bench_part_step(repeat: int = 5) -> dict:
-    variants = {"plain": (False, "off"), "conditioning": (True, "off"), "gm_st": (False, "st"),
-                "conditioning_gm_st": (True, "st")}
-    seconds = {}
-    for name, (conditioned, mode) in variants.items():
-        step = _train_step(conditioned, mode)
+def demo_recipe() -> TrainPartSegmentationConfig:
+    """The part knobs the step bench varies, as ``configs/demo_parts.cfg`` (and its bases) set them."""
+    knobs: dict[str, str] = {}
+    for path in chain(Path(__file__).resolve().parent.parent / "configs" / "demo_parts.cfg"):
+        parser = read_file(path)
+        if parser.has_section("TrainPartSegmentation"):
+            knobs.update(parser["TrainPartSegmentation"])
+    default = TrainPartSegmentationConfig()
+    return TrainPartSegmentationConfig(gm_mode=knobs.get("gm_mode", default.gm_mode),
+                                       cond_mult=float(knobs.get("cond_mult", default.cond_mult)),
+                                       cond_stride=int(knobs.get("cond_stride", default.cond_stride)),
+                                       gm_resolution=knobs.get("gm_resolution", default.gm_resolution))
+
+
+def part_step_variants(demo: TrainPartSegmentationConfig) -> dict[str, dict]:
+    """The steps timed: plain DeepLab-v3+; GMNet's conditioning at the spec's width rule (head width / 256) and
+    its GM at the label's resolution; the demo preset's conditioning width and GM resolution, alone and both."""
+    conditioning = {"cond_mult": demo.cond_mult, "cond_stride": demo.cond_stride}
+    return {"plain": {"conditioned": False, "gm_mode": "off"},
+            "conditioning_width_rule": {"conditioned": True, "gm_mode": "off"},
+            "gm_st_label": {"conditioned": False, "gm_mode": "st"},
+            "conditioning_demo": {"conditioned": True, "gm_mode": "off", **conditioning},
+            "gm_st_demo": {"conditioned": False, "gm_mode": "st", "gm_resolution": demo.gm_resolution},
+            "demo_recipe": {"conditioned": True, "gm_mode": demo.gm_mode, "gm_resolution": demo.gm_resolution,
+                            **conditioning}}
+
+
+def bench_part_step(repeat: int = 5, rounds: int = 3) -> dict:
+    """Seconds per step of each variant (the best of ``rounds`` means of ``repeat`` steps, the variants taken
+    in turn each round so that a slow spell of the machine hits them all) and the overhead over plain."""
+    demo = demo_recipe()
+    variants = part_step_variants(demo)
+    steps = {name: _train_step(**kwargs) for name, kwargs in variants.items()}
+    seconds = dict.fromkeys(steps, float("inf"))
+    for step in steps.values():
         step()
-        start = clock()
-        for _ in range(repeat):
-            step()
-        seconds[name] = (clock() - start) / repeat
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = clock()
+            for _ in range(repeat):
+                step()
+            seconds[name] = min(seconds[name], (clock() - start) / repeat)
     base = seconds["plain"]
-    return {"threads": torch.get_num_threads(), **{f"{k}_step_s": v for k, v in seconds.items()},
+    return {"threads": torch.get_num_threads(), "demo_cond_mult": demo.cond_mult,
+            "demo_cond_stride": demo.cond_stride, "demo_gm_resolution": demo.gm_resolution,
+            **{f"{k}_step_s": v for k, v in seconds.items()},
             **{f"{k}_overhead": v / base - 1 for k, v in seconds.items() if k != "plain"}}
 
 

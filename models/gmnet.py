@@ -57,11 +57,18 @@ class GMNet(DeepLabV3Plus):
     """DeepLab-v3+ conditioned on an object softmax (GMNet, Michieli et al. ECCV 2020): the conditioning net's
     taps, resized (bilinear) to the ASPP grid, are concatenated in front of the 1x1 / rate-6 / rate-12 / rate-18
     branches (conv5 / conv3 / conv2 / conv1), before the fusing 1x1; nothing enters at stride 4.
-    ``forward(x, objects)``: ``objects`` (B, num_objects, H, W) at the image's size."""
+    ``forward(x, objects)``: ``objects`` (B, num_objects, H, W) at the image's size.
+
+    ``cond_stride`` (ours; GMNet: 1) average-pools the object maps by that factor before the conditioning net:
+    every tap ends resized to the ASPP grid (stride 16), so the maps' detail below it is lost anyway, while the
+    net's 7x7 layers at half the image's size cost a small backbone more than its own step (bench.gm_loss)."""
 
     def __init__(self, backbone: ResNet, num_classes: int, num_objects: int, rates: Sequence[int] = (6, 12, 18),
-                 freeze_bn: bool = True, cond_mult: float | None = None):
+                 freeze_bn: bool = True, cond_mult: float | None = None, cond_stride: int = 1):
         super().__init__(backbone, num_classes, rates, freeze_bn)
+        if cond_stride < 1:
+            raise ValueError(f"cond_stride must be at least 1, got {cond_stride}")
+        self.cond_stride = cond_stride
         width = head_width(backbone)
         self.conditioning = ConditioningNet(num_objects, width / 256 if cond_mult is None else cond_mult)
         self.aspp = ConcatASPP(backbone.channels[-1], width, rates, extra=self.conditioning.tap_channels)
@@ -77,20 +84,23 @@ class GMNet(DeepLabV3Plus):
                              f"got {got}")
         feats = self.backbone(x)
         grid = feats[-1].shape[-2:]
+        if self.cond_stride > 1:
+            objects = F.avg_pool2d(objects, self.cond_stride, ceil_mode=True, count_include_pad=False)
         taps = [F.interpolate(t, size=grid, mode="bilinear", align_corners=False) if t.shape[-2:] != grid else t
                 for t in self.conditioning(objects)]
         return self.decode(self.aspp(feats[-1], taps), feats[0])
 
 
-
 def gmnet(backbone: str, num_classes: int, pretrained: str | None = None, freeze_bn: bool = True,
-          msc: bool = False, num_objects: int | None = None, cond_mult: float | None = None) -> nn.Module:
+          msc: bool = False, num_objects: int | None = None, cond_mult: float | None = None,
+          cond_stride: int = 1) -> nn.Module:
     """DeepLab-v3+ (as ``deeplabv3plus``) conditioned on ``num_objects`` object maps; ``cond_mult`` scales the
-    conditioning widths (default: the head width / 256, 1/4 for ``resnet_mini``)."""
+    conditioning widths (default: the head width / 256, 1/4 for ``resnet_mini``); ``cond_stride`` pools the
+    maps before the conditioning net (1: GMNet)."""
     if num_objects is None:
         raise ValueError("gmnet needs num_objects (the object maps it is conditioned on): it is the part "
                          "segmenter of TrainPartSegmentation")
     if msc:
         raise ValueError("gmnet does not take msc (its object maps would need rescaling with the input)")
     return GMNet(create_backbone(backbone, strides=(1, 2, 2, 1), dilations=(1, 1, 1, 2), pretrained=pretrained),
-                 num_classes, num_objects, freeze_bn=freeze_bn, cond_mult=cond_mult)
+                 num_classes, num_objects, freeze_bn=freeze_bn, cond_mult=cond_mult, cond_stride=cond_stride)

@@ -29,7 +29,7 @@ def create_segmenter(name: str, backbone: str, num_classes: int, pretrained: str
     """A registered segmenter. Only what differs from the model's own choice is passed on, so each factory takes the
     options that apply to it: ``rates`` (None = the model's dilation rates) and ``bn_batch_stats`` (DeepLab-v2/v3+),
     ``output_stride`` (0 = the model's own), ``ddd`` (``deeplabv3_ddd``: a ``models.ddd.DDDOptions``, the CRF's
-    knobs), and ``options`` (``gmnet``: num_objects, cond_mult)."""
+    knobs), and ``options`` (``gmnet``: num_objects, cond_mult, cond_stride)."""
     extra = dict(options)
     if rates is not None:
         extra["rates"] = tuple(rates)

@@ -439,10 +439,14 @@ class TrainPartSegmentationConfig:
     freeze_bn: bool = True                    # GMNet: BN frozen everywhere
     cond_mult: float = 0.0                    # conditioning widths x this; 0 = head width / 256 (1 for ResNet-101)
     cond_pad: int = 0                         # object-map crop padding: 0 | 255 (GMNet's quirk)
+    cond_stride: int = 1                      # object maps avg-pooled by this before the conditioning net; GMNet: 1
     gm_mode: str = "st"                       # off | hard (GMNet's released loss: no gradient) | soft | st
     gm_lambda: float = 0.1                    # GMNet: 0.1
     gm_dilation: int = 2                      # GMNet: 2 (flat 2x2 max filter, TF SAME)
     gm_valid: str = "same"                    # same (prediction counted where the label is valid) | pred_all (GMNet)
+    # label (GMNet: logits upsampled to the crop, the loss on every label pixel) | logits (ours: labels sampled
+    # at the logits' stride-4 grid, 16x fewer pixels; the CE and aux losses stay at the crop's size)
+    gm_resolution: str = "label"
     aux_lambda: float = 1e-4                  # GMNet: 1e-4 (part logits summed per object, CE on object GT)
     iterations: int = 1500                    # GMNet: 50,000
     batch_size: int = 10                      # GMNet: 10
@@ -538,6 +542,7 @@ CHOICES = {
     ("TrainPartSegmentationConfig", "cond_source"): ("gt", "supervised", "wsss", "none"),
     ("TrainPartSegmentationConfig", "gm_mode"): ("off", "hard", "soft", "st"),
     ("TrainPartSegmentationConfig", "gm_valid"): ("same", "pred_all"),
+    ("TrainPartSegmentationConfig", "gm_resolution"): ("label", "logits"),
     ("TrainPartSegmentationConfig", "cond_pad"): (0, 255),
 }
 
@@ -657,11 +662,11 @@ def validate(cfg: object) -> None:
         raise ValueError(f"MakeObjectMaps: positive scales and shard_size >= 1 required: {cfg}")
     if isinstance(cfg, TrainPartSegmentationConfig):
         if (cfg.lr <= 0 or cfg.batch_size < 1 or cfg.iterations < 1 or cfg.lr_decay_every < 1
-                or cfg.checkpoint_every < 1 or cfg.eval_every < 0 or cfg.gm_dilation < 1 or cfg.cond_mult < 0
-                or cfg.gm_lambda < 0 or cfg.aux_lambda < 0 or cfg.part_object_band < 0):
-            raise ValueError("TrainPartSegmentation: lr, batch_size, iterations, lr_decay_every, checkpoint_every "
-                             "and gm_dilation must be positive; eval_every, cond_mult, gm_lambda, aux_lambda and "
-                             f"part_object_band >= 0: {cfg}")
+                or cfg.checkpoint_every < 1 or cfg.eval_every < 0 or cfg.gm_dilation < 1 or cfg.cond_stride < 1
+                or cfg.cond_mult < 0 or cfg.gm_lambda < 0 or cfg.aux_lambda < 0 or cfg.part_object_band < 0):
+            raise ValueError("TrainPartSegmentation: lr, batch_size, iterations, lr_decay_every, checkpoint_every, "
+                             "gm_dilation and cond_stride must be positive; eval_every, cond_mult, gm_lambda, "
+                             f"aux_lambda and part_object_band >= 0: {cfg}")
         if cfg.crop_size < 16 or not cfg.scales or min(cfg.scales) <= 0:
             raise ValueError(f"TrainPartSegmentation: crop_size >= 16 and positive scales required: {cfg}")
         if cfg.freeze_bn and not (cfg.pretrained or cfg.init_checkpoint):

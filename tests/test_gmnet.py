@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -75,16 +76,48 @@ def test_the_smallest_present_class_is_skipped_not_class_zero():
 
 def test_a_hand_made_two_part_graph():
     # parts 1 and 2 side by side, background 0 around them: A[1, 2] counts the pixels both dilated masks cover
-    from stages.parts.graph_matching import _one_hot as one_hot
-    from stages.parts.graph_matching import adjacency, dilate, present_classes
+    from stages.parts.graph_matching import adjacency, dilate, map_gram, present_classes, restrict
     labels = torch.tensor([[[0, 0, 0, 0], [0, 1, 2, 0], [0, 1, 2, 0], [0, 0, 0, 0]]])
     present = present_classes(labels, labels, 3)
     assert present.tolist() == [False, True, True]
-    adj = adjacency(dilate(one_hot(labels, 3, torch.float64), 2), present)
+    adj = restrict(map_gram(labels, 3, 2), present)
+    # the scatter of the label map's windows gives the max filter of its one-hot masks
+    masks = torch.nn.functional.one_hot(labels, 3).permute(0, 3, 1, 2).double()
+    assert torch.equal(adj, adjacency(dilate(masks, 2), present))
     # part 1 dilated covers columns 0-1 of rows 0-2, part 2 columns 1-2 of rows 0-2: both on column 1, rows 0-2
     expected = torch.zeros(3, 3, dtype=torch.float64)
     expected[1, 2] = 3
     assert torch.equal(adj, expected)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_label_masks_are_the_max_filter_of_the_one_hot_masks(size):
+    from stages.parts.graph_matching import dilate, dilated_label_masks
+    _, labels = random_maps(4, c=7)
+    y = torch.from_numpy(labels)
+    hot = torch.nn.functional.one_hot(torch.where(y == 255, 7, y), 8)[..., :7].permute(0, 3, 1, 2).float()
+    expected = dilate(hot, size).permute(0, 2, 3, 1).reshape(-1, 7)
+    assert torch.equal(dilated_label_masks(y, 7, size, torch.float32), expected)
+
+
+def test_gm_at_the_logits_resolution_reads_the_labels_on_the_logits_grid():
+    from stages.config import TrainPartSegmentationConfig
+    from stages.parts.train import part_losses, sample_labels
+    labels = torch.arange(29)[None, :, None].expand(1, 29, 29) % 5
+    logits = torch.randn(1, 5, 8, 8)
+    sampled = sample_labels(labels, logits)
+    assert sampled.shape == (1, 8, 8)
+    assert sampled[0, :, 0].tolist() == [(4 * i) % 5 for i in range(8)]   # rows 0, 4, ..., 28: corners aligned
+    _, pred = random_maps(5, b=2, h=29, w=29, c=5)
+    parts = torch.from_numpy(pred)
+    owner = torch.zeros(5, dtype=torch.long)
+    cfg = TrainPartSegmentationConfig(gm_mode="hard", aux_lambda=0.0, freeze_bn=False)
+    at_logits = part_losses(logits.expand(2, -1, -1, -1), parts, parts * 0, owner, 1,
+                            dataclasses.replace(cfg, gm_resolution="logits"))[1]["gm"]
+    at_labels = part_losses(logits.expand(2, -1, -1, -1), parts, parts * 0, owner, 1, cfg)[1]["gm"]
+    expected = graph_matching_loss(logits.expand(2, -1, -1, -1), sample_labels(parts, logits), "hard").item()
+    assert at_logits == pytest.approx(expected)
+    assert at_logits != pytest.approx(at_labels)
 
 
 def test_modes_value_and_gradient():

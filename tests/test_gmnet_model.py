@@ -44,6 +44,24 @@ def test_gmnet_shapes_odd_sizes_and_gradients_reach_the_conditioning_net(one_thr
     assert all(id(p) in heads for p in net.conditioning.parameters())  # a new layer: the head's LR group
 
 
+def test_cond_stride_pools_the_object_maps_and_keeps_the_output(one_thread):
+    torch.manual_seed(0)
+    pooled = create_segmenter("gmnet", "resnet_mini", 28, num_objects=11, freeze_bn=False, cond_stride=2).eval()
+    full = create_segmenter("gmnet", "resnet_mini", 28, num_objects=11, freeze_bn=False).eval()
+    full.load_state_dict(pooled.state_dict())
+    x, maps = torch.randn(2, 3, 53, 67), torch.rand(2, 11, 53, 67)
+    seen = []
+    pooled.conditioning.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        out = pooled(x, maps)
+        assert out.shape == full(x, maps).shape == (2, 28, 14, 17)
+        assert not torch.allclose(out, full(x, maps))
+    expected = torch.nn.functional.avg_pool2d(maps, 2, ceil_mode=True, count_include_pad=False)
+    assert seen[0].shape == (2, 11, 27, 34) and torch.allclose(seen[0], expected)
+    with pytest.raises(ValueError, match="cond_stride"):
+        create_segmenter("gmnet", "resnet_mini", 28, num_objects=11, cond_stride=0)
+
+
 def test_param_groups_take_gmnets_multipliers():
     net = create_segmenter("gmnet", "resnet_mini", 5, num_objects=3, freeze_bn=False)
     cfg = TrainPartSegmentationConfig(head_lr_mult=1.0, bias_lr_mult=2.0, freeze_bn=False)

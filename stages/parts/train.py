@@ -2,7 +2,10 @@
 
 Loss (LTTM/GMNet ``train.py``, spec A.3), on the logits bilinearly upsampled (corners aligned) to the crop:
 part CE (ignore 255) + ``aux_lambda`` x CE of the part logits **summed per object** against the object GT +
-``gm_lambda`` x the graph-matching loss (:mod:`stages.parts.graph_matching`, ``gm_mode``).
+``gm_lambda`` x the graph-matching loss (:mod:`stages.parts.graph_matching`, ``gm_mode``). With
+``gm_resolution = logits`` (ours) the graph-matching term is taken on the stride-4 logits against labels sampled
+at that grid: 16x fewer pixels, which on the demo's CPU backbone is the difference between the loss costing
+twice the network's step and a few percent of it (``python -m bench.gm_loss``).
 
 Augmentation is GMNet's: one random scale from ``scales``, pad (image with the mean, labels 255, object maps
 ``cond_pad``), random crop, horizontal flip; the image, the part map, the object label map and the object maps
@@ -58,7 +61,8 @@ def part_layout(manifest: Manifest, cfg: TrainPartSegmentationConfig) -> PartLay
 def build_part_model(cfg: TrainPartSegmentationConfig, space: PartSpace, pretrained: bool = True) -> nn.Module:
     weights = cfg.pretrained if pretrained and cfg.pretrained else None
     name = part_model(cfg.cond_source)
-    conditioning = {"num_objects": space.num_objects, "cond_mult": cfg.cond_mult or None} if name == "gmnet" else {}
+    conditioning = ({"num_objects": space.num_objects, "cond_mult": cfg.cond_mult or None,
+                     "cond_stride": cfg.cond_stride} if name == "gmnet" else {})
     model = create_segmenter(name, cfg.backbone, space.num_parts, pretrained=weights, freeze_bn=cfg.freeze_bn,
                              **conditioning)
     if pretrained and cfg.init_checkpoint:
@@ -164,6 +168,18 @@ def object_logits(part_logits: torch.Tensor, object_of_part: torch.Tensor, num_o
     return part_logits.new_zeros(shape).index_add_(1, object_of_part, part_logits)
 
 
+def sample_labels(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Labels (B, H, W) read at the logits' grid (B, C, h, w): the label pixel nearest each logit under the
+    align-corners mapping that upsamples the logits to the labels (logit j sits on label pixel j (H-1)/(h-1))."""
+    (h, w), (big_h, big_w) = logits.shape[-2:], labels.shape[-2:]
+
+    def nearest(n: int, big: int) -> torch.Tensor:
+        step = (big - 1) / max(n - 1, 1)
+        return (torch.arange(n, device=labels.device) * step).round().long()
+
+    return labels[:, nearest(h, big_h)][:, :, nearest(w, big_w)]
+
+
 def part_losses(logits: torch.Tensor, parts: torch.Tensor, objects: torch.Tensor, object_of_part: torch.Tensor,
                 num_objects: int, cfg: TrainPartSegmentationConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """Total loss and its terms (unweighted) for logits at any stride against crop-size labels."""
@@ -176,7 +192,8 @@ def part_losses(logits: torch.Tensor, parts: torch.Tensor, objects: torch.Tensor
         total = total + cfg.aux_lambda * aux
         terms["aux"] = aux.item()
     if cfg.gm_mode != "off":
-        gm = graph_matching_loss(up, parts, cfg.gm_mode, cfg.gm_dilation, cfg.gm_valid)
+        gm_logits, gm_parts = (up, parts) if cfg.gm_resolution == "label" else (logits, sample_labels(parts, logits))
+        gm = graph_matching_loss(gm_logits, gm_parts, cfg.gm_mode, cfg.gm_dilation, cfg.gm_valid)
         total = total + cfg.gm_lambda * gm
         terms["gm"] = gm.item()
     return total, terms
