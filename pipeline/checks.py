@@ -130,6 +130,7 @@ def validate_config(cfg: object, family: str | None = None) -> None:
     class by default): values, then registered names, then the weights files it names."""
     from stages import config as C
 
+    cfg = C.with_references(cfg)
     C.validate(cfg)
     family = family or next(name for name, cls in C.STAGE_CONFIGS.items() if isinstance(cfg, cls))
     check_names(family, cfg)

@@ -52,7 +52,19 @@ logger = logging.getLogger("luigi-interface")
 PENDING = "pending-"   # a key prefix: an input's content is not known yet (see StageTask.key)
 
 
-def _parameter_for(default: object, description: str | None = None) -> luigi.Parameter:
+class AutoKnobParameter(luigi.Parameter):
+    """An integer knob that also takes ``auto`` or ``auto:<reference>`` (stages.config.AUTO_KNOBS)."""
+
+    def parse(self, x: str) -> str | int:
+        return C.parse_auto(x)
+
+    def normalize(self, x: object) -> object:
+        return x if isinstance(x, int) else C.parse_auto(str(x))
+
+
+def _parameter_for(default: object, description: str | None = None, auto: bool = False) -> luigi.Parameter:
+    if auto:
+        return AutoKnobParameter(default=default, description=description)
     if isinstance(default, bool):
         return luigi.BoolParameter(default=default, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                                    description=description)
@@ -73,8 +85,9 @@ def with_config(config_class: type):
 
     def decorate(task_class: type) -> type:
         task_class.config_class = config_class
+        auto = C.AUTO_KNOBS.get(section, {})
         for f in dataclasses.fields(config_class):
-            param = _parameter_for(f.default, knob_description(docs[f.name], f.default))
+            param = _parameter_for(f.default, knob_description(docs[f.name], f.default), auto=f.name in auto)
             setattr(task_class, f.name, param)
             param.__set_name__(task_class, f.name)  # what class creation does for declared attributes
         return task_class
@@ -165,7 +178,25 @@ class StageTask(luigi.Task):
 
     @cached_property
     def code_modules(self) -> dict[str, str]:
-        return hashing.module_closure(self.code_roots())
+        # stages.auto resolves the knobs set to ``auto``: its rules are then part of what makes the output.
+        fitted = ("stages.auto",) if self.config is not None and self.config != C.with_references(self.config) else ()
+        return hashing.module_closure((*self.code_roots(), *fitted))
+
+    @cached_property
+    def fitted(self) -> tuple[object, dict, list[str]]:
+        """The config with its ``auto`` knobs resolved for this dataset (stages.auto), a record of each (value,
+        rule), and warnings for hand-set scale-dependent knobs far from what ``auto`` would choose."""
+        cfg = self.config
+        section = next((name for name, cls in C.STAGE_CONFIGS.items() if isinstance(cfg, cls)), None)
+        if section not in C.AUTO_KNOBS:
+            return cfg, {}, []
+        from stages.auto import dataset_scale, fit_knobs
+        return fit_knobs(cfg, dataset_scale(manifest_of(self)))
+
+    @property
+    def run_config(self):
+        """The config a stage computes with: :attr:`config` with ``auto`` values resolved for the data."""
+        return self.fitted[0]
 
     def code_roots(self) -> tuple[str, ...]:
         """The library modules this stage runs for its configuration (their imports are followed); a stage with a
@@ -240,6 +271,8 @@ class StageTask(luigi.Task):
             logger.info("%s: %s already holds this result", self.get_task_family(), self.stage_dir)
             return
         warn_of_other_copies(self.get_task_family(), self.stage_dir)
+        for warning in self.fitted[2]:
+            logger.warning("%s: %s", self.get_task_family(), warning)
         try:
             with atomic_path(self.stage_dir, directory=True) as tmp, naming_a_full_disk(tmp):
                 metrics, placement = run_compute(self, tmp)
@@ -272,6 +305,8 @@ class StageTask(luigi.Task):
             "seed": self.params_dict.get("seed"), "versions": versions(), "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
             "seconds": round(time.time() - started, 3), "metrics": metrics,
+            **({"fitted": {"knobs": self.fitted[1], "warnings": self.fitted[2]}}
+               if self.fitted[1] or self.fitted[2] else {}),
         }
 
 

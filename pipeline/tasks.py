@@ -374,8 +374,8 @@ class Propagate(ShardedStage):
         from stages.propagation.propagate import propagate_images
 
         device = resolve_device(runtime().device)
-        inputs = self.trainer.propagation_inputs(self.config, manifest, device)
-        return propagate_images(self.config, manifest, ids, shard_store(self.input_dir("cams")),
+        inputs = self.trainer.propagation_inputs(self.run_config, manifest, device)
+        return propagate_images(self.run_config, manifest, ids, shard_store(self.input_dir("cams")),
                                 self.input_dir("seeds"), inputs, out_dir, writer, device, progress=progress,
                                 supervision=self.upstream()["seeds"].supervision)
 

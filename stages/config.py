@@ -227,7 +227,9 @@ class PropagateConfig:
 
     propagation: str = "rw_irn"               # registry: stages.propagation.PROPAGATION_METHODS
     beta: float = 10.0                        # affinity power: IRN 10, PSA/SEAM 8
-    steps: int = 256                          # t: IRN/PSA 256, SEAM 64
+    # t: IRN/PSA 256, SEAM 64 (VOC); auto = scaled with the training images' grid area (stages/auto.py),
+    # auto:<t> scales another reference t (SEAM's presets: auto:64)
+    steps: int = 256
     radius: int = 5                           # inference pair radius (both)
     bg_threshold: float = 0.25                # rw_irn: constant background after global-max normalisation
     alpha: float = 16.0                       # rw_psa: propagated background (1 - max)^alpha; SEAM 6
@@ -235,8 +237,7 @@ class PropagateConfig:
     cam_bg_threshold: float = 0.15            # background threshold of that CAM label
     shard_size: int = 256                     # images per shard file (one task each)
     # gcn (WSGCN-I, stages/propagation/gcn.py), WSGCN's values; beta and radius above build its walk:
-    gcn_walk_steps: int = 256                 # t of T^t. WSGCN 256 (VOC grids); the demo grid wants fewer, as for
-    #                                           `steps` (configs/demo.cfg explains 16 there)
+    gcn_walk_steps: int = 256                 # t of T^t. WSGCN 256 (VOC grids); auto: scaled as `steps`
     gcn_adjacency: str = "dense"              # dense: T^t N x N (the reference) | topk: k largest per column of T^t
     gcn_topk: int = 512                       # topk: entries kept per column
     gcn_dense_max_mib: float = 4096.0         # dense: refuse (naming the image) a T^t needing more memory than this
@@ -279,7 +280,7 @@ class PropagateConfig:
     a2gnn_rw: bool = True                     # fuse the random walk (image and point supervision only); A2GNN on
     a2gnn_rw_weight: float = 3.0              # A2GNN: p = softmax + 3 rw
     a2gnn_rw_beta: float = 8.0                # A2GNN: A^8
-    a2gnn_rw_logt: int = 6                    # A2GNN: 2^6 = 64 steps
+    a2gnn_rw_logt: int = 6                    # A2GNN: 2^6 = 64 steps; auto: 2^t scaled as `steps`
     a2gnn_rw_alpha: float = 6.0               # A2GNN: background (1 - max CAM)^6
     # A2GNN ends with a dense CRF (a2gnn_final); in the pipeline RefineCRF applies it (its default preset), so that
     # the report shows the labels before and after it. A preset name here applies it inside the method too.
@@ -519,6 +520,72 @@ STAGE_CONFIGS = {
     "Report": ReportConfig,
 }
 
+@dataclass(frozen=True)
+class AutoRule:
+    """How ``auto`` fits a walk length to the data (stages/auto.py): ``references`` are the papers' values on VOC
+    (the first scales a bare ``auto``; a hand-set value is compared with each), measured on the grid of
+    ``stride``; ``log2``: the knob holds log2 of the steps."""
+
+    references: tuple[float, ...]
+    stride: int
+    log2: bool = False
+    read_when: tuple[str, tuple[str, ...]] | None = None   # (knob, its values under which this knob is read)
+
+    def is_read(self, cfg: object) -> bool:
+        return self.read_when is None or getattr(cfg, self.read_when[0]) in self.read_when[1]
+
+
+# Knobs that take ``auto`` or ``auto:<reference>`` (a reference value of one's own, e.g. SEAM's t = 64), fitted
+# to the dataset's scale when the stage runs (stages/auto.py): section -> knob -> rule.
+AUTO_KNOBS: dict[str, dict[str, AutoRule]] = {
+    "Propagate": {
+        "steps": AutoRule((256, 64), 4, read_when=("propagation", ("rw_irn", "rw_psa"))),  # IRN, PSA 256; SEAM 64
+        "gcn_walk_steps": AutoRule((256,), 4, read_when=("propagation", ("gcn",))),        # WSGCN
+        "a2gnn_rw_logt": AutoRule((6,), 8, log2=True, read_when=("propagation", ("a2gnn",))),  # A2GNN: 2^6, stride 8
+    },
+}
+AUTO = "auto"
+
+
+def is_auto(value: object) -> bool:
+    return isinstance(value, str) and (value == AUTO or value.startswith(AUTO + ":"))
+
+
+def parse_auto(text: str) -> str | int:
+    """A preset's value of an auto knob: ``auto``, ``auto:<number>`` (kept as text) or an integer."""
+    text = str(text).strip()
+    if text == AUTO:
+        return text
+    if text.startswith(AUTO + ":"):
+        reference = text[len(AUTO) + 1:].strip()
+        try:
+            if not float(reference) > 0:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{text!r}: auto:<reference> needs a positive number, as auto:64") from None
+        return f"{AUTO}:{float(reference):g}"
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{text!r}: an integer, auto or auto:<reference value> expected") from None
+
+
+def auto_reference(rule: AutoRule, value: object) -> float:
+    """The reference value a bare or ``auto:<r>`` value scales (a hand-set value: the rule's first)."""
+    if isinstance(value, str) and value.startswith(AUTO + ":"):
+        return float(value[len(AUTO) + 1:])
+    return rule.references[0]
+
+
+def with_references(cfg):
+    """``cfg`` with each ``auto`` value replaced by its reference value, for the checks made before the data is
+    known (the value the data gives is checked again where it is resolved)."""
+    section = next((name for name, cls in STAGE_CONFIGS.items() if isinstance(cfg, cls)), None)
+    rules = AUTO_KNOBS.get(section, {})
+    found = {k: int(auto_reference(r, getattr(cfg, k))) for k, r in rules.items() if is_auto(getattr(cfg, k))}
+    return dataclasses.replace(cfg, **found) if found else cfg
+
+
 CHOICES = {
     ("DatasetConfig", "kind"): ("synthetic", "voc"),
     ("DatasetConfig", "image_labels_from"): ("xml", "mask"),
@@ -599,7 +666,8 @@ def check_ranges(cfg: object) -> None:
 
 
 def validate(cfg: object) -> None:
-    """Reject values a stage cannot use, naming the key."""
+    """Reject values a stage cannot use, naming the key (an ``auto`` value as its reference value)."""
+    cfg = with_references(cfg)
     name = type(cfg).__name__
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)

@@ -148,12 +148,16 @@ def test_psa_seam_family_runs_end_to_end(luigi_config):
                                    ("TrainAffinity", "backbone", "resnet38_mini"), ("TrainAffinity", "radius", 5),
                                    ("TrainAffinity", "crop_size", 96), ("TrainAffinity", "scale_range", "[1, 1]"),
                                    ("Propagate", "propagation", "rw_psa"), ("Propagate", "beta", 8),
-                                   ("Propagate", "steps", 64), ("Propagate", "alpha", 6)]:
+                                   ("Propagate", "steps", "auto:64"), ("Propagate", "alpha", 6)]:
         luigi_config(section, option, value)
     result = run_luigi(FullWSSS())
     assert result.status == luigi.LuigiStatusCode.SUCCESS, result.summary_text
     manifest = json.loads((PrepareDataset().stage_dir / "manifest.json").read_text())
     check_pseudo_label_chain(manifest)
+    # SEAM's t = 64 on VOC's grid, fitted to the tiny 80x64 images: 64 x 320 / 11750 = 1.7 -> 2 steps
+    fitted = json.loads((Propagate().stage_dir / "provenance.json").read_text())["fitted"]
+    assert fitted["knobs"]["steps"]["value"] == 2 and "auto:64" == fitted["knobs"]["steps"]["set"]
+    assert "stages.auto" in Propagate().code_modules
     seeds = shard_store(ExtractSeeds().stage_dir)
     some = manifest["splits"]["train"][0]
     la_ha = seeds.read(some, ["la", "ha"])[0]

@@ -469,3 +469,21 @@ def test_the_title_names_the_dataset(dataset, root, title):
     from stages.report.build import dataset_name
 
     assert dataset_name(dataset, SimpleNamespace(root=Path(root))) == title
+
+
+def test_fitted_knobs_and_scale_warnings_are_shown(tmp_path):
+    inputs = make_inputs()
+    write_report(inputs, tmp_path / "none")
+    assert "fitted to the data" not in (tmp_path / "none" / "report.html").read_text()
+    inputs.provenance["Propagate"] = {
+        "stage": "Propagate", "key": "p-1", "seconds": 1.0,
+        "fitted": {"knobs": {"steps": {"value": 32, "set": "auto", "rule": "256 steps x grid area 4800 / 11750"}},
+                   "warnings": ["Propagate.gcn_walk_steps = 4 is 8x below what `auto` chooses"]}}
+    write_report(inputs, tmp_path / "fitted")
+    _, reader = read_html(tmp_path / "fitted" / "report.html")
+    table = next(t for t in reader.tables if t and t[0][:2] == ["stage", "knob"])
+    assert table[1] == ["Propagate", "steps", "auto", "32", "256 steps x grid area 4800 / 11750"]
+    html = (tmp_path / "fitted" / "report.html").read_text()
+    assert 'class="flag">Propagate: Propagate.gcn_walk_steps = 4 is 8x below' in html
+    markdown = (tmp_path / "fitted" / "report.md").read_text()
+    assert "| Propagate | steps | auto | 32 |" in markdown and "gcn_walk_steps = 4 is 8x below" in markdown

@@ -538,6 +538,21 @@ def _not_run(inputs: ReportInputs) -> list[str]:
     return missing
 
 
+FITTED_HEADER = ["stage", "knob", "set", "value", "rule"]
+
+
+def fitted_rows(provenance: dict[str, dict]) -> list[list[str]]:
+    """The knobs each stage resolved from ``auto`` (stages/auto.py), from the stages' provenance."""
+    return [[str(p.get("stage", name)), knob, str(r.get("set", "auto")), str(r.get("value")), str(r.get("rule", ""))]
+            for name, p in provenance.items() for knob, r in (p.get("fitted") or {}).get("knobs", {}).items()]
+
+
+def scale_warnings(provenance: dict[str, dict]) -> list[str]:
+    """Hand-set scale-dependent knobs far from what ``auto`` would choose for this data."""
+    return [f"{p.get('stage', name)}: {w}" for name, p in provenance.items()
+            for w in (p.get("fitted") or {}).get("warnings", [])]
+
+
 def stage_seconds(provenance: dict) -> float:
     """A stage's compute time: its own run plus, for a sharded stage, its shards' (summed over the shards: the
     run's ``seconds`` is then the join alone)."""
@@ -1010,6 +1025,7 @@ def _render_html(inputs: ReportInputs, names: list[str], palette: np.ndarray, fi
                "and the ceiling on val; one dataset-level confusion matrix, background included, GT 255 ignored.</p>")
     if inputs.cooccurrence is not None and inputs.cooccurrence.flagged:
         out.append(f'<p class="flag">{_esc(cooccurrence_flag_line(inputs.cooccurrence))}</p>')
+    out.extend(f'<p class="flag">{_esc(warning)}</p>' for warning in scale_warnings(inputs.provenance))
     if optional["methods"]:  # the main chain alone is the headline table again
         heading("methods")
         out.append(f"<p>{_esc(COMPARISON_NOTE)}</p>")
@@ -1103,6 +1119,10 @@ def _render_html(inputs: ReportInputs, names: list[str], palette: np.ndarray, fi
             out.append("</details>")
     else:
         out.append(_not_run_line("No configuration was given."))
+    fitted = fitted_rows(inputs.provenance)
+    if fitted:
+        out.append("<h3>Knobs fitted to the data (<code>auto</code>)</h3>")
+        out.append(_table(FITTED_HEADER, fitted, numeric=[False, False, False, True, False]))
 
     heading("provenance")
     if inputs.provenance:
@@ -1148,6 +1168,7 @@ def _render_markdown(inputs: ReportInputs, names: list[str], compute_seconds: fl
     lines += _md_table(["stage", "mIoU (%)", "details"], headline_rows(inputs), numeric=[False, True, False])
     if inputs.cooccurrence is not None:
         lines += ["", _md(cooccurrence_flag_line(inputs.cooccurrence))]
+    lines += [f"\n**{_md(warning)}**" for warning in scale_warnings(inputs.provenance)]
     if len(inputs.comparison) > 1:
         lines += ["", "## Propagation methods compared", "", COMPARISON_NOTE, ""]
         lines += _md_table(COMPARISON_HEADER, comparison_rows(inputs), numeric=COMPARISON_NUMERIC)
@@ -1179,6 +1200,9 @@ def _render_markdown(inputs: ReportInputs, names: list[str], compute_seconds: fl
         lines.append(f"- **[{_md(section)}]** " + ", ".join(f"`{k} = {format_value(v)}`" for k, v in knobs.items()))
     if not inputs.config:
         lines.append("No configuration was given.")
+    if fitted_rows(inputs.provenance):
+        lines += ["", "Knobs fitted to the data (`auto`):", ""]
+        lines += _md_table(FITTED_HEADER, fitted_rows(inputs.provenance), numeric=[False, False, False, True])
     notes = [*map(str, inputs.notes)]
     not_run = _not_run(inputs)
     if not_run:

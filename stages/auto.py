@@ -1,0 +1,125 @@
+"""Knobs fitted to the data: the ``auto`` values of scale-dependent knobs, derived from the dataset.
+
+A knob listed in :data:`stages.config.AUTO_KNOBS` takes ``auto`` (or ``auto:<reference value>``) in a preset;
+the stage resolves it when it runs, from the training images' median size, by the knob's rule, and records
+the value and the rule in its provenance. The key holds ``auto`` itself: the dataset's content is already in
+every key, so one dataset resolves one way, and an edit of this module changes the keys of the stages that
+resolve here (it is part of their code).
+
+Walk lengths (``Propagate.steps``, ``gcn_walk_steps``, ``a2gnn_rw_logt``). A random walk of t steps spreads
+over an area that grows linearly with t (the mean squared distance of a diffusion is linear in the number of
+steps), so the walk reaches the same fraction of the image on a grid of another size when t scales with the
+grid's area: t = t_ref x A / A_ref, A the median grid area ceil(h/s) x ceil(w/s) of the training images at the
+walk's stride s and A_ref that of the reference's data (VOC's median image, 500 x 375). The references' walk
+lengths are powers of two (T^t by repeated squaring: IRN and PSA t = 2^8, A2GNN 2^6), so t is rounded to the
+nearest power of two in log2, and never below 1 step. On the ``demo`` profile (144 x 112) this gives the
+values its presets were tuned to by hand (16, 16 and 2^2; SEAM's 64 -> 4).
+
+A value fixed by hand at least :data:`WARN_FACTOR` times off what ``auto`` would choose for this data from each
+of the rule's references (``steps``: IRN's and PSA's 256 and SEAM's 64) is a preset sized for other images:
+:func:`fit_knobs` returns a warning naming the knob, the stage logs it, and the report lists it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from stages.config import AUTO_KNOBS, STAGE_CONFIGS, AutoRule, auto_reference, is_auto
+
+REFERENCE_IMAGE = (375, 500)       # (height, width) of VOC 2012's median train_aug image
+WARN_FACTOR = 4.0                  # a hand-set walk length this many times off auto's choice draws a warning
+
+
+@dataclass(frozen=True)
+class DatasetScale:
+    """What the ``auto`` rules read of a dataset: the median training image size and the image count."""
+
+    height: int
+    width: int
+    images: int
+
+    def grid_area(self, stride: int) -> int:
+        return math.ceil(self.height / stride) * math.ceil(self.width / stride)
+
+
+@functools.lru_cache(maxsize=8)
+def _median_size(paths: tuple[Path, ...]) -> tuple[int, int]:
+    sizes = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:      # reads the header only
+                width, height = image.size
+        except OSError as err:
+            raise ValueError(f"{path}: cannot read the image's size ({err})") from None
+        sizes.append((height, width))
+    if not sizes:
+        raise ValueError("no training images to measure the dataset's scale on")
+    heights, widths = sorted(h for h, _ in sizes), sorted(w for _, w in sizes)
+    middle = len(sizes) // 2
+    return heights[middle], widths[middle]
+
+
+def dataset_scale(manifest) -> DatasetScale:
+    """The median height and width (each on its own) of ``manifest``'s training images, and their count."""
+    ids = manifest.splits["train"]
+    height, width = _median_size(tuple(manifest.layout.image_path(i) for i in ids))
+    return DatasetScale(height, width, len(ids))
+
+
+def reference_scale() -> DatasetScale:
+    return DatasetScale(*REFERENCE_IMAGE, images=10582)
+
+
+def walk_length(rule: AutoRule, reference: float, scale: DatasetScale) -> tuple[int, str]:
+    """The rule's value for ``scale`` from ``reference`` and the arithmetic that gave it, in words."""
+    area, reference_area = scale.grid_area(rule.stride), reference_scale().grid_area(rule.stride)
+    steps = _steps(rule, reference) * area / reference_area
+    log2 = max(0, round(math.log2(max(steps, 1.0))))
+    value = log2 if rule.log2 else 2 ** log2
+    shown = f"2^{reference:g}" if rule.log2 else f"{reference:g}"
+    return value, (f"{shown} steps x grid area {area} / {reference_area} (stride {rule.stride}; median image "
+                   f"{scale.height}x{scale.width}, VOC's {REFERENCE_IMAGE[0]}x{REFERENCE_IMAGE[1]}) = {steps:.3g}, "
+                   f"nearest power of two 2^{log2}")
+
+
+def _steps(rule: AutoRule, value: float) -> float:
+    return 2 ** value if rule.log2 else value
+
+
+def fit_knobs(cfg, scale: DatasetScale) -> tuple[object, dict, list[str]]:
+    """``cfg`` with its ``auto`` knobs resolved for ``scale``; the record of each (value, rule) and the warnings
+    for hand-set values far from auto's choice. A knob this configuration does not read (another method's walk)
+    is left as it is and draws no warning."""
+    section = next(name for name, cls in STAGE_CONFIGS.items() if isinstance(cfg, cls))
+    resolved, record, warnings = {}, {}, []
+    for knob, rule in AUTO_KNOBS.get(section, {}).items():
+        if not rule.is_read(cfg):
+            continue
+        value = getattr(cfg, knob)
+        if is_auto(value):
+            chosen, why = walk_length(rule, auto_reference(rule, value), scale)
+            resolved[knob] = chosen
+            record[knob] = {"value": chosen, "set": str(value), "rule": why}
+        elif warning := far_from_auto(section, knob, rule, value, scale):
+            warnings.append(warning)
+    return dataclasses.replace(cfg, **resolved), record, warnings
+
+
+def far_from_auto(section: str, knob: str, rule: AutoRule, value: float, scale: DatasetScale) -> str | None:
+    """A warning when hand-set ``value`` is at least WARN_FACTOR times off what ``auto`` chooses from every
+    reference of the rule (a value one paper uses at this scale, SEAM's t = 64 as IRN's 256, is not flagged)."""
+    choices = [walk_length(rule, reference, scale) for reference in rule.references]
+    factors = [_steps(rule, value) / _steps(rule, chosen) for chosen, _ in choices]
+    nearest = min(range(len(choices)), key=lambda i: abs(math.log(factors[i])))
+    factor = factors[nearest]
+    if max(factor, 1 / factor) < WARN_FACTOR:
+        return None
+    chosen, why = choices[nearest]
+    return (f"{section}.{knob} = {value:g} is {max(factor, 1 / factor):.0f}x {'above' if factor > 1 else 'below'} "
+            f"what `auto` chooses for this data ({chosen}: {why}); the preset may be sized for other images")
