@@ -15,7 +15,7 @@ from stages.auto import DatasetScale, fit_knobs
 from stages.config import AUTO_KNOBS, PropagateConfig, parse_auto, validate
 from tests.conftest import run_luigi
 
-DEMO = DatasetScale(112, 144, 640)
+DEMO = DatasetScale(PROFILES["demo"].height, PROFILES["demo"].width, PROFILES["demo"].n_train)
 VOC = DatasetScale(375, 500, 10582)
 
 

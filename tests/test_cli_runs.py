@@ -59,7 +59,7 @@ def test_every_knob_has_help_from_the_comments_beside_it():
         assert [name for name, text in docs[section].items() if not text.strip()] == [], section
     assert docs["EvalCAM"]["sweep"] == "start, stop (inclusive), step"                      # trailing comment
     assert docs["PrepareDataset"]["max_pixels"].startswith("Larger images are refused")     # the block above
-    assert docs["Propagate"]["gcn_walk_steps"].endswith("(configs/demo.cfg explains 16 there)")   # continued
+    assert docs["TrainSegmentation"]["model"].endswith("DeepLab-v3 + DDD's learned grid CRF)")   # continued
     assert docs["TrainCAM"]["seam_ecr_top"].startswith("SEAM only")   # a block ending in ':' heads its group...
     assert "SEAM" not in docs["TrainCAM"]["seed"]                      # ... up to the next block
 

@@ -11,7 +11,7 @@ import pytest
 from luigi.configuration import LuigiConfigParser
 
 from pipeline import cli, presets
-from stages.config import all_knobs
+from stages.config import AUTO_KNOBS, all_knobs, parse_auto
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "configs" / "demo.cfg"
@@ -28,8 +28,9 @@ DEMO_VALUES: dict[str, dict[str, object]] = {
     "EvalCAM": {"bg_threshold": 0.15},
     "ExtractSeeds": {"seed_method": "irn", "fg_threshold": 0.30, "bg_threshold": 0.05},
     "TrainAffinity": {"affinity_method": "irnet", "backbone": "resnet_mini", "init_from_cam": True, "num_epochs": 15},
-    "Propagate": {"propagation": "rw_irn", "beta": 10.0, "steps": 16, "radius": 5, "bg_threshold": 0.25,
-                  "gcn_walk_steps": 16, "a2gnn_rw_logt": 2},
+    # auto: fitted to the demo's images when Propagate runs, 16, 16 and 2 as before (tests/test_auto_knobs.py)
+    "Propagate": {"propagation": "rw_irn", "beta": 10.0, "steps": "auto", "radius": 5, "bg_threshold": 0.25,
+                  "gcn_walk_steps": "auto", "a2gnn_rw_logt": "auto"},
     "EvalPseudoLabels": {"pred_ignore": "background"},
     "RefineCRF": {"preset": "a2gnn_final"},
     "TrainSeedNet": {"backbone": "resnet_mini", "pretrained": "synthetic"},
@@ -59,8 +60,11 @@ CHAINS = {
 Values = dict[tuple[str, str], object]
 
 
-def typed(default: object, text: str) -> object:
-    """A config text as the task parameter made from ``default`` parses it (pipeline.framework)."""
+def typed(default: object, text: str, auto: bool = False) -> object:
+    """A config text as the task parameter made from ``default`` parses it (pipeline.framework); ``auto``: a knob
+    of stages.config.AUTO_KNOBS."""
+    if auto:
+        return parse_auto(text)
     if isinstance(default, bool):
         return luigi.BoolParameter(parsing=luigi.BoolParameter.EXPLICIT_PARSING).parse(text)
     if isinstance(default, int):
@@ -79,7 +83,8 @@ def values_in_force() -> Values:
     for section, knobs in all_knobs().items():
         for name, default in knobs.items():
             text, source = table[section][name]
-            values[section, name] = default if source == "default" else typed(default, str(text))
+            auto = name in AUTO_KNOBS.get(section, {})
+            values[section, name] = default if source == "default" else typed(default, str(text), auto)
     return values
 
 
@@ -204,7 +209,7 @@ def test_a_runtime_layer_gets_the_demo_and_a_preset_without_base_does_not(load, 
     layer = tmp_path / "layer.cfg"
     layer.write_text("[wsss]\nwork_dir = /scratch/work\n")
     load(layer, tmp_path)
-    assert values_in_force()["Propagate", "steps"] == 16
+    assert values_in_force()["Propagate", "steps"] == "auto"
     own = tmp_path / "own.cfg"
     own.write_text("[TrainCAM]\nnum_epochs = 5\n")
     load(own, tmp_path)
