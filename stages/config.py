@@ -342,6 +342,9 @@ class TrainSegmentationConfig:
     crop_size: int = 112                      # deeplab-pytorch: 321
     scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)   # random rescale before the crop, one per image
     eval_every: int = 1                       # epochs between val mIoU rows in log.csv (0 = only at the end)
+    # training images scored against their training labels beside each val score (train_miou in log.csv): a
+    # train mIoU still near val's and rising is an under-trained net, a high one over a low val a hard dataset
+    train_eval_images: int = 100
     checkpoint_every: int = 100               # iterations between resume checkpoints
     seed: int = 0                             # seeds the initial weights, the image order and the augmentation
 

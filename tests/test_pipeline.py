@@ -108,7 +108,9 @@ def check_segmentation_and_report(manifest: dict, work: Path) -> None:
     for trained in (pseudo, ceiling):
         assert (trained.stage_dir / "model.pt").is_file()
         header = (trained.stage_dir / "log.csv").read_text().splitlines()[0]
-        assert header == "epoch,iteration,loss,lr,val_miou,seconds"
+        assert header == "epoch,iteration,loss,lr,val_miou,train_miou,seconds"
+        final = json.loads((trained.stage_dir / "provenance.json").read_text())["metrics"]
+        assert 0 <= final["train_miou"] <= 1 and 0 <= final["val_miou"] <= 1
     assert "pseudo_labels" in json.loads((pseudo.stage_dir / "provenance.json").read_text())["inputs"]
     assert "pseudo_labels" not in json.loads((ceiling.stage_dir / "provenance.json").read_text())["inputs"]
     for evaluated in (EvalSegmentation(), EvalSegmentation(labels="gt")):

@@ -49,6 +49,7 @@ def training_rows(rng: np.random.Generator, epochs: int, steps: int) -> list[dic
                          "loss": float(2.0 / epoch + rng.uniform(0, 0.1)), "lr": 0.01,
                          # CSV rows without evaluation carry an empty cell
                          "val_miou": float(rng.uniform(0.3, 0.7)) if last else "",
+                         "train_miou": float(rng.uniform(0.6, 0.9)) if last else "",
                          "seconds": float(epoch * steps + step)})
     return rows
 
@@ -455,8 +456,25 @@ def test_every_trained_stage_gets_a_training_curve(tmp_path):
                               "DeepLab on pseudo labels": training_rows(rng, 3, 4)}
     summary = write_report(inputs, tmp_path)
     _, reader = read_html(tmp_path / "report.html")
-    assert [row[0] for row in table_starting(reader, "run")[1:]] == list(inputs.training_curves)
+    table = table_starting(reader, "run")
+    assert [row[0] for row in table[1:]] == list(inputs.training_curves)
     assert {"training_losses.png", "training_validation.png"} <= set(summary["figures"])
+    last = inputs.training_curves["DeepLab on pseudo labels"][-1]
+    assert table[-1][5:7] == [f"{100 * last['val_miou']:.1f}", f"{100 * last['train_miou']:.1f}"]
+    assert table[1][5:7] == ["-", "-"]                       # no val, no train score: the pretraining
+
+
+def test_the_headline_gives_each_deeplabs_train_and_val_fit(tmp_path):
+    rng = np.random.default_rng(6)
+    inputs = make_inputs()
+    inputs.training_curves = {"DeepLab on GT (ceiling)": training_rows(rng, 2, 3)}
+    write_report(inputs, tmp_path)
+    _, reader = read_html(tmp_path / "report.html")
+    rows = {row[0]: row for row in table_starting(reader, "stage")[1:]}
+    last = inputs.training_curves["DeepLab on GT (ceiling)"][-1]
+    assert f"train {100 * last['train_miou']:.1f} (its training labels), val {100 * last['val_miou']:.1f}" in \
+        rows["Fully supervised ceiling"][2]
+    assert "train" not in rows["DeepLab on val"][2]            # its run logged nothing here
 
 
 @pytest.mark.parametrize(("dataset", "root", "title"), [

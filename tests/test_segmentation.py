@@ -173,7 +173,8 @@ def test_trains_logs_and_resumes_exactly_after_a_kill(tiny_manifest, tmp_path, o
     straight = train_segmentation(TINY, tiny_manifest, _gt(tiny_manifest), tmp_path / "a", torch.device("cpu"))
     assert straight["iterations"] == 6 and np.isfinite(straight["final_loss"])
     rows = (tmp_path / "a" / "log.csv").read_text().splitlines()
-    assert rows[0] == "epoch,iteration,loss,lr,val_miou,seconds" and len(rows) == 1 + 6 // (24 // 4)
+    assert rows[0] == "epoch,iteration,loss,lr,val_miou,train_miou,seconds" and len(rows) == 1 + 6 // (24 // 4)
+    assert 0 <= straight["train_miou"] <= 1 and rows[-1].split(",")[5] != ""
 
     resume = tmp_path / "resume"
     killed = train_segmentation(TINY, tiny_manifest, _gt(tiny_manifest), tmp_path / "b", torch.device("cpu"),
@@ -244,3 +245,14 @@ def test_amp_channels_last_step_on_cuda_follows_float32(cuda_device):
         grads.append(torch.cat([p.grad.flatten().float() for p in net.parameters() if p.grad is not None]))
     assert math.isfinite(losses[1]) and losses[1] == pytest.approx(losses[0], rel=0.05)
     assert float(torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0)) > 0.95
+
+
+def test_train_miou_scores_the_training_labels_it_is_given(tiny_manifest, one_thread):
+    from stages.segmentation.model import build_model, evaluate_model, predict_probs
+    torch.manual_seed(0)
+    model = build_model(TINY, tiny_manifest.label_space.num_classes, pretrained=False).eval()
+    ids = tiny_manifest.splits["train"][:4]
+    own = {i: predict_probs(model, tiny_manifest.layout.read_image(i), torch.device("cpu")).argmax(0) for i in ids}
+    cpu = torch.device("cpu")
+    assert evaluate_model(model, tiny_manifest, ids, cpu, labels=lambda i, shape: own[i]) == pytest.approx(1.0)
+    assert evaluate_model(model, tiny_manifest, ids, cpu) < 0.9      # against GT, a random net scores low

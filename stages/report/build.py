@@ -20,10 +20,10 @@ from data.manifest import Manifest
 from data.parts import PartLayout
 from stages.config import EvalSegmentationConfig, ReportConfig, TrainSegmentationConfig, validate
 from stages.report.cooccurrence import measure_cooccurrence
+from stages.report.html import CEILING_RUN, DEEPLAB_RUN
 
 # The two DeepLab runs by what they learn from; every other trained stage by its stage name.
-TRAINING_RUN_NAMES = {"TrainSegmentation": "DeepLab on pseudo labels",
-                      "TrainSegmentation-gt": "DeepLab on GT (ceiling)"}
+TRAINING_RUN_NAMES = {"TrainSegmentation": DEEPLAB_RUN, "TrainSegmentation-gt": CEILING_RUN}
 
 
 def dataset_name(dataset: dict, manifest: Manifest) -> str:

@@ -41,6 +41,8 @@ PANEL_TITLES = {
 }
 LABEL_PANELS = ("seeds", "pseudo", "crf", "prediction", "gt")
 
+DEEPLAB_RUN, CEILING_RUN = "DeepLab on pseudo labels", "DeepLab on GT (ceiling)"   # their training curves' names
+
 SECTIONS = (
     ("headline", "Headline results"), ("methods", "Propagation methods compared"),
     ("parts", "Part segmentation (GMNet)"),
@@ -276,6 +278,17 @@ def _seg_details(metrics: dict) -> str:
     return ", ".join(parts)
 
 
+def final_fit(rows: list[dict]) -> str:
+    """The last training-log row's train and val mIoU (single scale): how well the net fits its own training
+    labels against val, which tells an under-trained net (both low) from a hard dataset (train high)."""
+    last = rows[-1] if rows else {}
+    train, val = _as_float(last.get("train_miou")), _as_float(last.get("val_miou"))
+    if not math.isfinite(train):
+        return ""
+    val_text = f", val {100 * val:.1f}" if math.isfinite(val) else ""
+    return f"end of training, single scale: train {100 * train:.1f} (its training labels){val_text}"
+
+
 def headline_rows(inputs: ReportInputs) -> list[tuple[str, str, str]]:
     """(stage, value, details) rows of the headline table, already formatted."""
     cam = inputs.cam_metrics or {}
@@ -295,10 +308,13 @@ def headline_rows(inputs: ReportInputs) -> list[tuple[str, str, str]]:
     refined = inputs.refined_metrics
     rows.append(("Pseudo labels (after CRF)", format_percent(refined.get("miou")) if refined else "-",
                  eval_note if refined else "not run"))
-    for label, metrics in (("DeepLab on val", inputs.segmentation_metrics),
-                           ("Fully supervised ceiling", inputs.ceiling_metrics)):
-        rows.append((label, format_percent(metrics.get("miou")) if metrics else "-",
-                     _seg_details(metrics) if metrics else "not run"))
+    for label, metrics, run in (("DeepLab on val", inputs.segmentation_metrics, DEEPLAB_RUN),
+                                ("Fully supervised ceiling", inputs.ceiling_metrics, CEILING_RUN)):
+        details = _seg_details(metrics) if metrics else "not run"
+        fit = final_fit(inputs.training_curves.get(run, []))
+        if metrics and fit:
+            details += "; " + fit
+        rows.append((label, format_percent(metrics.get("miou")) if metrics else "-", details))
     ratio = _ratio((inputs.segmentation_metrics or {}).get("miou"), (inputs.ceiling_metrics or {}).get("miou"))
     if ratio is not None:
         rows.append(("DeepLab / ceiling", f"{100 * ratio:.1f}%",
@@ -645,6 +661,7 @@ class _Run:
     val_epoch: np.ndarray
     val_miou: np.ndarray
     seconds: float
+    train_miou: np.ndarray          # at the val rows (NaN where not scored)
 
 
 def _column(rows: list[dict], *keys: str) -> np.ndarray | None:
@@ -668,7 +685,9 @@ def _parse_run(name: str, rows: list[dict]) -> _Run:
     seconds = _column(rows, "seconds")
     # The logs' seconds are elapsed since the start of training: the run's wall time is the largest.
     wall = float(np.nanmax(seconds)) if seconds is not None and np.isfinite(seconds).any() else math.nan
-    return _Run(name, iteration, loss, epoch[has_val], val[has_val], wall)
+    train = _column(rows, "train_miou")
+    train = np.full(len(rows), np.nan) if train is None else train
+    return _Run(name, iteration, loss, epoch[has_val], val[has_val], wall, train[has_val])
 
 
 def _training_figure(runs: list[_Run]) -> bytes:
@@ -687,11 +706,16 @@ def _training_figure(runs: list[_Run]) -> bytes:
     axes[0].grid(alpha=0.3)
     if with_val:
         for i, run in enumerate(with_val):
+            colour = SERIES_COLOURS[i % len(SERIES_COLOURS)]
             axes[1].plot(run.val_epoch, 100 * run.val_miou, marker="o", ms=3, lw=1.2, label=_mpl(run.name),
-                         color=SERIES_COLOURS[i % len(SERIES_COLOURS)])
+                         color=colour)
+            scored = np.isfinite(run.train_miou)
+            if scored.any():
+                axes[1].plot(run.val_epoch[scored], 100 * run.train_miou[scored], ls="--", lw=1.0, color=colour,
+                             label=_mpl(f"{run.name}: train"))
         axes[1].set_xlabel("epoch")
         axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
-        axes[1].set_ylabel("val mIoU (%)")
+        axes[1].set_ylabel("mIoU (%): val, train dashed")
         axes[1].grid(alpha=0.3)
     if len(runs) > 1:
         axes[0].legend(fontsize=8)
@@ -1080,9 +1104,12 @@ def _render_html(inputs: ReportInputs, names: list[str], palette: np.ndarray, fi
                                  f"{finite_loss[-1]:.4f}" if finite_loss.size else "-",
                                  format_percent(run.val_miou[best]) if best is not None else "-",
                                  f"{run.val_epoch[best]:g}" if best is not None else "-",
+                                 format_percent(run.val_miou[-1]) if run.val_miou.size else "-",
+                                 format_percent(run.train_miou[-1]) if run.train_miou.size else "-",
                                  format_duration(run.seconds)])
-        out.append(_table(["run", "log rows", "final loss", "best val mIoU (%)", "at epoch", "wall time"],
-                          summary_rows, numeric=[False, True, True, True, True, True]))
+        out.append(_table(["run", "log rows", "final loss", "best val mIoU (%)", "at epoch", "final val mIoU (%)",
+                           "final train mIoU (%)", "wall time"],
+                          summary_rows, numeric=[False] + [True] * 7))
         png = figures.add("training_losses", _loss_grid_figure(runs))
         out.append(_figure(png, "training loss of every trained stage",
                            "Loss against optimiser step of every trained stage (its log.csv; the y axis is each "

@@ -6,7 +6,7 @@ evaluation both run this; :mod:`stages.segmentation.predict` adds what only the 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import cv2
@@ -91,16 +91,19 @@ def predict_probs(model: nn.Module, rgb: np.ndarray, device: torch.device, scale
     return (total / (len(scales) * (2 if flip else 1))).cpu().numpy()
 
 
-def evaluate_model(model: nn.Module, manifest: Manifest, ids: Sequence[str], device: torch.device) -> float:
-    """Single-scale val mIoU, for the training log."""
+def evaluate_model(model: nn.Module, manifest: Manifest, ids: Sequence[str], device: torch.device,
+                   labels: Callable[[str, tuple[int, int]], np.ndarray] | None = None) -> float:
+    """Single-scale mIoU of ``ids`` for the training log, against their GT or ``labels(id, (h, w))``."""
     space = manifest.label_space
     conf = np.zeros((space.num_classes, space.num_classes), np.int64)
     was_training = model.training
     model.eval()
     for image_id in ids:
-        pred = predict_probs(model, manifest.layout.read_image(image_id), device).argmax(0)
-        conf += confusion(manifest.layout.read_label(image_id, evaluation=True), pred, space.num_classes,
-                          space.ignore_index)
+        rgb = manifest.layout.read_image(image_id)
+        pred = predict_probs(model, rgb, device).argmax(0)
+        truth = (manifest.layout.read_label(image_id, evaluation=True) if labels is None
+                 else labels(image_id, rgb.shape[:2]))
+        conf += confusion(truth, pred, space.num_classes, space.ignore_index)
     model.train(was_training)
     return segmentation_scores(conf)["miou"]
 

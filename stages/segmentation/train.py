@@ -157,14 +157,18 @@ def train_segmentation(cfg: TrainSegmentationConfig, manifest: Manifest, labels:
         if iteration % per_epoch and iteration != cfg.iterations:
             return None
         epoch = math.ceil(iteration / per_epoch)
-        val = None
-        if cfg.eval_every and (epoch % cfg.eval_every == 0 or iteration == cfg.iterations):
+        val = train = None
+        if (cfg.eval_every and epoch % cfg.eval_every == 0) or iteration == cfg.iterations:
             val = evaluate_model(model, manifest, manifest.splits["val"], device)
+            if cfg.train_eval_images:
+                train = evaluate_model(model, manifest, ids[:cfg.train_eval_images], device, labels)
         loop.rows.append({"epoch": epoch, "iteration": iteration,
                           "loss": float(np.sum(window) / max(1, len(window) / cfg.accumulation)),
-                          "lr": optimizer.param_groups[0]["lr"], "val_miou": val, "seconds": loop.seconds()})
+                          "lr": optimizer.param_groups[0]["lr"], "val_miou": val, "train_miou": train,
+                          "seconds": loop.seconds()})
         loop.carry["window"] = []
         shown = f", val mIoU {100 * val:.1f}" if val is not None else ""
+        shown += f", train mIoU {100 * train:.1f}" if train is not None else ""
         return f"iteration {iteration}/{cfg.iterations} loss {loop.rows[-1]['loss']:.4f}{shown}"
 
     model.train()
@@ -177,6 +181,6 @@ def train_segmentation(cfg: TrainSegmentationConfig, manifest: Manifest, labels:
     with atomic_path(out_dir / MODEL_WEIGHTS) as tmp:
         torch.save(model.state_dict(), tmp)
     write_csv(out_dir / TRAINING_LOG, loop.rows)
-    final_val = next((r["val_miou"] for r in reversed(loop.rows) if r["val_miou"] is not None), None)
     return {"final_loss": loop.rows[-1]["loss"], "iterations": result.step, "resumed_from": result.resumed_from,
-            "images": len(ids), "val_miou": final_val, "seconds": result.seconds}
+            "images": len(ids), "val_miou": loop.rows[-1]["val_miou"], "train_miou": loop.rows[-1]["train_miou"],
+            "seconds": result.seconds}
