@@ -115,7 +115,7 @@ def pretraining_upstream(task: StageTask) -> dict[str, StageTask]:
 
 def with_weights_path(task: StageTask):
     """The task's config with ``pretrained = synthetic`` replaced by the pretrained weights' path."""
-    cfg = task.config
+    cfg = task.run_config
     if cfg.pretrained != C.SYNTHETIC_PRETRAINING:
         return cfg
     return dataclasses.replace(cfg, pretrained=str(task.input_dir("pretrained") / BACKBONE_WEIGHTS))

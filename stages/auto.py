@@ -15,8 +15,17 @@ lengths are powers of two (T^t by repeated squaring: IRN and PSA t = 2^8, A2GNN 
 nearest power of two in log2, and never below 1 step. On the ``demo`` profile (144 x 112) this gives the
 values its presets were tuned to by hand (16, 16 and 2^2; SEAM's 64 -> 4).
 
+Training lengths (``TrainSegmentation.iterations`` for both DeepLabs, the ceiling included,
+``TrainAffinity.num_epochs``, ``TrainSeedNet.iterations``). A net learns from the pixels it is shown, so the
+length is kept in passes over the training pixels: P = steps x batch x (pixels of the image one crop shows) /
+(images x pixels per image). On larger images a fixed crop shows less of each image and a fixed step count fewer
+passes; on fewer images a fixed epoch count gives fewer steps. ``auto`` uses the reference's P on VOC
+(deeplab-pytorch 10.4, IRN 3, DGCN 3.85); ``auto:<P>`` one's own (the demo presets keep the passes they were
+tuned to: on the demo's images they give the same 1,500 iterations and 15 epochs as before). Iterations are
+rounded to tens, epochs to integers.
+
 A value fixed by hand at least :data:`WARN_FACTOR` times off what ``auto`` would choose for this data from each
-of the rule's references (``steps``: IRN's and PSA's 256 and SEAM's 64) is a preset sized for other images:
+of the rule's references (``steps``: IRN's and PSA's 256 and SEAM's 64) is a preset sized for other data:
 :func:`fit_knobs` returns a warning naming the knob, the stage logs it, and the report lists it.
 """
 
@@ -92,6 +101,34 @@ def _steps(rule: AutoRule, value: float) -> float:
     return 2 ** value if rule.log2 else value
 
 
+def _pixels_per_sample(cfg, scale: DatasetScale) -> int:
+    """Image pixels one training sample shows: the crop, or the whole image where the crop is larger."""
+    crop = cfg.crop_size
+    return min(crop, scale.height) * min(crop, scale.width)
+
+
+def training_length(rule: AutoRule, passes: float, cfg, scale: DatasetScale) -> tuple[int, str]:
+    """The iterations (or epochs) that make ``passes`` passes over the training pixels, and why, in words."""
+    image, sample = scale.height * scale.width, _pixels_per_sample(cfg, scale)
+    where = (f"median image {scale.height}x{scale.width}, crop {cfg.crop_size}: {sample} of its {image} px per "
+             f"sample")
+    if rule.unit == "epochs":
+        exact = passes * image / sample
+        value = max(1, round(exact))
+        return value, f"{passes:g} passes over the training pixels ({where}) = {exact:.3g} epochs, rounded to {value}"
+    per_step = cfg.batch_size * getattr(cfg, "accumulation", 1) * sample
+    exact = passes * scale.images * image / per_step
+    value = max(rule.round_to, rule.round_to * round(exact / rule.round_to))
+    return value, (f"{passes:g} passes over the training pixels ({scale.images} images, {where}; "
+                   f"{per_step} px per step) = {exact:.4g} iterations, rounded to {value}")
+
+
+def fitted_value(rule: AutoRule, reference: float, cfg, scale: DatasetScale) -> tuple[int, str]:
+    if rule.kind == "passes":
+        return training_length(rule, reference, cfg, scale)
+    return walk_length(rule, reference, scale)
+
+
 def fit_knobs(cfg, scale: DatasetScale) -> tuple[object, dict, list[str]]:
     """``cfg`` with its ``auto`` knobs resolved for ``scale``; the record of each (value, rule) and the warnings
     for hand-set values far from auto's choice. A knob this configuration does not read (another method's walk)
@@ -103,18 +140,18 @@ def fit_knobs(cfg, scale: DatasetScale) -> tuple[object, dict, list[str]]:
             continue
         value = getattr(cfg, knob)
         if is_auto(value):
-            chosen, why = walk_length(rule, auto_reference(rule, value), scale)
+            chosen, why = fitted_value(rule, auto_reference(rule, value), cfg, scale)
             resolved[knob] = chosen
             record[knob] = {"value": chosen, "set": str(value), "rule": why}
-        elif warning := far_from_auto(section, knob, rule, value, scale):
+        elif warning := far_from_auto(section, knob, rule, value, cfg, scale):
             warnings.append(warning)
     return dataclasses.replace(cfg, **resolved), record, warnings
 
 
-def far_from_auto(section: str, knob: str, rule: AutoRule, value: float, scale: DatasetScale) -> str | None:
+def far_from_auto(section: str, knob: str, rule: AutoRule, value: float, cfg, scale: DatasetScale) -> str | None:
     """A warning when hand-set ``value`` is at least WARN_FACTOR times off what ``auto`` chooses from every
     reference of the rule (a value one paper uses at this scale, SEAM's t = 64 as IRN's 256, is not flagged)."""
-    choices = [walk_length(rule, reference, scale) for reference in rule.references]
+    choices = [fitted_value(rule, reference, cfg, scale) for reference in rule.references]
     factors = [_steps(rule, value) / _steps(rule, chosen) for chosen, _ in choices]
     nearest = min(range(len(choices)), key=lambda i: abs(math.log(factors[i])))
     factor = factors[nearest]
@@ -122,4 +159,4 @@ def far_from_auto(section: str, knob: str, rule: AutoRule, value: float, scale: 
         return None
     chosen, why = choices[nearest]
     return (f"{section}.{knob} = {value:g} is {max(factor, 1 / factor):.0f}x {'above' if factor > 1 else 'below'} "
-            f"what `auto` chooses for this data ({chosen}: {why}); the preset may be sized for other images")
+            f"what `auto` chooses for this data ({chosen}: {why}); the preset may be sized for other data")

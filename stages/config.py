@@ -525,14 +525,19 @@ STAGE_CONFIGS = {
 
 @dataclass(frozen=True)
 class AutoRule:
-    """How ``auto`` fits a walk length to the data (stages/auto.py): ``references`` are the papers' values on VOC
-    (the first scales a bare ``auto``; a hand-set value is compared with each), measured on the grid of
-    ``stride``; ``log2``: the knob holds log2 of the steps."""
+    """How ``auto`` fits a knob to the data (stages/auto.py). ``kind = walk``: a walk length scaled with the
+    grid area at ``stride`` (``log2``: the knob holds log2 of the steps); ``references`` are the papers' values on
+    VOC. ``kind = passes``: a training length (``iterations``, or ``epochs`` when ``unit`` says so) that makes
+    ``references`` passes over the training pixels (the first scales a bare ``auto``; a hand-set value is
+    compared with each); iterations are rounded to ``round_to``."""
 
     references: tuple[float, ...]
-    stride: int
+    stride: int = 4
     log2: bool = False
     read_when: tuple[str, tuple[str, ...]] | None = None   # (knob, its values under which this knob is read)
+    kind: str = "walk"
+    unit: str = "iterations"
+    round_to: int = 1
 
     def is_read(self, cfg: object) -> bool:
         return self.read_when is None or getattr(cfg, self.read_when[0]) in self.read_when[1]
@@ -546,6 +551,17 @@ AUTO_KNOBS: dict[str, dict[str, AutoRule]] = {
         "gcn_walk_steps": AutoRule((256,), 4, read_when=("propagation", ("gcn",))),        # WSGCN
         "a2gnn_rw_logt": AutoRule((6,), 8, log2=True, read_when=("propagation", ("a2gnn",))),  # A2GNN: 2^6, stride 8
     },
+    # Passes over the training pixels on VOC (train_aug, 10,582 images of median 500 x 375 = 187,500 px), from
+    # each reference's schedule: iterations x batch x the crop's pixels / (images x pixels per image).
+    # deeplab-pytorch: 20,000 x 10 x 321^2 / (10,582 x 187,500) = 10.4; the same rule for the ceiling. DDD's
+    # DeepLab-v3: 33,000 x 16 crops of 513^2, which hold the whole image: 49.9.
+    "TrainSegmentation": {"iterations": AutoRule((10.4, 49.9), kind="passes", round_to=10)},
+    # IRN: 3 epochs with 512 crops, which hold VOC's whole images: 3 passes. PSA/SEAM's AffinityNet: 8 x 448 x 448
+    # crops of 500 x 375 images (the crop holds 448 x 375 of them) = 7.2.
+    "TrainAffinity": {"num_epochs": AutoRule((3.0, 7.2), kind="passes", unit="epochs")},
+    # DGCN: 7 epochs of 321^2 crops = 7 x 103,041 / 187,500 = 3.85; DSRG: 8,000 x 20 x 321^2 / (10,582 x 187,500)
+    # = 8.3.
+    "TrainSeedNet": {"iterations": AutoRule((3.85, 8.3), kind="passes", round_to=10)},
 }
 AUTO = "auto"
 

@@ -10,37 +10,48 @@ import luigi
 import pytest
 
 from data.synthetic import PROFILES, write_dataset
-from pipeline.tasks import PrepareDataset, Propagate
+from pipeline.tasks import PrepareDataset, Propagate, TrainSegmentation
 from stages.auto import DatasetScale, fit_knobs
-from stages.config import AUTO_KNOBS, PropagateConfig, parse_auto, validate
+from stages.config import AUTO_KNOBS, STAGE_CONFIGS, PropagateConfig, parse_auto, validate
 from tests.conftest import run_luigi
 
 DEMO = DatasetScale(PROFILES["demo"].height, PROFILES["demo"].width, PROFILES["demo"].n_train)
 VOC = DatasetScale(375, 500, 10582)
 
 
-RULE_CASES = [
-    ("rw_irn", "steps", "auto", 16, 256, 64),          # the demo's hand-tuned 16; IRN's 256 on VOC
-    ("rw_psa", "steps", "auto:64", 4, 64, 16),         # SEAM's reference
-    ("gcn", "gcn_walk_steps", "auto", 16, 256, 64),
-    ("a2gnn", "a2gnn_rw_logt", "auto", 2, 6, 4),       # log2: 2^2 on the demo, A2GNN's 2^6 on VOC
+RULE_CASES = [   # section, its other knobs, the knob, its value, resolved on the demo, on VOC, at twice the demo's side
+    ("Propagate", {"propagation": "rw_irn"}, "steps", "auto", 16, 256, 64),      # the demo's 16; IRN's 256 on VOC
+    ("Propagate", {"propagation": "rw_psa"}, "steps", "auto:64", 4, 64, 16),     # SEAM's reference
+    ("Propagate", {"propagation": "gcn"}, "gcn_walk_steps", "auto", 16, 256, 64),
+    ("Propagate", {"propagation": "a2gnn"}, "a2gnn_rw_logt", "auto", 2, 6, 4),   # log2: 2^2 on the demo, A2GNN's 2^6
+    # 18.2 passes of 10 x 112^2 crops over 640 x 144 x 112 px = 1,498 -> 1,500; 4x the pixels -> 4x the steps
+    ("TrainSegmentation", {"freeze_bn": False}, "iterations", "auto:18.2", 1500, 287880, 5990),
+    # deeplab-pytorch's 10.4 passes at its own batch 5 x 2 and 321^2 crops: its 20,000 iterations on VOC (10.4 is
+    # rounded); crops that hold the demo's whole images see all of them at either size
+    ("TrainSegmentation", {"batch_size": 5, "accumulation": 2, "crop_size": 321, "freeze_bn": False}, "iterations",
+     "auto", 670, 20030, 670),
+    # IRN's 3 passes in epochs with 512 crops, which hold every image whole; 112 crops show 78% of a demo image
+    ("TrainAffinity", {"crop_size": 512, "batch_size": 32}, "num_epochs", "auto", 3, 3, 3),
+    ("TrainAffinity", {}, "num_epochs", "auto:11.7", 15, 175, 60),
+    ("TrainSeedNet", {}, "iterations", "auto:5.5", 450, 87000, 1810),
 ]
 
 
 def test_every_auto_knob_has_a_case_below():
-    assert {("Propagate", knob) for _, knob, *_ in RULE_CASES} == {
+    assert {(section, knob) for section, _, knob, *_ in RULE_CASES} == {
         (section, knob) for section, knobs in AUTO_KNOBS.items() for knob in knobs}
 
 
-@pytest.mark.parametrize("propagation, knob, set_to, demo, voc, double", RULE_CASES)
-def test_walk_lengths_scale_with_the_grid_area(propagation, knob, set_to, demo, voc, double):
-    cfg = PropagateConfig(propagation=propagation, **{knob: set_to})
+@pytest.mark.parametrize("section, others, knob, set_to, demo, voc, double", RULE_CASES)
+def test_each_rule_fits_the_data_s_scale(section, others, knob, set_to, demo, voc, double):
+    cfg = STAGE_CONFIGS[section](**others, **{knob: set_to})
     resolved = {}
     for name, scale in (("demo", DEMO), ("voc", VOC), ("double", DatasetScale(224, 288, 640))):
         fitted, record, warnings = fit_knobs(cfg, scale)
         resolved[name] = getattr(fitted, knob)
         assert record[knob]["value"] == resolved[name] and record[knob]["set"] == set_to
-        assert "grid area" in record[knob]["rule"] and not warnings
+        assert ("grid area" if section == "Propagate" else "passes over the training pixels") in record[knob]["rule"]
+        assert not warnings
         validate(fitted)
     assert resolved == {"demo": demo, "voc": voc, "double": double}
 
@@ -82,13 +93,19 @@ def test_data_of_two_sizes_resolve_differently_and_provenance_records_it(luigi_c
     tiny = PROFILES["tiny"]
     double = type(tiny)(**{**tiny.__dict__, "height": 2 * tiny.height, "width": 2 * tiny.width})
     luigi_config("Propagate", "steps", "auto")
-    records = {}
+    luigi_config("TrainSegmentation", "iterations", "auto:18.2")
+    records, iterations = {}, {}
     for name, profile in (("tiny", tiny), ("double", double)):
         prepared(luigi_config, write_dataset(tmp_path / name, profile, seed=0))
         task = Propagate()
         records[name] = task.provenance(time.time(), {})["fitted"]
         assert task.run_config.steps == records[name]["knobs"]["steps"]["value"]
         assert "stages.auto" in task.code_modules
+        deeplab = TrainSegmentation(labels="gt")
+        iterations[name] = deeplab.provenance(time.time(), {})["fitted"]["knobs"]["iterations"]["value"]
+        assert deeplab.run_config.iterations == iterations[name]
+    # the tiny images fit inside the 112-px crop: twice their side, 4x the pixels, 4x the iterations (to 10)
+    assert iterations["double"] == pytest.approx(4 * iterations["tiny"], abs=20)
     # 80x64 images: 256 x 320 / 11750 = 7.0 -> 8; twice the side: x4 the area -> 32
     assert records["tiny"]["knobs"]["steps"]["value"] == 8
     assert records["double"]["knobs"]["steps"]["value"] == 32

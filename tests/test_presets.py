@@ -3,6 +3,7 @@ value that differs from the code defaults is set by the preset or a base it name
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import luigi
@@ -10,8 +11,10 @@ import luigi.configuration
 import pytest
 from luigi.configuration import LuigiConfigParser
 
+from data.synthetic import PROFILES
 from pipeline import cli, presets
-from stages.config import AUTO_KNOBS, all_knobs, parse_auto
+from stages.auto import DatasetScale, fit_knobs
+from stages.config import AUTO_KNOBS, STAGE_CONFIGS, all_knobs, parse_auto
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "configs" / "demo.cfg"
@@ -27,7 +30,8 @@ DEMO_VALUES: dict[str, dict[str, object]] = {
     "MakeCAM": {"scales": (1.0, 0.5, 1.5, 2.0), "shard_size": 256},
     "EvalCAM": {"bg_threshold": 0.15},
     "ExtractSeeds": {"seed_method": "irn", "fg_threshold": 0.30, "bg_threshold": 0.05},
-    "TrainAffinity": {"affinity_method": "irnet", "backbone": "resnet_mini", "init_from_cam": True, "num_epochs": 15},
+    "TrainAffinity": {"affinity_method": "irnet", "backbone": "resnet_mini", "init_from_cam": True,
+                      "num_epochs": "auto:11.7"},
     # auto: fitted to the demo's images when Propagate runs, 16, 16 and 2 as before (tests/test_auto_knobs.py)
     "Propagate": {"propagation": "rw_irn", "beta": 10.0, "steps": "auto", "radius": 5, "bg_threshold": 0.25,
                   "gcn_walk_steps": "auto", "a2gnn_rw_logt": "auto"},
@@ -35,7 +39,7 @@ DEMO_VALUES: dict[str, dict[str, object]] = {
     "RefineCRF": {"preset": "a2gnn_final"},
     "TrainSeedNet": {"backbone": "resnet_mini", "pretrained": "synthetic"},
     "TrainSegmentation": {"model": "deeplabv2", "backbone": "resnet_mini", "pretrained": "synthetic",
-                          "iterations": 1500, "eval_every": 4},
+                          "iterations": "auto:18.2", "eval_every": 4},
     "EvalSegmentation": {"scales": (0.75, 1.0, 1.25), "flip": True, "crf": True},
 }
 
@@ -273,3 +277,37 @@ def test_config_prints_each_value_and_its_file(load, tmp_path, capsys):
     assert rows["gcn_walk_steps = 256"] == "configs/voc.cfg"
     assert rows["a2gnn_hidden = 256"] == "default"
     assert rows["task_failed = 30"] == "luigi.cfg"
+
+
+# The data each preset was written for: VOC's train_aug (median 500 x 375) and the embedded demo profile.
+WRITTEN_FOR = {"voc": DatasetScale(375, 500, 10582),
+               "demo": DatasetScale(PROFILES["demo"].height, PROFILES["demo"].width, PROFILES["demo"].n_train)}
+# What make demo ran before these knobs were `auto`: the demo's values resolve to them on the demo's data.
+DEMO_FITTED = {("Propagate", "steps"): 16, ("Propagate", "gcn_walk_steps"): 16, ("Propagate", "a2gnn_rw_logt"): 2,
+               ("TrainAffinity", "num_epochs"): 15, ("TrainSegmentation", "iterations"): 1500,
+               ("TrainSeedNet", "iterations"): 450}
+# each propagation method reads its own walk length: every one is resolved (and checked) under its method
+PROPAGATIONS = ("rw_irn", "gcn", "a2gnn")
+
+
+def fitted_sections(values: Values, scale: DatasetScale) -> tuple[dict, list[str]]:
+    """Every auto-capable section's knobs as ``auto`` resolves them on ``scale``, and the warnings."""
+    resolved, warnings = {}, []
+    for section, rules in AUTO_KNOBS.items():
+        cls = STAGE_CONFIGS[section]
+        cfg = cls(**{f.name: values[section, f.name] for f in dataclasses.fields(cls)})
+        variants = [dataclasses.replace(cfg, propagation=p) for p in PROPAGATIONS] if section == "Propagate" else [cfg]
+        for variant in variants:
+            fitted, _, found = fit_knobs(variant, scale)
+            resolved.update({(section, k): getattr(fitted, k) for k, rule in rules.items() if rule.is_read(variant)})
+            warnings += [w for w in found if w not in warnings]
+    return resolved, warnings
+
+
+@pytest.mark.parametrize("name", [_name(p) for p in PRESET_FILES if p.name.startswith(tuple(WRITTEN_FOR))])
+def test_no_preset_warns_about_scale_on_the_data_it_was_written_for(load, tmp_path, name):
+    load(REPO / name, tmp_path)
+    resolved, warnings = fitted_sections(values_in_force(), WRITTEN_FOR[Path(name).name.split("_")[0].split(".")[0]])
+    assert warnings == []
+    if name == "configs/demo.cfg":
+        assert resolved == DEMO_FITTED
