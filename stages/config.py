@@ -53,7 +53,7 @@ class DatasetConfig:
     """``[PrepareDataset]``: which images, labels and splits."""
 
     kind: str = "synthetic"       # synthetic | voc (any dataset in VOC layout)
-    profile: str = "demo"         # synthetic only: tiny | demo | large
+    profile: str = "demo"         # synthetic only: tiny | demo | double (2x the demo's side) | large
     seed: int = 0                 # synthetic only
     root: str = ""                # voc: dataset root holding JPEGImages/, Annotations/, ...
     label_space: str = ""         # JSON/YAML class list; "" = the 21 VOC classes (voc) or the embedded one
