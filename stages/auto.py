@@ -98,7 +98,20 @@ def walk_length(rule: AutoRule, reference: float, scale: DatasetScale) -> tuple[
 
 
 def _steps(rule: AutoRule, value: float) -> float:
+    """What a value amounts to, for comparing values: steps of a walk, a training length, a crop's area."""
+    if rule.kind == "crop":
+        return value * value
     return 2 ** value if rule.log2 else value
+
+
+def crop_side(rule: AutoRule, share: float, scale: DatasetScale) -> tuple[int, str]:
+    """The crop side whose square is ``share`` of the median image's pixels, rounded to ``round_to``, at most the
+    image's longer side."""
+    image = scale.height * scale.width
+    exact = math.sqrt(share * image)
+    side = min(max(rule.round_to, rule.round_to * round(exact / rule.round_to)), max(scale.height, scale.width))
+    return side, (f"a square of {share:g} x the median image's {scale.height}x{scale.width} = {image} px: "
+                  f"side {exact:.4g}, rounded to {side}")
 
 
 def _pixels_per_sample(cfg, scale: DatasetScale) -> int:
@@ -126,6 +139,8 @@ def training_length(rule: AutoRule, passes: float, cfg, scale: DatasetScale) -> 
 def fitted_value(rule: AutoRule, reference: float, cfg, scale: DatasetScale) -> tuple[int, str]:
     if rule.kind == "passes":
         return training_length(rule, reference, cfg, scale)
+    if rule.kind == "crop":
+        return crop_side(rule, reference, scale)
     return walk_length(rule, reference, scale)
 
 
@@ -134,18 +149,19 @@ def fit_knobs(cfg, scale: DatasetScale) -> tuple[object, dict, list[str]]:
     for hand-set values far from auto's choice. A knob this configuration does not read (another method's walk)
     is left as it is and draws no warning."""
     section = next(name for name, cls in STAGE_CONFIGS.items() if isinstance(cfg, cls))
-    resolved, record, warnings = {}, {}, []
+    record, warnings = {}, []
+    # in the table's order, each rule seeing the values resolved before it (a training length, the crop)
     for knob, rule in AUTO_KNOBS.get(section, {}).items():
         if not rule.is_read(cfg):
             continue
         value = getattr(cfg, knob)
         if is_auto(value):
             chosen, why = fitted_value(rule, auto_reference(rule, value), cfg, scale)
-            resolved[knob] = chosen
+            cfg = dataclasses.replace(cfg, **{knob: chosen})
             record[knob] = {"value": chosen, "set": str(value), "rule": why}
         elif warning := far_from_auto(section, knob, rule, value, cfg, scale):
             warnings.append(warning)
-    return dataclasses.replace(cfg, **resolved), record, warnings
+    return cfg, record, warnings
 
 
 def far_from_auto(section: str, knob: str, rule: AutoRule, value: float, cfg, scale: DatasetScale) -> str | None:

@@ -551,17 +551,23 @@ AUTO_KNOBS: dict[str, dict[str, AutoRule]] = {
         "gcn_walk_steps": AutoRule((256,), 4, read_when=("propagation", ("gcn",))),        # WSGCN
         "a2gnn_rw_logt": AutoRule((6,), 8, log2=True, read_when=("propagation", ("a2gnn",))),  # A2GNN: 2^6, stride 8
     },
-    # Passes over the training pixels on VOC (train_aug, 10,582 images of median 500 x 375 = 187,500 px), from
-    # each reference's schedule: iterations x batch x the crop's pixels / (images x pixels per image).
+    # Crops (kind crop): the square's share of the median training image, so a crop shows as much of an image on
+    # any data (VOC's median image 500 x 375 = 187,500 px): deeplab-pytorch, DGCN and DSRG 321^2 = 0.55, DDD 513^2
+    # = 1.40, IRN 512^2 = 1.40, PSA/SEAM 448^2 = 1.07. Resolved first: the training length below depends on it.
+    # Training lengths (kind passes): passes over the training pixels on VOC (train_aug, 10,582 images), from each
+    # reference's schedule: iterations x batch x the image pixels a crop shows / (images x pixels per image).
     # deeplab-pytorch: 20,000 x 10 x 321^2 / (10,582 x 187,500) = 10.4; the same rule for the ceiling. DDD's
     # DeepLab-v3: 33,000 x 16 crops of 513^2, which hold the whole image: 49.9.
-    "TrainSegmentation": {"iterations": AutoRule((10.4, 49.9), kind="passes", round_to=10)},
+    "TrainSegmentation": {"crop_size": AutoRule((0.55, 1.40), kind="crop", round_to=8),
+                          "iterations": AutoRule((10.4, 49.9), kind="passes", round_to=10)},
     # IRN: 3 epochs with 512 crops, which hold VOC's whole images: 3 passes. PSA/SEAM's AffinityNet: 8 x 448 x 448
     # crops of 500 x 375 images (the crop holds 448 x 375 of them) = 7.2.
-    "TrainAffinity": {"num_epochs": AutoRule((3.0, 7.2), kind="passes", unit="epochs")},
+    "TrainAffinity": {"crop_size": AutoRule((1.40, 1.07), kind="crop", round_to=8),
+                      "num_epochs": AutoRule((3.0, 7.2), kind="passes", unit="epochs")},
     # DGCN: 7 epochs of 321^2 crops = 7 x 103,041 / 187,500 = 3.85; DSRG: 8,000 x 20 x 321^2 / (10,582 x 187,500)
     # = 8.3.
-    "TrainSeedNet": {"iterations": AutoRule((3.85, 8.3), kind="passes", round_to=10)},
+    "TrainSeedNet": {"crop_size": AutoRule((0.55,), kind="crop", round_to=8),
+                     "iterations": AutoRule((3.85, 8.3), kind="passes", round_to=10)},
 }
 AUTO = "auto"
 

@@ -34,6 +34,11 @@ RULE_CASES = [   # section, its other knobs, the knob, its value, resolved on th
     ("TrainAffinity", {"crop_size": 512, "batch_size": 32}, "num_epochs", "auto", 3, 3, 3),
     ("TrainAffinity", {}, "num_epochs", "auto:11.7", 15, 175, 60),
     ("TrainSeedNet", {}, "iterations", "auto:5.5", 450, 87000, 1810),
+    # crops: the square's share of the median image (rounded to 8, at most the longer side); the demo's 112
+    ("TrainSegmentation", {"freeze_bn": False}, "crop_size", "auto:0.78", 112, 384, 224),
+    ("TrainSegmentation", {"freeze_bn": False}, "crop_size", "auto", 96, 320, 192),   # deeplab-pytorch's 321 share
+    ("TrainAffinity", {}, "crop_size", "auto", 144, 500, 288),      # IRN's 512: capped at the image's longer side
+    ("TrainSeedNet", {}, "crop_size", "auto:0.78", 112, 384, 224),
 ]
 
 
@@ -50,8 +55,9 @@ def test_each_rule_fits_the_data_s_scale(section, others, knob, set_to, demo, vo
         fitted, record, warnings = fit_knobs(cfg, scale)
         resolved[name] = getattr(fitted, knob)
         assert record[knob]["value"] == resolved[name] and record[knob]["set"] == set_to
-        assert ("grid area" if section == "Propagate" else "passes over the training pixels") in record[knob]["rule"]
-        assert not warnings
+        words = {"Propagate": "grid area"}.get(section, "a square of" if knob == "crop_size" else "passes over")
+        assert words in record[knob]["rule"]
+        assert not [w for w in warnings if w.startswith(f"{section}.{knob} ")]
         validate(fitted)
     assert resolved == {"demo": demo, "voc": voc, "double": double}
 

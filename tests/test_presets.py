@@ -31,15 +31,16 @@ DEMO_VALUES: dict[str, dict[str, object]] = {
     "EvalCAM": {"bg_threshold": 0.15},
     "ExtractSeeds": {"seed_method": "irn", "fg_threshold": 0.30, "bg_threshold": 0.05},
     "TrainAffinity": {"affinity_method": "irnet", "backbone": "resnet_mini", "init_from_cam": True,
-                      "num_epochs": "auto:11.7"},
+                      "num_epochs": "auto:11.7", "crop_size": "auto:0.78"},
     # auto: fitted to the demo's images when Propagate runs, 16, 16 and 2 as before (tests/test_auto_knobs.py)
     "Propagate": {"propagation": "rw_irn", "beta": 10.0, "steps": "auto", "radius": 5, "bg_threshold": 0.25,
                   "gcn_walk_steps": "auto", "a2gnn_rw_logt": "auto"},
     "EvalPseudoLabels": {"pred_ignore": "background"},
     "RefineCRF": {"preset": "a2gnn_final"},
-    "TrainSeedNet": {"backbone": "resnet_mini", "pretrained": "synthetic"},
+    "TrainSeedNet": {"backbone": "resnet_mini", "pretrained": "synthetic", "crop_size": "auto:0.78",
+                     "iterations": "auto:5.5"},
     "TrainSegmentation": {"model": "deeplabv2", "backbone": "resnet_mini", "pretrained": "synthetic",
-                          "iterations": "auto:18.2", "eval_every": 4},
+                          "iterations": "auto:18.2", "crop_size": "auto:0.78", "eval_every": 4},
     "EvalSegmentation": {"scales": (0.75, 1.0, 1.25), "flip": True, "crf": True},
 }
 
@@ -285,7 +286,8 @@ WRITTEN_FOR = {"voc": DatasetScale(375, 500, 10582),
 # What make demo ran before these knobs were `auto`: the demo's values resolve to them on the demo's data.
 DEMO_FITTED = {("Propagate", "steps"): 16, ("Propagate", "gcn_walk_steps"): 16, ("Propagate", "a2gnn_rw_logt"): 2,
                ("TrainAffinity", "num_epochs"): 15, ("TrainSegmentation", "iterations"): 1500,
-               ("TrainSeedNet", "iterations"): 450}
+               ("TrainSeedNet", "iterations"): 450, ("TrainAffinity", "crop_size"): 112,
+               ("TrainSegmentation", "crop_size"): 112, ("TrainSeedNet", "crop_size"): 112}
 # each propagation method reads its own walk length: every one is resolved (and checked) under its method
 PROPAGATIONS = ("rw_irn", "gcn", "a2gnn")
 
