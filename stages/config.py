@@ -603,11 +603,11 @@ def auto_reference(rule: AutoRule, value: object) -> float:
 
 
 def with_references(cfg):
-    """``cfg`` with each ``auto`` value replaced by its reference value, for the checks made before the data is
-    known (the value the data gives is checked again where it is resolved)."""
+    """``cfg`` with each ``auto`` value replaced by the knob's default, for the checks made before the data is
+    known (the value the data gives is checked where it is resolved, by the stage that runs with it)."""
     section = next((name for name, cls in STAGE_CONFIGS.items() if isinstance(cfg, cls)), None)
-    rules = AUTO_KNOBS.get(section, {})
-    found = {k: int(auto_reference(r, getattr(cfg, k))) for k, r in rules.items() if is_auto(getattr(cfg, k))}
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    found = {k: defaults[k] for k in AUTO_KNOBS.get(section, {}) if is_auto(getattr(cfg, k))}
     return dataclasses.replace(cfg, **found) if found else cfg
 
 
