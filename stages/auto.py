@@ -24,6 +24,11 @@ passes; on fewer images a fixed epoch count gives fewer steps. ``auto`` uses the
 tuned to: on the demo's images they give the same 1,500 iterations and 15 epochs as before). Iterations are
 rounded to tens, epochs to integers.
 
+Crops (``crop_size`` of the same three nets). The crop is the square whose area is a share of the median
+training image (deeplab-pytorch's, DGCN's and DSRG's 321 are 0.55 of VOC's 500 x 375, IRN's 512 the whole image),
+rounded to 8 and at most the image's longer side, so that a crop shows as much of an image on any data. A
+section's rules run in the table's order: the crop first, then the training length that counts its pixels.
+
 A value fixed by hand at least :data:`WARN_FACTOR` times off what ``auto`` would choose for this data from each
 of the rule's references (``steps``: IRN's and PSA's 256 and SEAM's 64) is a preset sized for other data:
 :func:`fit_knobs` returns a warning naming the knob, the stage logs it, and the report lists it.
@@ -42,7 +47,7 @@ from PIL import Image
 from stages.config import AUTO_KNOBS, STAGE_CONFIGS, AutoRule, auto_reference, is_auto
 
 REFERENCE_IMAGE = (375, 500)       # (height, width) of VOC 2012's median train_aug image
-WARN_FACTOR = 4.0                  # a hand-set walk length this many times off auto's choice draws a warning
+WARN_FACTOR = 4.0                  # a hand-set value this many times off auto's choice (crops: in area) warns
 
 
 @dataclass(frozen=True)
