@@ -175,7 +175,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     from stages.report.html import stage_seconds
 
     print(f"{'stage':<20} {'key':<18} {'seconds':>8}  metrics (seconds: a sharded stage's summed over its shards)")
-    footer = []
+    footer, fitted = [], []
     segmentation: dict[str, float] = {}
     for family, task in stage_graph().items():
         if not task.complete():
@@ -183,6 +183,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
             continue
         prov = read_json(task.stage_dir / PROVENANCE)
         metrics = prov.get("metrics", {})
+        fitted += fitted_lines(family, prov)
         shown = ", ".join(f"{k}={len(v) if isinstance(v, list) else _fmt(v)}" for k, v in metrics.items()
                           if not isinstance(v, dict))
         print(f"{family:<20} {task.key:<18} {stage_seconds(prov):>8.1f}  {shown}")
@@ -195,6 +196,9 @@ def cmd_summary(args: argparse.Namespace) -> int:
             footer.append(f"Chain mIoU: CAM {100 * chain['cam_miou']:.2f} -> seeds {100 * chain['seed_miou']:.2f} "
                           f"(on the {100 * chain['seed_labelled_fraction']:.1f}% labelled pixels) -> pseudo labels "
                           f"{100 * chain['pseudo_label_miou']:.2f} -> after the CRF {100 * chain['refined_miou']:.2f}")
+        if family in ("TrainSegmentation", "TrainSegmentation-gt") and metrics.get("train_miou") is not None:
+            footer.append(f"{family} at the end of training, single scale: train mIoU {100 * metrics['train_miou']:.2f}"
+                          f" on its training labels, val {100 * metrics['val_miou']:.2f}")
         if family in ("EvalSegmentation", "EvalSegmentation-gt"):
             who = "pseudo labels" if family == "EvalSegmentation" else "GT (fully supervised ceiling)"
             footer.append(f"DeepLab trained on {who}: val mIoU {100 * metrics['miou']:.2f} "
@@ -207,8 +211,17 @@ def cmd_summary(args: argparse.Namespace) -> int:
             footer += compared_methods(task.stage_dir / "report.md")
             footer += cooccurrence_flag(metrics)
             footer.append(f"Report: {task.stage_dir / 'report.html'}")
+    footer = fitted + footer
     print("\n" + "\n".join(footer) if footer else "")
     return 0
+
+
+def fitted_lines(family: str, provenance: dict) -> list[str]:
+    """A stage's ``auto`` knobs as resolved for the data, and its warnings for hand-set ones (stages/auto.py)."""
+    record = provenance.get("fitted") or {}
+    knobs = ", ".join(f"{knob} = {r['value']} ({r['set']})" for knob, r in record.get("knobs", {}).items())
+    return ([f"Fitted to the data: {family} {knobs}"] if knobs else []) + [
+        f"Warning: {family}: {w}" for w in record.get("warnings", [])]
 
 
 def compared_methods(report_md: Path) -> list[str]:

@@ -126,3 +126,14 @@ def test_a_hand_set_value_logs_the_warning_and_keeps_auto_out_of_the_key(luigi_c
     assert task.run_config.steps == 256 and "stages.auto" not in task.code_modules
     fitted = task.provenance(time.time(), {})["fitted"]
     assert fitted["knobs"] == {} and fitted["warnings"][0].startswith("Propagate.steps = 256 is 32x above")
+
+
+def test_summary_lists_the_fitted_knobs_and_the_warnings():
+    from pipeline.cli import fitted_lines
+    provenance = {"fitted": {"knobs": {"crop_size": {"value": 224, "set": "auto:0.78", "rule": "..."},
+                                       "iterations": {"value": 940, "set": "auto:18.2", "rule": "..."}},
+                             "warnings": ["TrainSegmentation.lr ..."]}}
+    assert fitted_lines("TrainSegmentation-gt", provenance) == [
+        "Fitted to the data: TrainSegmentation-gt crop_size = 224 (auto:0.78), iterations = 940 (auto:18.2)",
+        "Warning: TrainSegmentation-gt: TrainSegmentation.lr ..."]
+    assert fitted_lines("TrainCAM", {"metrics": {}}) == []
