@@ -208,6 +208,20 @@ def test_straight_through_takes_the_soft_gradient_even_where_the_prediction_miss
     assert grad_st.abs().max() < 1.0
 
 
+def test_the_column_normalisation_keeps_hard_values_and_bounds_the_soft_gradient():
+    """A soft Gram's column of a part the prediction nearly misses holds a few thousandths of a pixel: over a
+    1e-12 floor, 1 / norm would multiply its gradient by ~500 here (without bound as it shrinks)."""
+    from stages.parts.graph_matching import normalise_columns
+    adj = torch.zeros(3, 3, dtype=torch.float64)
+    adj[0, 2], adj[1, 2] = 1e-3, 2e-3
+    adj.requires_grad_(True)
+    (grad,) = torch.autograd.grad(normalise_columns(adj)[0, 2], adj)
+    assert grad.abs().max() <= 1.0
+    pred, y = random_maps(8)          # on pixel counts the floor of 1 changes nothing: the released value
+    assert graph_matching_maps(torch.from_numpy(pred), torch.from_numpy(y), 6, dtype=torch.float64).item() == \
+        pytest.approx(loop_reference(pred, y, 6), abs=1e-12)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", ["hard", "soft", "st"])
 def test_gm_loss_on_cuda_matches_cpu(mode, cuda_device):

@@ -104,7 +104,12 @@ def map_gram(y: Tensor, num_classes: int, dilation: int = 2, dtype: torch.dtype 
 
 
 def normalise_columns(adj: Tensor) -> Tensor:
-    return adj * torch.rsqrt((adj * adj).sum(0, keepdim=True).clamp_min(1e-12))
+    """Each column over its L2 norm, the norm floored at 1. A hard Gram holds pixel counts, so its non-empty
+    columns have norm >= 1 and this is tf.nn.l2_normalize's value exactly (its 1e-12 floor only meets an
+    all-zero column, which is zero either way). A soft Gram's column of a part the prediction nearly misses
+    can have any small norm, and 1 / norm then multiplies its gradient without bound: at gm_lambda = 10 the
+    demo's part training turned non-finite at iteration 257 with the 1e-12 floor."""
+    return adj * torch.rsqrt((adj * adj).sum(0, keepdim=True).clamp_min(1.0))
 
 
 def matching_loss(adj_pred: Tensor, adj_label: Tensor) -> Tensor:
