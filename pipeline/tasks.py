@@ -291,7 +291,7 @@ class TrainAffinity(TrainingStage):
         from stages.affinity.train import affinity_net_inputs, load_affinity_model
         from stages.propagation.propagate import propagation_method, validate_propagation
         validate_propagation(cfg, affinity_method=self.affinity_method)
-        model = load_affinity_model(self.config, self.stage_dir, device)
+        model = load_affinity_model(self.run_config, self.stage_dir, device)
         return affinity_net_inputs(model, device, propagation_method(cfg.propagation).inputs.boundary_features)
 
 
@@ -329,8 +329,8 @@ class TrainSeedNet(TrainingStage):
         from stages.propagation.propagate import validate_propagation
         from stages.seed_net.train import load_seed_net, seed_net_inputs
         validate_propagation(cfg, seed_net_method=self.method)
-        model = load_seed_net(self.config, manifest.label_space.num_classes, self.stage_dir, device)
-        return seed_net_inputs(self.config, model, device)
+        model = load_seed_net(self.run_config, manifest.label_space.num_classes, self.stage_dir, device)
+        return seed_net_inputs(self.run_config, model, device)
 
 
 @with_config(C.PropagateConfig)
@@ -513,7 +513,7 @@ class EvalSegmentation(ShardedStage):
 
         trained = self.upstream()["model"]
         device = resolve_device(runtime().device)
-        model = load_segmenter(trained.config, manifest.label_space.num_classes, trained.stage_dir, device)
+        model = load_segmenter(trained.run_config, manifest.label_space.num_classes, trained.stage_dir, device)
         return predict_images(self.config, model, manifest, ids, out_dir, device, progress=progress)
 
     def summarise(self, shard_metrics: list[dict]) -> dict:
@@ -574,7 +574,7 @@ class MakeObjectMaps(ShardedStage):
 
         device = resolve_device(runtime().device)
         trained = self.upstream().get("model")
-        model = load_segmenter(trained.config, manifest.label_space.num_classes, trained.stage_dir, device) \
+        model = load_segmenter(trained.run_config, manifest.label_space.num_classes, trained.stage_dir, device) \
             if trained else None
         make_object_maps(self.source, model, manifest, ids, writer, device, self.scales, self.flip, progress)
         return {}
@@ -785,7 +785,7 @@ class Report(StageTask):
         provenance = {family: read_json(task.stage_dir / PROVENANCE) for family, task in graph.items()
                       if task.stage_dir != self.stage_dir and (task.stage_dir / PROVENANCE).is_file()}
         return build_report(self.config, manifest_of(self), dirs, config, provenance,
-                            segmenter_config=upstream["segmenter"].config,
+                            segmenter_config=upstream["segmenter"].run_config,
                             eval_config=upstream["segmentation"].config, device=resolve_device(runtime().device),
                             out_dir=out_dir, comparison=self.comparison(), parts=parts,
                             part_layout=layout, segmenters=self.segmenter_comparison(),

@@ -174,6 +174,10 @@ def test_compared_methods_run_beside_the_main_chain(luigi_config, tmp_path):
     # A few epochs per image: the test checks the wiring, tests/test_gcn.py and test_a2gnn.py the methods.
     for option, value in [("gcn_epochs", 5), ("a2gnn_seed_epochs", 3), ("a2gnn_gcrf_epochs", 3)]:
         luigi_config("Propagate", option, value)
+    # every trained net's crop fitted to the data: the nets are then loaded (Propagate, EvalSegmentation, Report)
+    # with the values their training resolved
+    for section in ("TrainAffinity", "TrainSeedNet", "TrainSegmentation"):
+        luigi_config(section, "crop_size", "auto:0.78")
     result = run_luigi(FullWSSS(), workers=1)
     assert result.status == luigi.LuigiStatusCode.SUCCESS, result.summary_text
     graph = stage_graph()
