@@ -191,7 +191,10 @@ class StageTask(luigi.Task):
         if section not in C.AUTO_KNOBS:
             return cfg, {}, []
         from stages.auto import dataset_scale, fit_knobs
-        return fit_knobs(cfg, dataset_scale(manifest_of(self)))
+        fitted, record, warnings = fit_knobs(cfg, dataset_scale(manifest_of(self)))
+        # a knob this configuration does not read (another method's walk) stays `auto`: its default, so that no
+        # code the stage runs meets the text
+        return C.with_references(fitted), record, warnings
 
     @property
     def run_config(self):

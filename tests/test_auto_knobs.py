@@ -107,6 +107,8 @@ def test_data_of_two_sizes_resolve_differently_and_provenance_records_it(luigi_c
         records[name] = task.provenance(time.time(), {})["fitted"]
         assert task.run_config.steps == records[name]["knobs"]["steps"]["value"]
         assert "stages.auto" in task.code_modules
+        # a method that reads no walk length runs with no `auto` text in its config (its checks compare numbers)
+        assert Propagate(propagation="graphcut").run_config.steps == PropagateConfig().steps
         deeplab = TrainSegmentation(labels="gt")
         iterations[name] = deeplab.provenance(time.time(), {})["fitted"]["knobs"]["iterations"]["value"]
         assert deeplab.run_config.iterations == iterations[name]

@@ -178,6 +178,7 @@ def test_compared_methods_run_beside_the_main_chain(luigi_config, tmp_path):
     # with the values their training resolved
     for section in ("TrainAffinity", "TrainSeedNet", "TrainSegmentation"):
         luigi_config(section, "crop_size", "auto:0.78")
+    luigi_config("Propagate", "steps", "auto")      # read by rw_irn, not by graphcut, dsrg, gcn or a2gnn
     result = run_luigi(FullWSSS(), workers=1)
     assert result.status == luigi.LuigiStatusCode.SUCCESS, result.summary_text
     graph = stage_graph()
