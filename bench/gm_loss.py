@@ -30,7 +30,6 @@ import torch.nn.functional as F
 
 from bench.measure import PeakMemory
 from models.segmenters import create_segmenter
-from pipeline.presets import chain, read_file
 from stages.config import TrainPartSegmentationConfig
 from stages.parts.graph_matching import dilate, graph_matching_maps
 from stages.parts.train import part_losses
@@ -141,6 +140,9 @@ def _train_step(conditioned: bool, gm_mode: str, cond_mult: float = 0.0, cond_st
 
 def demo_recipe() -> TrainPartSegmentationConfig:
     """The part knobs the step bench varies, as ``configs/demo_parts.cfg`` (and its bases) set them."""
+    # imported here: importing pipeline installs a preset chain, which bench.gpu_parts chooses for itself
+    from pipeline.presets import chain, read_file
+
     knobs: dict[str, str] = {}
     for path in chain(Path(__file__).resolve().parent.parent / "configs" / "demo_parts.cfg"):
         parser = read_file(path)

@@ -64,6 +64,8 @@ RUNS: dict[str, tuple[str, ...]] = {
     "models.seam": (),                      # cam_method = seam only
     "models.segmenters": SEGMENTER_USERS,
     "stages": ALL,
+    "stages.auto": (),                      # only stages with a knob set to auto (tiny.cfg sets none;
+    #                                         tests/test_auto_knobs.py: the module is then in their keys)
     "stages.affinity": ("TrainAffinity", AFFINITY_PROPAGATIONS),
     "stages.affinity.a2gnn": ("TrainAffinity[affinity_method=a2gnn]", "Propagate[propagation=a2gnn]"),
     "stages.affinity.train": ("TrainAffinity", AFFINITY_PROPAGATIONS),

@@ -73,7 +73,8 @@ def test_the_knob_list_is_a_leaf():
 
 def test_one_package_per_step_and_no_flat_stage_modules():
     flat = sorted(p.name for p in (REPO / "stages").glob("*.py"))
-    assert flat == ["__init__.py", "config.py", "metrics.py", "runtime.py"], flat
+    # beside the knob list, the rules that fit its `auto` values to the data: no step of their own
+    assert flat == ["__init__.py", "auto.py", "config.py", "metrics.py", "runtime.py"], flat
     for step in ("dataset", "pretrain", "cam", "seeds", "affinity", "seed_net", "propagation", "refine",
                  "segmentation", "report", "training"):
         assert (REPO / "stages" / step / "__init__.py").is_file(), step
