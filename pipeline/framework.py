@@ -187,8 +187,7 @@ class StageTask(luigi.Task):
         """The config with its ``auto`` knobs resolved for this dataset (stages.auto), a record of each (value,
         rule), and warnings for hand-set scale-dependent knobs far from what ``auto`` would choose."""
         cfg = self.config
-        section = next((name for name, cls in C.STAGE_CONFIGS.items() if isinstance(cfg, cls)), None)
-        if section not in C.AUTO_KNOBS:
+        if C.section_of(cfg) not in C.AUTO_KNOBS:
             return cfg, {}, []
         from stages.auto import dataset_scale, fit_knobs
         fitted, record, warnings = fit_knobs(cfg, dataset_scale(manifest_of(self)))

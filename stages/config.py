@@ -602,12 +602,16 @@ def auto_reference(rule: AutoRule, value: object) -> float:
     return rule.references[0]
 
 
+def section_of(cfg: object) -> str | None:
+    """The ``[section]`` (a name of STAGE_CONFIGS) whose dataclass ``cfg`` is, or None."""
+    return next((name for name, cls in STAGE_CONFIGS.items() if isinstance(cfg, cls)), None)
+
+
 def with_references(cfg):
     """``cfg`` with each ``auto`` value replaced by the knob's default, for the checks made before the data is
     known (the value the data gives is checked where it is resolved, by the stage that runs with it)."""
-    section = next((name for name, cls in STAGE_CONFIGS.items() if isinstance(cfg, cls)), None)
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
-    found = {k: defaults[k] for k in AUTO_KNOBS.get(section, {}) if is_auto(getattr(cfg, k))}
+    found = {k: defaults[k] for k in AUTO_KNOBS.get(section_of(cfg), {}) if is_auto(getattr(cfg, k))}
     return dataclasses.replace(cfg, **found) if found else cfg
 
 
