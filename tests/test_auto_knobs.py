@@ -139,3 +139,18 @@ def test_summary_lists_the_fitted_knobs_and_the_warnings():
         "Fitted to the data: TrainSegmentation-gt crop_size = 224 (auto:0.78), iterations = 940 (auto:18.2)",
         "Warning: TrainSegmentation-gt: TrainSegmentation.lr ..."]
     assert fitted_lines("TrainCAM", {"metrics": {}}) == []
+
+
+def test_an_unreadable_training_image_is_named(tmp_path):
+    from stages.auto import _median_size
+    bad = tmp_path / "JPEGImages" / "img_3.jpg"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"img_3\.jpg: cannot read the image's size"):
+        _median_size((bad,))
+
+
+def test_the_double_profile_is_the_demo_at_twice_the_side():
+    demo, double = PROFILES["demo"], PROFILES["double"]
+    assert (double.height, double.width) == (2 * demo.height, 2 * demo.width)
+    assert (double.n_train, double.n_val) == (400, 150)
