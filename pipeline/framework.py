@@ -53,18 +53,30 @@ PENDING = "pending-"   # a key prefix: an input's content is not known yet (see 
 
 
 class AutoKnobParameter(luigi.Parameter):
-    """An integer knob that also takes ``auto`` or ``auto:<reference>`` (stages.config.AUTO_KNOBS)."""
+    """An integer knob (``pair``: a pair of integers) that also takes ``auto`` or ``auto:<reference>``
+    (stages.config.AUTO_KNOBS)."""
 
-    def parse(self, x: str) -> str | int:
-        return C.parse_auto(x)
+    def __init__(self, *args, pair: bool = False, **kwargs) -> None:
+        self.pair = pair
+        super().__init__(*args, **kwargs)
+
+    def parse(self, x: str) -> str | int | tuple[int, int]:
+        return C.parse_auto(x, self.pair)
 
     def normalize(self, x: object) -> object:
-        return x if isinstance(x, int) else C.parse_auto(str(x))
+        if isinstance(x, int) or (self.pair and isinstance(x, tuple)):
+            return x
+        if self.pair and isinstance(x, list):
+            return tuple(x)
+        return C.parse_auto(str(x), self.pair)
+
+    def serialize(self, x: object) -> str:
+        return f"[{x[0]}, {x[1]}]" if isinstance(x, tuple) else str(x)
 
 
 def _parameter_for(default: object, description: str | None = None, auto: bool = False) -> luigi.Parameter:
     if auto:
-        return AutoKnobParameter(default=default, description=description)
+        return AutoKnobParameter(default=default, description=description, pair=isinstance(default, tuple))
     if isinstance(default, bool):
         return luigi.BoolParameter(default=default, parsing=luigi.BoolParameter.EXPLICIT_PARSING,
                                    description=description)

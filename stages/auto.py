@@ -29,6 +29,13 @@ training image (deeplab-pytorch's, DGCN's and DSRG's 321 are 0.55 of VOC's 500 x
 rounded to 8 and at most the image's longer side, so that a crop shows as much of an image on any data. A
 section's rules run in the table's order: the crop first, then the training length that counts its pixels.
 
+Resize ranges (``TrainCAM.resize_long``). The CAM net is trained on images whose longer side is drawn from a
+range, then cropped; at inference MakeCAM rescales the images as they are (its scales are shares of each image).
+A range fixed in pixels trains the net on objects of another scale than it meets at inference when the images
+are of another size (the demo's (80, 160) on images of 288 px is half the scale of the 1.0 inference scale). So
+the range is kept in shares of the median image's longer side: IRN's (320, 640) of VOC's 500 is (0.64, 1.28);
+``auto:<low>,<high>`` one's own shares. The CAM's crop follows the crop rule below.
+
 A value fixed by hand at least :data:`WARN_FACTOR` times off what ``auto`` would choose for this data from each
 of the rule's references (``steps``: IRN's and PSA's 256 and SEAM's 64) is a preset sized for other data:
 :func:`fit_knobs` returns a warning naming the knob, the stage logs it, and the report lists it.
@@ -102,10 +109,13 @@ def walk_length(rule: AutoRule, reference: float, scale: DatasetScale) -> tuple[
                    f"nearest power of two 2^{log2}")
 
 
-def _steps(rule: AutoRule, value: float) -> float:
-    """What a value amounts to, for comparing values: steps of a walk, a training length, a crop's area."""
+def _steps(rule: AutoRule, value) -> float:
+    """What a value amounts to, for comparing values: steps of a walk, a training length, a crop's area, the area
+    a resize range's geometric mean gives the image."""
     if rule.kind == "crop":
         return value * value
+    if rule.kind == "resize":
+        return value[0] * value[1]
     return 2 ** value if rule.log2 else value
 
 
@@ -117,6 +127,14 @@ def crop_side(rule: AutoRule, share: float, scale: DatasetScale) -> tuple[int, s
     side = min(max(rule.round_to, rule.round_to * round(exact / rule.round_to)), max(scale.height, scale.width))
     return side, (f"a square of {share:g} x the median image's {scale.height}x{scale.width} = {image} px: "
                   f"side {exact:.4g}, rounded to {side}")
+
+
+def resize_range(shares: tuple[float, float], scale: DatasetScale) -> tuple[tuple[int, int], str]:
+    """The (low, high) longer side that is ``shares`` of the median image's longer side."""
+    longer = max(scale.height, scale.width)
+    low, high = (max(1, round(share * longer)) for share in shares)
+    return (low, high), (f"({shares[0]:g}, {shares[1]:g}) x the median image's longer side {longer} "
+                         f"({scale.height}x{scale.width}) = ({low}, {high})")
 
 
 def _pixels_per_sample(cfg, scale: DatasetScale) -> int:
@@ -146,6 +164,8 @@ def fitted_value(rule: AutoRule, reference: float, cfg, scale: DatasetScale) -> 
         return training_length(rule, reference, cfg, scale)
     if rule.kind == "crop":
         return crop_side(rule, reference, scale)
+    if rule.kind == "resize":
+        return resize_range(reference, scale)
     return walk_length(rule, reference, scale)
 
 
@@ -179,5 +199,6 @@ def far_from_auto(section: str, knob: str, rule: AutoRule, value: float, cfg, sc
     if max(factor, 1 / factor) < WARN_FACTOR:
         return None
     chosen, why = choices[nearest]
-    return (f"{section}.{knob} = {value:g} is {max(factor, 1 / factor):.0f}x {'above' if factor > 1 else 'below'} "
+    shown = f"[{value[0]}, {value[1]}]" if isinstance(value, tuple) else f"{value:g}"
+    return (f"{section}.{knob} = {shown} is {max(factor, 1 / factor):.0f}x {'above' if factor > 1 else 'below'} "
             f"what `auto` chooses for this data ({chosen}: {why}); the preset may be sized for other data")

@@ -529,9 +529,11 @@ class AutoRule:
     grid area at ``stride`` (``log2``: the knob holds log2 of the steps); ``references`` are the papers' values on
     VOC. ``kind = passes``: a training length (``iterations``, or ``epochs`` when ``unit`` says so) that makes
     ``references`` passes over the training pixels (the first scales a bare ``auto``; a hand-set value is
-    compared with each); iterations are rounded to ``round_to``."""
+    compared with each); iterations are rounded to ``round_to``. ``kind = crop``: a square crop, ``references`` its
+    share of the median image's pixels. ``kind = resize``: a (low, high) range of the resized longer side,
+    ``references`` pairs of shares of the median image's longer side."""
 
-    references: tuple[float, ...]
+    references: tuple[float, ...] | tuple[tuple[float, float], ...]
     stride: int = 4
     log2: bool = False
     read_when: tuple[str, tuple[str, ...]] | None = None   # (knob, its values under which this knob is read)
@@ -558,6 +560,12 @@ AUTO_KNOBS: dict[str, dict[str, AutoRule]] = {
     # reference's schedule: iterations x batch x the image pixels a crop shows / (images x pixels per image).
     # deeplab-pytorch: 20,000 x 10 x 321^2 / (10,582 x 187,500) = 10.4; the same rule for the ceiling. DDD's
     # DeepLab-v3: 33,000 x 16 crops of 513^2, which hold the whole image: 49.9.
+    # The CAM net's resize-long range in shares of the median image's longer side, then its crop: IRN (320, 640) of
+    # VOC's 500 = (0.64, 1.28) and 512^2 = 1.40 of the image; PSA (256, 512) = (0.512, 1.024) and SEAM (448, 768) =
+    # (0.896, 1.536), both with 448^2 = 1.07. A net trained on images resized for other data sees its objects at
+    # another scale in training than at inference (MakeCAM's scales are shares of the image as it is).
+    "TrainCAM": {"resize_long": AutoRule(((0.64, 1.28), (0.512, 1.024), (0.896, 1.536)), kind="resize"),
+                 "crop_size": AutoRule((1.40, 1.07), kind="crop", round_to=8)},
     "TrainSegmentation": {"crop_size": AutoRule((0.55, 1.40), kind="crop", round_to=8),
                           "iterations": AutoRule((10.4, 49.9), kind="passes", round_to=10)},
     # IRN: 3 epochs with 512 crops, which hold VOC's whole images: 3 passes. PSA/SEAM's AffinityNet: 8 x 448 x 448
@@ -576,29 +584,39 @@ def is_auto(value: object) -> bool:
     return isinstance(value, str) and (value == AUTO or value.startswith(AUTO + ":"))
 
 
-def parse_auto(text: str) -> str | int:
-    """A preset's value of an auto knob: ``auto``, ``auto:<number>`` (kept as text) or an integer."""
+def parse_auto(text: str, pair: bool = False) -> str | int | tuple[int, int]:
+    """A preset's value of an auto knob: ``auto``, ``auto:<number>`` (``pair``: ``auto:<low>,<high>``), kept as
+    text, or an integer (``pair``: a list of two, as ``[80, 160]``)."""
     text = str(text).strip()
     if text == AUTO:
         return text
     if text.startswith(AUTO + ":"):
-        reference = text[len(AUTO) + 1:].strip()
+        numbers = text[len(AUTO) + 1:].split(",")
         try:
-            if not float(reference) > 0:
+            values = [float(n) for n in numbers]
+            if len(values) != (2 if pair else 1) or not min(values) > 0:
                 raise ValueError
         except ValueError:
-            raise ValueError(f"{text!r}: auto:<reference> needs a positive number, as auto:64") from None
-        return f"{AUTO}:{float(reference):g}"
+            needs = "two positive numbers, as auto:0.64,1.28" if pair else "a positive number, as auto:64"
+            raise ValueError(f"{text!r}: auto:<reference> needs {needs}") from None
+        return f"{AUTO}:{','.join(f'{v:g}' for v in values)}"
     try:
+        if pair:
+            values = tuple(int(v) for v in ast.literal_eval(text))
+            if len(values) != 2:
+                raise ValueError
+            return values
         return int(text)
-    except ValueError:
-        raise ValueError(f"{text!r}: an integer, auto or auto:<reference value> expected") from None
+    except (ValueError, TypeError, SyntaxError):
+        expected = "a list of two integers" if pair else "an integer"
+        raise ValueError(f"{text!r}: {expected}, auto or auto:<reference value> expected") from None
 
 
-def auto_reference(rule: AutoRule, value: object) -> float:
+def auto_reference(rule: AutoRule, value: object) -> float | tuple[float, ...]:
     """The reference value a bare or ``auto:<r>`` value scales (a hand-set value: the rule's first)."""
     if isinstance(value, str) and value.startswith(AUTO + ":"):
-        return float(value[len(AUTO) + 1:])
+        numbers = tuple(float(n) for n in value[len(AUTO) + 1:].split(","))
+        return numbers if len(numbers) > 1 else numbers[0]
     return rule.references[0]
 
 

@@ -39,6 +39,11 @@ RULE_CASES = [   # section, its other knobs, the knob, its value, resolved on th
     ("TrainSegmentation", {"freeze_bn": False}, "crop_size", "auto", 96, 320, 192),   # deeplab-pytorch's 321 share
     ("TrainAffinity", {}, "crop_size", "auto", 144, 500, 288),      # IRN's 512: capped at the image's longer side
     ("TrainSeedNet", {}, "crop_size", "auto:0.78", 112, 384, 224),
+    # the CAM net's resize-long range in shares of the median longer side: the demo's (80, 160), IRN's (320, 640)
+    ("TrainCAM", {}, "resize_long", "auto:0.556,1.111", (80, 160), (278, 556), (160, 320)),
+    ("TrainCAM", {}, "resize_long", "auto", (92, 184), (320, 640), (184, 369)),
+    ("TrainCAM", {}, "crop_size", "auto:0.78", 112, 384, 224),
+    ("TrainCAM", {}, "crop_size", "auto", 144, 500, 288),    # IRN's 512: the whole image, capped at its longer side
 ]
 
 
@@ -55,7 +60,8 @@ def test_each_rule_fits_the_data_s_scale(section, others, knob, set_to, demo, vo
         fitted, record, warnings = fit_knobs(cfg, scale)
         resolved[name] = getattr(fitted, knob)
         assert record[knob]["value"] == resolved[name] and record[knob]["set"] == set_to
-        words = {"Propagate": "grid area"}.get(section, "a square of" if knob == "crop_size" else "passes over")
+        words = {"Propagate": "grid area"}.get(section, {"crop_size": "a square of", "resize_long": "longer side"}.get(
+            knob, "passes over"))
         assert words in record[knob]["rule"]
         assert not [w for w in warnings if w.startswith(f"{section}.{knob} ")]
         validate(fitted)
@@ -68,6 +74,20 @@ def test_auto_values_parse_and_bad_ones_are_refused():
         with pytest.raises(ValueError, match="auto"):
             parse_auto(bad)
     validate(PropagateConfig(steps="auto", gcn_walk_steps="auto:128"))   # checked as their references
+    # a pair: the range's shares, or two integers
+    assert parse_auto("auto: 0.5,1.0", pair=True) == "auto:0.5,1" and parse_auto("[80, 160]", pair=True) == (80, 160)
+    for bad in ("auto:0.5", "auto:0.5,1,2", "auto:0,1", "[80]", "80", "[a, b]"):
+        with pytest.raises(ValueError, match="auto"):
+            parse_auto(bad, pair=True)
+
+
+@pytest.mark.parametrize("value, warned", [((80, 160), False), ((32, 64), True), ((320, 640), True)])
+def test_a_hand_set_cam_resize_range_far_from_autos_choice_warns(value, warned):
+    # on the demo IRN's shares give (92, 184), PSA's (74, 147), SEAM's (129, 221): (32, 64) is 5.3x below PSA's in
+    # the area it gives the image, (320, 640) 7.2x above SEAM's
+    _, _, warnings = fit_knobs(STAGE_CONFIGS["TrainCAM"](resize_long=value), DEMO)
+    assert [w.startswith(f"TrainCAM.resize_long = [{value[0]}, {value[1]}] is ") for w in warnings] == (
+        [True] if warned else [])
 
 
 def test_a_knob_the_method_does_not_read_is_neither_resolved_nor_warned_about():

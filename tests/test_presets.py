@@ -27,7 +27,8 @@ DEMO_VALUES: dict[str, dict[str, object]] = {
     "wsss": {"work_dir": "work", "device": "auto", "loader_workers": 1, "torch_threads": 0},
     "PrepareDataset": {"kind": "synthetic", "profile": "demo", "seed": 0},
     "PretrainBackbone": {"backbone": "resnet_mini", "steps": 4000},
-    "TrainCAM": {"backbone": "resnet_mini", "pretrained": "synthetic", "num_epochs": 30, "seed": 0},
+    "TrainCAM": {"backbone": "resnet_mini", "pretrained": "synthetic", "num_epochs": 30, "seed": 0,
+                 "resize_long": "auto:0.556,1.111", "crop_size": "auto:0.78"},
     "MakeCAM": {"scales": (1.0, 0.5, 1.5, 2.0), "shard_size": 256},
     "EvalCAM": {"bg_threshold": 0.15},
     "ExtractSeeds": {"seed_method": "irn", "fg_threshold": 0.30, "bg_threshold": 0.05},
@@ -70,7 +71,7 @@ def typed(default: object, text: str, auto: bool = False) -> object:
     """A config text as the task parameter made from ``default`` parses it (pipeline.framework); ``auto``: a knob
     of stages.config.AUTO_KNOBS."""
     if auto:
-        return parse_auto(text)
+        return parse_auto(text, pair=isinstance(default, tuple))
     if isinstance(default, bool):
         return luigi.BoolParameter(parsing=luigi.BoolParameter.EXPLICIT_PARSING).parse(text)
     if isinstance(default, int):
@@ -288,7 +289,8 @@ WRITTEN_FOR = {"voc": DatasetScale(375, 500, 10582),
 DEMO_FITTED = {("Propagate", "steps"): 16, ("Propagate", "gcn_walk_steps"): 16, ("Propagate", "a2gnn_rw_logt"): 2,
                ("TrainAffinity", "num_epochs"): 15, ("TrainSegmentation", "iterations"): 1500,
                ("TrainSeedNet", "iterations"): 450, ("TrainAffinity", "crop_size"): 112,
-               ("TrainSegmentation", "crop_size"): 112, ("TrainSeedNet", "crop_size"): 112}
+               ("TrainSegmentation", "crop_size"): 112, ("TrainSeedNet", "crop_size"): 112,
+               ("TrainCAM", "resize_long"): (80, 160), ("TrainCAM", "crop_size"): 112}
 # each propagation method reads its own walk length: every one is resolved (and checked) under its method
 PROPAGATIONS = ("rw_irn", "gcn", "a2gnn")
 
