@@ -21,7 +21,7 @@ from pathlib import Path
 
 import luigi
 
-from data.artifacts import INPUTS_RECORD, PARTS_SUFFIX, PROVENANCE, RESUME_SUFFIX
+from data.artifacts import INPUTS_RECORD, PARTS_SUFFIX, PROVENANCE, RESUME_SUFFIX, TRAINING_LOG
 from data.io import BadInputError, is_temporary, read_json, remove_path
 from pipeline.command_line import (
     ConfigurationError,
@@ -198,7 +198,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
                           f"{100 * chain['pseudo_label_miou']:.2f} -> after the CRF {100 * chain['refined_miou']:.2f}")
         if family in ("TrainSegmentation", "TrainSegmentation-gt") and metrics.get("train_miou") is not None:
             footer.append(f"{family} at the end of training, single scale: train mIoU {100 * metrics['train_miou']:.2f}"
-                          f" on its training labels, val {100 * metrics['val_miou']:.2f}")
+                          f" on its training labels, val {100 * metrics['val_miou']:.2f}{val_trend(task.stage_dir)}")
         if family in ("EvalSegmentation", "EvalSegmentation-gt"):
             who = "pseudo labels" if family == "EvalSegmentation" else "GT (fully supervised ceiling)"
             footer.append(f"DeepLab trained on {who}: val mIoU {100 * metrics['miou']:.2f} "
@@ -214,6 +214,15 @@ def cmd_summary(args: argparse.Namespace) -> int:
     footer = fitted + footer
     print("\n" + "\n".join(footer) if footer else "")
     return 0
+
+
+def val_trend(stage_dir: Path) -> str:
+    """`` (val +x.x over the last y% of training: converged)`` from a trained stage's log, or ``""``."""
+    from stages.report.build import read_curve
+    from stages.report.html import val_trend as trend_of
+    log = stage_dir / TRAINING_LOG
+    trend = trend_of(read_curve(log)) if log.is_file() else ""
+    return f" (val {trend})" if trend else ""
 
 
 def fitted_lines(family: str, provenance: dict) -> list[str]:

@@ -477,6 +477,21 @@ def test_the_headline_gives_each_deeplabs_train_and_val_fit(tmp_path):
     assert "train" not in rows["DeepLab on val"][2]            # its run logged nothing here
 
 
+@pytest.mark.parametrize(("vals", "verdict"), [
+    ((0.30, 0.40, 0.45, 0.455), "+0.5 over the last 25% of training: converged"),
+    ((0.30, 0.40, 0.45, 0.48), "+3.0 over the last 25% of training: still rising"),
+    ((0.30, 0.40, 0.46, 0.45), "-1.0 over the last 25% of training: converged"),
+])
+def test_the_ceiling_s_fit_says_whether_val_still_rose_at_the_end(tmp_path, vals, verdict):
+    rows = [{"epoch": k + 1, "iteration": 100 * (k + 1), "loss": 1.0, "lr": 0.01, "val_miou": v,
+             "train_miou": 0.6, "seconds": k} for k, v in enumerate(vals)]
+    inputs = make_inputs()
+    inputs.training_curves = {"DeepLab on GT (ceiling)": rows}
+    write_report(inputs, tmp_path)
+    _, reader = read_html(tmp_path / "report.html")
+    assert verdict in {row[0]: row for row in table_starting(reader, "stage")[1:]}["Fully supervised ceiling"][2]
+
+
 @pytest.mark.parametrize(("dataset", "root", "title"), [
     ({"kind": "synthetic", "profile": "large"}, "/w/PrepareDataset/k/data", "synthetic large"),
     ({"kind": "voc", "profile": "demo", "root": "/data/anchors_voc"}, "/data/anchors_voc", "anchors_voc"),
@@ -505,3 +520,13 @@ def test_fitted_knobs_and_scale_warnings_are_shown(tmp_path):
     assert 'class="flag">Propagate: Propagate.gcn_walk_steps = 4 is 8x below' in html
     markdown = (tmp_path / "fitted" / "report.md").read_text()
     assert "| Propagate | steps | auto | 32 |" in markdown and "gcn_walk_steps = 4 is 8x below" in markdown
+
+
+def test_the_summary_says_whether_a_deeplab_s_val_still_rose(tmp_path):
+    from data.artifacts import TRAINING_LOG
+    from data.io import write_csv
+    from pipeline.cli import val_trend
+    assert val_trend(tmp_path) == ""                            # no log: nothing said
+    write_csv(tmp_path / TRAINING_LOG, [{"iteration": 100 * k, "val_miou": v, "train_miou": ""}
+                                        for k, v in ((1, 0.2), (2, 0.3), (3, 0.35), (4, 0.40))])
+    assert val_trend(tmp_path) == " (val +5.0 over the last 25% of training: still rising: longer training may help)"

@@ -278,14 +278,42 @@ def _seg_details(metrics: dict) -> str:
     return ", ".join(parts)
 
 
+CONVERGED_RISE = 0.01   # a val mIoU rise under 1 point over the last quarter of training: converged
+
+
+def val_rise(rows: list[dict]) -> tuple[float, float] | None:
+    """(rise, share): how much val mIoU rose from the last evaluation at or before three quarters of training to
+    the final one, and the share of training between the two; None with fewer than two evaluations."""
+    scored = [(_as_float(r.get("iteration")), _as_float(r.get("val_miou"))) for r in rows]
+    scored = [(i, v) for i, v in scored if math.isfinite(i) and math.isfinite(v)]
+    if len(scored) < 2:
+        return None
+    end, final = scored[-1]
+    earlier = [(i, v) for i, v in scored[:-1] if i <= 0.75 * end] or scored[:1]
+    start, before = earlier[-1]
+    return final - before, (end - start) / end
+
+
+def val_trend(rows: list[dict]) -> str:
+    """``+x.x over the last y% of training: converged`` (or ``still rising``) from a training log, or ``""``."""
+    rise = val_rise(rows)
+    if rise is None:
+        return ""
+    verdict = "still rising: longer training may help" if rise[0] >= CONVERGED_RISE else "converged"
+    return f"{100 * rise[0]:+.1f} over the last {100 * rise[1]:.0f}% of training: {verdict}"
+
+
 def final_fit(rows: list[dict]) -> str:
     """The last training-log row's train and val mIoU (single scale): how well the net fits its own training
-    labels against val, which tells an under-trained net (both low) from a hard dataset (train high)."""
+    labels against val, which tells an under-trained net (both low) from a hard dataset (train high); and whether
+    val still rose over the last quarter of training (under-trained) or was flat (converged)."""
     last = rows[-1] if rows else {}
     train, val = _as_float(last.get("train_miou")), _as_float(last.get("val_miou"))
     if not math.isfinite(train):
         return ""
     val_text = f", val {100 * val:.1f}" if math.isfinite(val) else ""
+    if trend := val_trend(rows):
+        val_text += f" ({trend})"
     return f"end of training, single scale: train {100 * train:.1f} (its training labels){val_text}"
 
 
