@@ -118,8 +118,8 @@ class TrainCAMConfig:
     momentum: float = 0.9                     # SGD momentum
     momentum_quirk: bool = False              # IRN/PSA pass weight decay into SGD's momentum slot
     poly_power: float = 0.9                   # learning rate x (1 - progress)^poly_power
-    resize_long: tuple[int, int] = (80, 160)  # IRN: (320, 640), drawn uniformly per image
-    crop_size: int = 112                      # IRN: 512, zero-padded when the image is smaller
+    resize_long: tuple[int, int] = (80, 160)  # IRN: (320, 640), drawn uniformly per image; auto: x median long side
+    crop_size: int = 112                      # IRN: 512, zero-padded when the image is smaller; auto: image share
     color_jitter: float = 0.0                 # PSA/SEAM: 0.3 (brightness/contrast/saturation; hue = jitter/3)
     # SEAM only (cam_method = seam), values of YudeWang/SEAM train_SEAM.py:
     seam_rescale: float = 0.3                 # scale of the Siamese branch's input
