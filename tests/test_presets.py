@@ -291,6 +291,13 @@ DEMO_FITTED = {("Propagate", "steps"): 16, ("Propagate", "gcn_walk_steps"): 16, 
                ("TrainSeedNet", "iterations"): 450, ("TrainAffinity", "crop_size"): 112,
                ("TrainSegmentation", "crop_size"): 112, ("TrainSeedNet", "crop_size"): 112,
                ("TrainCAM", "resize_long"): (80, 160), ("TrainCAM", "crop_size"): 112}
+# The affinity nets of the other demo presets: what they set by hand before these knobs were `auto`.
+HAND_SET_BEFORE = {
+    **{f"configs/{name}.cfg": {("TrainAffinity", "num_epochs"): 5, ("TrainAffinity", "crop_size"): 112,
+                               ("TrainCAM", "resize_long"): (80, 160), ("TrainCAM", "crop_size"): 112}
+       for name in ("demo_psa", "demo_seam")},
+    "configs/demo_a2gnn.cfg": {("TrainAffinity", "num_epochs"): 12, ("TrainAffinity", "crop_size"): 112},
+}
 # each propagation method reads its own walk length: every one is resolved (and checked) under its method
 PROPAGATIONS = ("rw_irn", "gcn", "a2gnn")
 
@@ -320,3 +327,5 @@ def test_no_preset_warns_about_scale_on_the_data_it_was_written_for(load, tmp_pa
     assert warnings == []
     if name == "configs/demo.cfg":
         assert resolved == DEMO_FITTED
+    for (section, knob), value in HAND_SET_BEFORE.get(name, {}).items():
+        assert resolved[section, knob] == value, (name, section, knob)
