@@ -217,7 +217,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def val_trend(stage_dir: Path) -> str:
-    """`` (val +x.x over the last y% of training: converged)`` from a trained stage's log, or ``""``."""
+    """`` (val +x.x in the last y% of training: converged)`` from a trained stage's log, or ``""``."""
     from stages.report.build import read_curve
     from stages.report.html import val_trend as trend_of
     log = stage_dir / TRAINING_LOG

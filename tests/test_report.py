@@ -478,9 +478,10 @@ def test_the_headline_gives_each_deeplabs_train_and_val_fit(tmp_path):
 
 
 @pytest.mark.parametrize(("vals", "verdict"), [
-    ((0.30, 0.40, 0.45, 0.455), "+0.5 over the last 25% of training: converged"),
-    ((0.30, 0.40, 0.45, 0.48), "+3.0 over the last 25% of training: still rising"),
-    ((0.30, 0.40, 0.46, 0.45), "-1.0 over the last 25% of training: converged"),
+    ((0.30, 0.40, 0.45, 0.455), "+0.5 in the last 25% of training: converged"),
+    ((0.30, 0.40, 0.45, 0.48), "+3.0 in the last 25% of training: still rising"),
+    ((0.30, 0.40, 0.46, 0.45), "-1.0 in the last 25% of training: converged"),
+    ((0.30, 0.46, 0.40, 0.465), "+0.5 in the last 25% of training: converged"),     # over the best, not the dip
 ])
 def test_the_ceiling_s_fit_says_whether_val_still_rose_at_the_end(tmp_path, vals, verdict):
     rows = [{"epoch": k + 1, "iteration": 100 * (k + 1), "loss": 1.0, "lr": 0.01, "val_miou": v,
@@ -529,4 +530,4 @@ def test_the_summary_says_whether_a_deeplab_s_val_still_rose(tmp_path):
     assert val_trend(tmp_path) == ""                            # no log: nothing said
     write_csv(tmp_path / TRAINING_LOG, [{"iteration": 100 * k, "val_miou": v, "train_miou": ""}
                                         for k, v in ((1, 0.2), (2, 0.3), (3, 0.35), (4, 0.40))])
-    assert val_trend(tmp_path) == " (val +5.0 over the last 25% of training: still rising: longer training may help)"
+    assert val_trend(tmp_path) == " (val +5.0 in the last 25% of training: still rising: longer training may help)"

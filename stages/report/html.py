@@ -278,29 +278,30 @@ def _seg_details(metrics: dict) -> str:
     return ", ".join(parts)
 
 
-CONVERGED_RISE = 0.01   # a val mIoU rise under 1 point over the last quarter of training: converged
+CONVERGED_RISE = 0.01   # final val mIoU under 1 point above the best of the first three quarters: converged
 
 
 def val_rise(rows: list[dict]) -> tuple[float, float] | None:
-    """(rise, share): how much val mIoU rose from the last evaluation at or before three quarters of training to
-    the final one, and the share of training between the two; None with fewer than two evaluations."""
+    """(rise, share): how much the final val mIoU rose over the best one scored in the first three quarters of
+    training (the best, so one noisy dip does not read as a rise), and the share of training after the last of
+    those; None with fewer than two evaluations."""
     scored = [(_as_float(r.get("iteration")), _as_float(r.get("val_miou"))) for r in rows]
     scored = [(i, v) for i, v in scored if math.isfinite(i) and math.isfinite(v)]
     if len(scored) < 2:
         return None
     end, final = scored[-1]
     earlier = [(i, v) for i, v in scored[:-1] if i <= 0.75 * end] or scored[:1]
-    start, before = earlier[-1]
+    start, before = earlier[-1][0], max(v for _, v in earlier)
     return final - before, (end - start) / end
 
 
 def val_trend(rows: list[dict]) -> str:
-    """``+x.x over the last y% of training: converged`` (or ``still rising``) from a training log, or ``""``."""
+    """``+x.x in the last y% of training: converged`` (or ``still rising``) from a training log, or ``""``."""
     rise = val_rise(rows)
     if rise is None:
         return ""
     verdict = "still rising: longer training may help" if rise[0] >= CONVERGED_RISE else "converged"
-    return f"{100 * rise[0]:+.1f} over the last {100 * rise[1]:.0f}% of training: {verdict}"
+    return f"{100 * rise[0]:+.1f} in the last {100 * rise[1]:.0f}% of training: {verdict}"
 
 
 def final_fit(rows: list[dict]) -> str:
