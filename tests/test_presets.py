@@ -34,8 +34,9 @@ DEMO_VALUES: dict[str, dict[str, object]] = {
     "ExtractSeeds": {"seed_method": "irn", "fg_threshold": 0.30, "bg_threshold": 0.05},
     "TrainAffinity": {"affinity_method": "irnet", "backbone": "resnet_mini", "init_from_cam": True,
                       "num_epochs": "auto:11.7", "crop_size": "auto:0.78"},
-    # auto: fitted to the demo's images when Propagate runs, 16, 16 and 2 as before (tests/test_auto_knobs.py)
-    "Propagate": {"propagation": "rw_irn", "beta": 10.0, "steps": "auto", "radius": 5, "bg_threshold": 0.25,
+    # auto: fitted to the demo's images when Propagate runs, 16 and 2 as before (tests/test_auto_knobs.py); IRN's
+    # walk a fixed 8, measured at two image sizes (configs/demo.cfg)
+    "Propagate": {"propagation": "rw_irn", "beta": 10.0, "steps": 8, "radius": 5, "bg_threshold": 0.25,
                   "gcn_walk_steps": "auto", "a2gnn_rw_logt": "auto"},
     "EvalPseudoLabels": {"pred_ignore": "background"},
     "RefineCRF": {"preset": "a2gnn_final"},
@@ -216,7 +217,7 @@ def test_a_runtime_layer_gets_the_demo_and_a_preset_without_base_does_not(load, 
     layer = tmp_path / "layer.cfg"
     layer.write_text("[wsss]\nwork_dir = /scratch/work\n")
     load(layer, tmp_path)
-    assert values_in_force()["Propagate", "steps"] == "auto"
+    assert values_in_force()["Propagate", "steps"] == 8
     own = tmp_path / "own.cfg"
     own.write_text("[TrainCAM]\nnum_epochs = 5\n")
     load(own, tmp_path)
@@ -285,8 +286,9 @@ def test_config_prints_each_value_and_its_file(load, tmp_path, capsys):
 # The data each preset was written for: VOC's train_aug (median 500 x 375) and the embedded demo profile.
 WRITTEN_FOR = {"voc": DatasetScale(375, 500, 10582),
                "demo": DatasetScale(PROFILES["demo"].height, PROFILES["demo"].width, PROFILES["demo"].n_train)}
+DOUBLE = DatasetScale(PROFILES["double"].height, PROFILES["double"].width, PROFILES["double"].n_train)
 # What make demo ran before these knobs were `auto`: the demo's values resolve to them on the demo's data.
-DEMO_FITTED = {("Propagate", "steps"): 16, ("Propagate", "gcn_walk_steps"): 16, ("Propagate", "a2gnn_rw_logt"): 2,
+DEMO_FITTED = {("Propagate", "steps"): 8, ("Propagate", "gcn_walk_steps"): 16, ("Propagate", "a2gnn_rw_logt"): 2,
                ("TrainAffinity", "num_epochs"): 15, ("TrainSegmentation", "iterations"): 1500,
                ("TrainSeedNet", "iterations"): 450, ("TrainAffinity", "crop_size"): 112,
                ("TrainSegmentation", "crop_size"): 112, ("TrainSeedNet", "crop_size"): 112,
@@ -329,3 +331,5 @@ def test_no_preset_warns_about_scale_on_the_data_it_was_written_for(load, tmp_pa
         assert resolved == DEMO_FITTED
     for (section, knob), value in HAND_SET_BEFORE.get(name, {}).items():
         assert resolved[section, knob] == value, (name, section, knob)
+    if name.startswith("configs/demo"):   # nor on images of twice the side (the `double` profile)
+        assert fitted_sections(values_in_force(), DOUBLE)[1] == []
