@@ -106,6 +106,7 @@ def prepare_python(args: argparse.Namespace, logs: list[str], timeout: float) ->
         code, out = run_logged([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], logs, "venv", 120)
         if code != 0:
             raise RuntimeError(f"python -m venv {venv} failed:\n{out[-2000:]}")
+        see_parent_packages(python, logs)
     found = probe(python, logs)
     pip = [python, "-m", "pip", "install", "--disable-pip-version-check", "--quiet"]
     if args.wheels:
@@ -124,14 +125,33 @@ def prepare_python(args: argparse.Namespace, logs: list[str], timeout: float) ->
         installed.append(args.torch_spec)
     missing = [s for s in requirements() if distribution_name(s) != "torch"
                and not found["modules"].get(MODULES.get(distribution_name(s), distribution_name(s)))]
-    if missing:
-        log(f"installing {', '.join(missing)}")
-        code, out = run_logged([*pip, *missing], logs, "pip requirements", deadline - time.monotonic())
-        if code != 0:
-            how = "timed out" if code is None else f"exited {code}"
-            raise RuntimeError(f"pip install of {', '.join(missing)} {how}:\n{out[-2000:]}")
-        installed += missing
+    failures = []
+    for spec in missing:  # one at a time: a package that fails to build keeps none of the others out
+        log(f"installing {spec}")
+        code, out = run_logged([*pip, spec], logs, f"pip {spec}", deadline - time.monotonic())
+        if code == 0:
+            installed.append(spec)
+        else:
+            failures.append(f"pip install {spec} {'timed out' if code is None else f'exited {code}'}:\n{out[-1500:]}")
+    if failures:
+        raise RuntimeError("\n".join(failures))
     return python, installed
+
+
+def see_parent_packages(python: str, logs: list[str]) -> None:
+    """Make a new environment see the packages of the environment this script runs in, when that is a venv.
+
+    ``venv --system-site-packages`` exposes the *base* interpreter's packages, so on an image whose ``python3``
+    is itself a venv (a CUDA torch installed there) the new environment would not see that torch. A ``.pth``
+    file listing the parent's site-packages, appended after the new environment's own, restores it."""
+    if sys.prefix == sys.base_prefix:
+        return
+    import site
+    code, out = run_logged([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], logs,
+                           "site-packages", 60)
+    if code == 0:
+        parents = [p for p in site.getsitepackages() if Path(p).is_dir()]
+        (Path(out.strip().splitlines()[-1]) / "_parent_env.pth").write_text("\n".join(parents) + "\n")
 
 
 def child_env(dry_run: bool) -> dict:
