@@ -279,6 +279,9 @@ def main() -> int:
                 row.update(run_part(python, part, args, logs, timeout))
         except Exception as error:  # a part's failure is recorded, the others still run
             row.update(status="failed", error=f"{type(error).__name__}: {error}")
+            venv_python = Path(args.venv).resolve() / "bin" / "python"
+            if part == "env" and not args.python and venv_python.exists():
+                python = str(venv_python)  # what did install is there; the parts that need the rest fail alone
         row["seconds"] = time.monotonic() - began
         rows.append(row)
         log(f"{part}: {row['status']} in {row['seconds']:.0f} s" + (f": {row['summary']}" if row.get("summary") else

@@ -65,3 +65,23 @@ def test_requirements_come_from_setup_cfg():
     specs = requirements()
     assert "luigi>=3.5" in specs and "pydensecrf2>=1.1" in specs and "pytest>=7" in specs
     assert not [s for s in specs if s.startswith("ruff")]
+
+
+def test_a_venv_made_from_a_venv_keeps_its_packages_and_a_failed_install_stops_only_itself(tmp_path, monkeypatch):
+    # The GPU image's python3 is itself a venv holding a CUDA torch; `venv --system-site-packages` alone would hide
+    # that torch. Here the test's interpreter (this project's .venv) plays that image, and one requirement cannot
+    # be installed: the environment part fails, naming it, and the walk part still runs in the new environment.
+    import bench.gpu_check as check
+
+    assert sys.prefix != sys.base_prefix, "the test needs to run from a virtual environment"
+    monkeypatch.setattr(check, "requirements", lambda: [*requirements(), "wsss-no-such-package>=1"])
+    (tmp_path / "wheels").mkdir()
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--dry-run", "--parts", "env,walk", "--venv",
+                                      str(tmp_path / "venv"), "--wheels", str(tmp_path / "wheels"), "--out", str(out)])
+    assert check.main() == 1
+    report = json.loads((out / "gpu_check.json").read_text())
+    env, walk = report["parts"]
+    assert env["status"] == "failed" and "wsss-no-such-package" in env["error"]
+    assert walk["status"] == "ok", walk.get("error")
+    assert report["python"] == str(tmp_path / "venv" / "bin" / "python")
