@@ -442,7 +442,7 @@ def test_affinitynet_on_cuda_matches_cpu(cuda_device):
         loss = training_loss(model, images.to(device), labels.to(device), 5)[0]
         loss.backward()
         losses.append(float(loss))
-        grads.append(model.backbone.conv1.weight.grad.cpu())
+        grads.append(model.backbone.conv1.weight.grad.cpu().clone())  # .to(cuda) next moves the grad in place
     assert math.isclose(*losses, rel_tol=1e-3)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-5)
     assert float(grads[0].abs().sum()) > 0

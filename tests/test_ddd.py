@@ -318,7 +318,7 @@ def test_cpu_and_cuda_agree(cuda_device):
     flat = [t.float() for t in [unary] + [x for hv in pairs for x in hv]]
     results = []
     for device in (torch.device("cpu"), cuda_device):
-        inputs = [t.to(device).requires_grad_() for t in flat]
+        inputs = [t.detach().clone().to(device).requires_grad_() for t in flat]  # on the CPU .to() is no copy
         out = dual_decomposition(inputs[0], [(inputs[1], inputs[2]), (inputs[3], inputs[4])])
         (out * torch.linspace(-1, 1, out.numel(), device=device).reshape(out.shape)).sum().backward()
         results.append([out.detach().cpu()] + [t.grad.cpu() for t in inputs])

@@ -181,13 +181,8 @@ def test_part_losses_terms():
 @pytest.mark.cuda
 def test_gmnet_training_step_on_cuda_matches_cpu(cuda_device):
     """The conditioned model's logits, its three loss terms (GM in st mode) and every gradient, CPU against CUDA
-    (TF32 off: the comparison is of the code, not of the GPU's reduced-precision convolutions)."""
-    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        cpu, gpu = _gmnet_step(torch.device("cpu")), _gmnet_step(cuda_device)
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    (the fixture turns TF32 off: the comparison is of the code, not of the GPU's reduced-precision convolutions)."""
+    cpu, gpu = _gmnet_step(torch.device("cpu")), _gmnet_step(cuda_device)
     (cpu_logits, cpu_terms, cpu_grads), (gpu_logits, gpu_terms, gpu_grads) = cpu, gpu
     torch.testing.assert_close(gpu_logits, cpu_logits, rtol=1e-4, atol=1e-4)
     assert set(cpu_terms) == {"ce", "aux", "gm"} and cpu_terms["gm"] > 0

@@ -219,7 +219,7 @@ def test_forward_and_backward_on_cuda_match_cpu(name, cuda_device):
         outputs = net(x.to(device))
         loss = segmentation_loss(outputs, y.to(device))
         loss.backward()
-        results.append((outputs[-1].detach().cpu(), float(loss), net.base.backbone.conv1.weight.grad.cpu()))
+        results.append((outputs[-1].detach().cpu(), float(loss), net.base.backbone.conv1.weight.grad.cpu().clone()))
     (cpu_out, cpu_loss, cpu_grad), (gpu_out, gpu_loss, gpu_grad) = results
     torch.testing.assert_close(gpu_out, cpu_out, rtol=1e-3, atol=1e-4)
     assert gpu_loss == pytest.approx(cpu_loss, rel=1e-4)
