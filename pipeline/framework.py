@@ -191,7 +191,7 @@ class StageTask(luigi.Task):
     @cached_property
     def code_modules(self) -> dict[str, str]:
         # stages.auto resolves the knobs set to ``auto``: its rules are then part of what makes the output.
-        fitted = ("stages.auto",) if self.config is not None and self.config != C.with_references(self.config) else ()
+        fitted = ("stages.auto",) if self.config is not None and C.fits_to_data(self.config) else ()
         return hashing.module_closure((*self.code_roots(), *fitted))
 
     @cached_property
@@ -218,9 +218,10 @@ class StageTask(luigi.Task):
         return self.code
 
     def key_params(self, cfg) -> dict:
-        """The parameters that make this stage's output (its key and provenance); a stage may leave out knobs it
-        does not read in this configuration."""
-        return dataclasses.asdict(cfg)
+        """The parameters that make this stage's output (its key and provenance): all but the knobs an ``auto``
+        rule says this configuration does not read; a stage may leave out more."""
+        unread = C.unread_auto_knobs(cfg)
+        return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in unread}
 
     @cached_property
     def params_dict(self) -> dict:

@@ -360,10 +360,11 @@ class Propagate(ShardedStage):
         return (*self.code, PROPAGATION_METHODS.module_of(self.propagation), *self.trainer.code_roots())
 
     def key_params(self, cfg) -> dict:
-        """All knobs but other methods' own (``<method>_*``): tuning one method never recomputes another's labels."""
+        """All knobs but other methods' own (``<method>_*``) and the shared ones this method does not read (a walk
+        length under graph cut): tuning one method never recomputes another's labels."""
         from stages.propagation import PROPAGATION_METHODS
         others = [f"{name}_" for name in PROPAGATION_METHODS.names() if name != cfg.propagation]
-        return {k: v for k, v in dataclasses.asdict(cfg).items() if not k.startswith(tuple(others))}
+        return {k: v for k, v in super().key_params(cfg).items() if not k.startswith(tuple(others))}
 
     def upstream(self) -> dict[str, StageTask]:
         trainer = self.trainer

@@ -625,6 +625,18 @@ def section_of(cfg: object) -> str | None:
     return next((name for name, cls in STAGE_CONFIGS.items() if isinstance(cfg, cls)), None)
 
 
+def unread_auto_knobs(cfg: object) -> set[str]:
+    """The knobs whose ``auto`` rule says this configuration does not read them (``steps`` under graph cut): they
+    make nothing this stage outputs, so they stay out of its key."""
+    return {k for k, rule in AUTO_KNOBS.get(section_of(cfg), {}).items() if not rule.is_read(cfg)}
+
+
+def fits_to_data(cfg: object) -> bool:
+    """Whether a knob this configuration reads is ``auto`` (its value then comes from stages.auto)."""
+    unread = unread_auto_knobs(cfg)
+    return any(is_auto(getattr(cfg, k)) for k in AUTO_KNOBS.get(section_of(cfg), {}) if k not in unread)
+
+
 def with_references(cfg):
     """``cfg`` with each ``auto`` value replaced by the knob's default, for the checks made before the data is
     known (the value the data gives is checked where it is resolved, by the stage that runs with it)."""

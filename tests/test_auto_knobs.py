@@ -11,6 +11,7 @@ import pytest
 
 from data.synthetic import PROFILES, write_dataset
 from pipeline.tasks import PrepareDataset, Propagate, TrainSegmentation
+from stages.propagation import PROPAGATION_METHODS
 from stages.auto import DatasetScale, fit_knobs
 from stages.config import AUTO_KNOBS, STAGE_CONFIGS, PropagateConfig, parse_auto, validate
 from tests.conftest import run_luigi
@@ -174,3 +175,23 @@ def test_the_double_profile_is_the_demo_at_twice_the_side():
     demo, double = PROFILES["demo"], PROFILES["double"]
     assert (double.height, double.width) == (2 * demo.height, 2 * demo.width)
     assert (double.n_train, double.n_val) == (400, 150)
+
+
+@pytest.mark.parametrize("method", sorted(PROPAGATION_METHODS.names()))
+def test_a_walk_length_the_method_does_not_read_is_not_in_its_key(method, luigi_config, tmp_path):
+    # every method against every walk-length knob: set by hand or `auto`, a knob the method reads changes its key
+    # (`auto` also brings stages.auto), one it does not read changes neither the key nor the code hashed
+    prepared(luigi_config, write_dataset(tmp_path / "tiny", "tiny", seed=0))
+    luigi_config("Propagate", "propagation", method)
+    base = Propagate()
+    for knob, rule in AUTO_KNOBS["Propagate"].items():
+        reads = rule.is_read(base.config)
+        for value in ("auto", 2 * getattr(base.run_config, knob)):
+            luigi_config("Propagate", knob, value)
+            luigi.task_register.Register.clear_instance_cache()
+            task = Propagate()
+            assert (task.key != base.key) == reads, (method, knob, value)
+            assert ("stages.auto" in task.code_modules) == (reads and value == "auto"), (method, knob, value)
+        luigi_config("Propagate", knob, getattr(base.config, knob))
+    assert any(rule.is_read(base.config) for rule in AUTO_KNOBS["Propagate"].values()) == (
+        method in ("rw_irn", "rw_psa", "gcn", "a2gnn"))
