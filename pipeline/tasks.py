@@ -464,12 +464,14 @@ class TrainSegmentation(TrainingStage):
     def upstream(self) -> dict[str, StageTask]:
         up: dict[str, StageTask] = {"dataset": self.stage(PrepareDataset), **pretraining_upstream(self)}
         if self.labels == "pseudo":
-            up["pseudo_labels"] = self.stage(RefineCRF) if self.pseudo_labels == "crf" else self.stage(Propagate)
+            up["pseudo_labels"] = self.stage(Propagate) if self.pseudo_labels == "propagated" else self.stage(RefineCRF)
+            if self.pseudo_labels == "agreed":
+                up["propagated_labels"] = self.stage(Propagate)
         return up
 
     def compute(self, out_dir: Path) -> dict:
         from data.io import read_label_png
-        from stages.segmentation.train import train_segmentation
+        from stages.segmentation.train import agreed_labels, train_segmentation
 
         rt = runtime()
         manifest = manifest_of(self)
@@ -477,10 +479,11 @@ class TrainSegmentation(TrainingStage):
             def label_of(image_id: str, shape: tuple[int, int]):
                 return manifest.layout.read_label(image_id, shape=shape)
         else:
-            labels_dir = self.input_dir("pseudo_labels")
+            dirs = [self.input_dir(name) for name in ("pseudo_labels", "propagated_labels") if name in self.upstream()]
 
             def label_of(image_id: str, shape: tuple[int, int]):
-                return read_label_png(label_file(labels_dir, image_id), manifest.label_space, shape=shape)
+                maps = [read_label_png(label_file(d, image_id), manifest.label_space, shape=shape) for d in dirs]
+                return agreed_labels(*maps) if len(maps) == 2 else maps[0]
         metrics = train_segmentation(with_weights_path(self), manifest, label_of, out_dir, resolve_device(rt.device),
                                      resume_dir=self.resume_dir, loader_workers=rt.loader_workers,
                                      progress=self.progress)

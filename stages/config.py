@@ -330,7 +330,9 @@ class TrainSegmentationConfig:
     init_checkpoint: str = ""                 # a whole segmenter's weights (e.g. COCO-trained), loaded where they fit
     msc: bool = False                         # deeplab-pytorch: true (inputs 1, 0.75, 0.5; pixel-wise max)
     freeze_bn: bool = True                    # deeplab-pytorch: BN stays on the pretrained statistics
-    pseudo_labels: str = "crf"                # train on: crf (RefineCRF output) | propagated (before the CRF)
+    # train on: crf (RefineCRF output) | propagated (before the CRF) | agreed (ours: the CRF's label where it keeps
+    # the propagated one, ignored where the CRF changed it; the references train on every pixel of the crf labels)
+    pseudo_labels: str = "crf"
     iterations: int = 1500                    # deeplab-pytorch: 20000
     batch_size: int = 10                      # deeplab-pytorch: 5, with accumulation 2 (effective batch 10)
     accumulation: int = 1                     # batches whose gradients are summed per optimiser step
@@ -659,7 +661,7 @@ CHOICES = {
     ("PropagateConfig", "empty_seeds"): ("cam", "propagate"),
     ("PropagateConfig", "gcn_adjacency"): ("dense", "topk"),
     ("EvalPseudoLabelsConfig", "pred_ignore"): ("background", "exclude"),
-    ("TrainSegmentationConfig", "pseudo_labels"): ("crf", "propagated"),
+    ("TrainSegmentationConfig", "pseudo_labels"): ("crf", "propagated", "agreed"),
     ("TrainSegmentationConfig", "output_stride"): (0, 8, 16),
     ("TrainSegmentationConfig", "ddd_backend"): ("function", "autograd"),
     ("TrainSeedNetConfig", "method"): ("graphcut", "dsrg"),

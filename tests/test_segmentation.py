@@ -21,6 +21,7 @@ from stages.segmentation.model import load_matching, load_segmenter, predict_pro
 from stages.segmentation.predict import predict_images
 from stages.segmentation.train import (
     SegmentationSet,
+    agreed_labels,
     augment,
     batch_schedule,
     nearest_resize,
@@ -256,3 +257,24 @@ def test_train_miou_scores_the_training_labels_it_is_given(tiny_manifest, one_th
     cpu = torch.device("cpu")
     assert evaluate_model(model, tiny_manifest, ids, cpu, labels=lambda i, shape: own[i]) == pytest.approx(1.0)
     assert evaluate_model(model, tiny_manifest, ids, cpu) < 0.9      # against GT, a random net scores low
+
+
+def test_agreed_labels_ignore_what_the_crf_changed():
+    refined = np.array([[0, 1, 1], [2, 2, 255]], np.uint8)
+    propagated = np.array([[0, 1, 2], [2, 0, 255]], np.uint8)
+    assert agreed_labels(refined, propagated).tolist() == [[0, 1, 255], [2, 255, 255]]
+    with pytest.raises(ValueError, match="differ in size"):
+        agreed_labels(refined, propagated[:, :2])
+
+
+def test_deeplab_on_agreed_labels_reads_both_label_stages(luigi_config):
+    from pipeline.tasks import RefineCRF, TrainSegmentation
+    keys = {}
+    both = {"RefineCRF", "Propagate"}
+    for source, reads in (("crf", {"RefineCRF"}), ("propagated", {"Propagate"}), ("agreed", both)):
+        luigi_config("TrainSegmentation", "pseudo_labels", source)
+        task = TrainSegmentation()
+        assert {t.get_task_family() for t in task.upstream().values()} & {"RefineCRF", "Propagate"} == reads
+        keys[source] = task.key
+    assert len(set(keys.values())) == 3
+    assert isinstance(task.upstream()["pseudo_labels"], RefineCRF)

@@ -34,9 +34,9 @@ def dataset_name(dataset: dict, manifest: Manifest) -> str:
 
 
 def final_labels_dir(dirs: dict[str, Path], segmenter_config: TrainSegmentationConfig) -> Path:
-    """The stage directory of the pseudo labels DeepLab trained on: RefineCRF's, or Propagate's with
-    ``pseudo_labels = propagated``."""
-    return dirs["refined"] if segmenter_config.pseudo_labels == "crf" else dirs["labels"]
+    """The stage directory of the pseudo labels DeepLab trained on: RefineCRF's (also under ``agreed``, which
+    ignores the pixels the CRF changed), or Propagate's with ``pseudo_labels = propagated``."""
+    return dirs["labels"] if segmenter_config.pseudo_labels == "propagated" else dirs["refined"]
 
 
 def read_curve(path: Path) -> list[dict]:

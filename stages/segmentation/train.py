@@ -40,6 +40,15 @@ from stages.training.optim import make_optimizer, poly_lr
 LabelSource = Callable[[str, tuple[int, int]], np.ndarray]
 
 
+def agreed_labels(refined: np.ndarray, propagated: np.ndarray, ignore: int = 255) -> np.ndarray:
+    """``pseudo_labels = agreed`` (ours): the CRF's label where it kept the propagated label, ``ignore`` where it
+    changed it. The CRF moves labels at object boundaries and in regions the walk left unsure, where the
+    pseudo labels are most often wrong; DeepLab then learns from the pixels both maps agree on."""
+    if refined.shape != propagated.shape:
+        raise ValueError(f"refined labels {refined.shape} and propagated labels {propagated.shape} differ in size")
+    return np.where(refined == propagated, refined, np.asarray(ignore, refined.dtype))
+
+
 def nearest_resize(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Sample label pixel centres (PIL's nearest), not torch's corner-aligned nearest (deeplab-pytorch #51)."""
     h, w = label.shape[-2:]
