@@ -11,9 +11,9 @@ import pytest
 
 from data.synthetic import PROFILES, write_dataset
 from pipeline.tasks import PrepareDataset, Propagate, TrainSegmentation
-from stages.propagation import PROPAGATION_METHODS
 from stages.auto import DatasetScale, fit_knobs
 from stages.config import AUTO_KNOBS, STAGE_CONFIGS, PropagateConfig, parse_auto, validate
+from stages.propagation import PROPAGATION_METHODS
 from tests.conftest import run_luigi
 
 DEMO = DatasetScale(PROFILES["demo"].height, PROFILES["demo"].width, PROFILES["demo"].n_train)
