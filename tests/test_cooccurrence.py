@@ -216,3 +216,5 @@ def test_the_labels_measured_are_those_deeplab_trained_on():
     dirs = {"labels": Path("Propagate/k"), "refined": Path("RefineCRF/k")}
     assert final_labels_dir(dirs, TrainSegmentationConfig(pseudo_labels="crf")) == dirs["refined"]
     assert final_labels_dir(dirs, TrainSegmentationConfig(pseudo_labels="propagated")) == dirs["labels"]
+    # agreed trains on the CRF's labels with the pixels the CRF changed ignored: those labels, less some pixels
+    assert final_labels_dir(dirs, TrainSegmentationConfig(pseudo_labels="agreed")) == dirs["refined"]
