@@ -635,8 +635,8 @@ def unread_auto_knobs(cfg: object) -> set[str]:
 
 def fits_to_data(cfg: object) -> bool:
     """Whether a knob this configuration reads is ``auto`` (its value then comes from stages.auto)."""
-    unread = unread_auto_knobs(cfg)
-    return any(is_auto(getattr(cfg, k)) for k in AUTO_KNOBS.get(section_of(cfg), {}) if k not in unread)
+    rules = AUTO_KNOBS.get(section_of(cfg), {})
+    return any(rule.is_read(cfg) and is_auto(getattr(cfg, knob)) for knob, rule in rules.items())
 
 
 def with_references(cfg):

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data.artifacts import MODEL_WEIGHTS, TRAINING_LOG
 from data.io import atomic_path, write_csv
+from data.labelspace import IGNORE_INDEX
 from data.manifest import Manifest
 from data.transforms import normalize
 from stages.config import TrainSegmentationConfig, validate
@@ -40,7 +41,7 @@ from stages.training.optim import make_optimizer, poly_lr
 LabelSource = Callable[[str, tuple[int, int]], np.ndarray]
 
 
-def agreed_labels(refined: np.ndarray, propagated: np.ndarray, ignore: int = 255) -> np.ndarray:
+def agreed_labels(refined: np.ndarray, propagated: np.ndarray, ignore: int = IGNORE_INDEX) -> np.ndarray:
     """``pseudo_labels = agreed`` (ours): the CRF's label where it kept the propagated label, ``ignore`` where it
     changed it. The CRF moves labels at object boundaries and in regions the walk left unsure, where the
     pseudo labels are most often wrong; DeepLab then learns from the pixels both maps agree on."""
