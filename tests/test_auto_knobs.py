@@ -192,6 +192,7 @@ def test_a_walk_length_the_method_does_not_read_is_not_in_its_key(method, luigi_
             task = Propagate()
             assert (task.key != base.key) == reads, (method, knob, value)
             assert ("stages.auto" in task.code_modules) == (reads and value == "auto"), (method, knob, value)
+            assert (knob in task.params_dict) == reads, (method, knob)   # the provenance's params
         luigi_config("Propagate", knob, getattr(base.config, knob))
     assert any(rule.is_read(base.config) for rule in AUTO_KNOBS["Propagate"].values()) == (
         method in ("rw_irn", "rw_psa", "gcn", "a2gnn"))
