@@ -223,6 +223,28 @@ def toy_graph(seed: int, nodes_per_cluster: int = 12, classes: int = 2, dense: b
 FAST = GCNTraining(epochs=60)
 
 
+def test_block_adjacency_product_and_gradient_equal_autograd_on_the_block_matrix():
+    """Dense and sparse graphs in one operator: Â x and its gradient equal plain autograd's on the block-diagonal
+    matrix. Each Â is row-normalised and not symmetric, so a backward without the transpose fails."""
+    generator = torch.Generator().manual_seed(0)
+    matrices, graphs, offsets = [], [], [0]
+    for i, (n, dense) in enumerate([(6, True), (9, False), (7, True)]):
+        matrix = torch.rand(n, n, generator=generator) * (torch.rand(n, n, generator=generator) < 0.6) + torch.eye(n)
+        matrix = matrix / matrix.sum(1, keepdim=True)
+        matrices.append(matrix)
+        graphs.append(dataclasses.replace(toy_graph(i), adjacency=matrix if dense else matrix.to_sparse_csr()))
+        offsets.append(offsets[-1] + n)
+    operator = gcn_module._BlockAdjacency(graphs, offsets, offsets[-1], torch.device("cpu"))
+    block = torch.block_diag(*matrices)
+    assert not torch.allclose(block, block.T)
+    x = torch.randn(offsets[-1], 3, generator=generator, requires_grad=True)
+    weights = torch.randn(offsets[-1], 3, generator=generator)
+    ours, = torch.autograd.grad((operator(x) * weights).sum(), x)
+    plain, = torch.autograd.grad((block @ x * weights).sum(), x)
+    torch.testing.assert_close(operator(x), block @ x)
+    torch.testing.assert_close(ours, plain)
+
+
 def test_gcn_separates_two_clusters():
     graph = toy_graph(0)
     (log_probs,) = train_gcns([graph], FAST, device="cpu")

@@ -314,6 +314,22 @@ class _SparseProduct(torch.autograd.Function):
         return None, None, ctx.transposed @ grad
 
 
+class _DenseProduct(torch.autograd.Function):
+    """A @ x for a constant dense A with x of a few columns (the GCN's classes), as (x^T @ A^T)^T, and backward
+    A^T @ g as (g^T @ A)^T. The same sums; on the CPU the BLAS takes the wide-output forms much faster (4,032 nodes,
+    2-5 columns, one thread: forward 8-16 ms against 20, backward 6-10 ms against 66-77 for the transposed view's
+    product, which alone made three quarters of an image's training time)."""
+
+    @staticmethod
+    def forward(ctx, matrix: Tensor, x: Tensor) -> Tensor:
+        ctx.matrix = matrix
+        return (x.T @ matrix.T).T
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:
+        return None, (grad.T @ ctx.matrix).T
+
+
 class _BlockAdjacency:
     """Â of several graphs as one operator on their stacked nodes: one block-diagonal CSR matrix for the sparse
     ones, a dense product per dense one (T^t from the dense mode has no zeros worth skipping)."""
@@ -345,7 +361,7 @@ class _BlockAdjacency:
         for offset, matrix in self.dense:
             if offset > at:
                 pieces.append(out[at:offset])
-            pieces.append(matrix @ x[offset:offset + matrix.shape[0]])
+            pieces.append(_DenseProduct.apply(matrix, x[offset:offset + matrix.shape[0]]))
             at = offset + matrix.shape[0]
         if at < self.total:
             pieces.append(out[at:])
