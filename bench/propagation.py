@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.a2gnn import bench_a2gnn  # noqa: E402
-from bench.gcn import bench_gcn  # noqa: E402
+from bench.gcn import bench_dense_products, bench_gcn  # noqa: E402
 from bench.graph_labels import bench_graph_labels  # noqa: E402
 from bench.random_walk import bench_random_walk  # noqa: E402
 
@@ -91,7 +91,8 @@ def bench_propagation(images: tuple[str, ...] = IMAGES) -> dict:
         rows.append(_row("dsrg", f"grid {grid}", grow["ours_s"], grow["baseline_s"], grow["ours_peak_mib"],
                          grow["baseline_peak_mib"], grow.get("label_agreement_pct"),
                          "baseline extrapolated" if grow["baseline_extrapolated"] else ""))
-    return {"rows": rows, "random_walk": walk, "gcn": gcn, "a2gnn": a2gnn, "graph_labels": labels}
+    return {"rows": rows, "random_walk": walk, "gcn": gcn, "gcn_dense_product": bench_dense_products(),
+            "a2gnn": a2gnn, "graph_labels": labels}
 
 
 def table(rows: list[dict]) -> str:
