@@ -55,6 +55,7 @@ from bench.crf import bench_crf  # noqa: E402
 from bench.ddd import bench_ddd  # noqa: E402
 from bench.ddd import table as ddd_table  # noqa: E402
 from bench.fingerprint import bench_fingerprint  # noqa: E402
+from bench.gcn import dense_product_lines  # noqa: E402
 from bench.gm_loss import bench_gm, gm_table  # noqa: E402
 from bench.large_images import bench_large_images  # noqa: E402
 from bench.maps import smooth_cam_stack  # noqa: E402
@@ -190,9 +191,7 @@ def main() -> None:
         print(f"\n[{section}]")
         if section == "propagation":
             print(table(values["rows"]))
-            for width, figures in values["gcn_dense_product"].items():
-                print(f"  gcn dense product, {width}: {figures['ours_ms']:.1f} ms vs autograd's "
-                      f"{figures['plain_ms']:.1f} ms ({figures['speedup']:.1f}x)")
+            print("\n".join(dense_product_lines(values["gcn_dense_product"])))
             continue
         if section == "gmnet":
             print(gm_table(values["loss"]))

@@ -150,6 +150,12 @@ def bench_dense_products(nodes: int = 4032, columns: tuple[int, ...] = (2, 4), r
     return results
 
 
+def dense_product_lines(results: dict) -> list[str]:
+    """:func:`bench_dense_products`' figures as printed lines (``python -m bench.gcn`` and ``make bench``)."""
+    return [f"  gcn dense product, {width}: {f['ours_ms']:.1f} ms vs autograd's {f['plain_ms']:.1f} ms "
+            f"({f['speedup']:.1f}x)" for width, f in results.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", help="internal: IMAGE:MODE to measure in this process")
@@ -161,9 +167,7 @@ def main() -> None:
         print(json.dumps(run_variant(name, mode, args.out)))
         return
     print("dense product, forward + backward per epoch, one thread (4,032 nodes)")
-    for name, figures in bench_dense_products().items():
-        print(f"  {name:<22} ours {figures['ours_ms']:.1f} ms, plain {figures['plain_ms']:.1f} ms "
-              f"({figures['speedup']:.1f}x)")
+    print("\n".join(dense_product_lines(bench_dense_products())))
     for name, figures in bench_gcn(tuple(args.images.split(","))).items():
         print(name)
         for key, value in figures.items():
