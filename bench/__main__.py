@@ -55,12 +55,11 @@ from bench.crf import bench_crf  # noqa: E402
 from bench.ddd import bench_ddd  # noqa: E402
 from bench.ddd import table as ddd_table  # noqa: E402
 from bench.fingerprint import bench_fingerprint  # noqa: E402
-from bench.gcn import dense_product_lines  # noqa: E402
 from bench.gm_loss import bench_gm, gm_table  # noqa: E402
 from bench.large_images import bench_large_images  # noqa: E402
 from bench.maps import smooth_cam_stack  # noqa: E402
 from bench.measure import timed  # noqa: E402
-from bench.propagation import bench_propagation, table  # noqa: E402
+from bench.propagation import bench_propagation, printed  # noqa: E402
 from bench.pseudo_labels import bench_pseudo_labels  # noqa: E402
 from bench.scheduling import bench_scheduling  # noqa: E402
 from bench.segmentation import bench_segmentation  # noqa: E402
@@ -190,8 +189,7 @@ def main() -> None:
     for section, values in results.items():
         print(f"\n[{section}]")
         if section == "propagation":
-            print(table(values["rows"]))
-            print("\n".join(dense_product_lines(values["gcn_dense_product"])))
+            print(printed(values))
             continue
         if section == "gmnet":
             print(gm_table(values["loss"]))

@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.a2gnn import bench_a2gnn  # noqa: E402
-from bench.gcn import bench_dense_products, bench_gcn  # noqa: E402
+from bench.gcn import bench_dense_products, bench_gcn, dense_product_lines  # noqa: E402
 from bench.graph_labels import bench_graph_labels  # noqa: E402
 from bench.random_walk import bench_random_walk  # noqa: E402
 
@@ -95,6 +95,11 @@ def bench_propagation(images: tuple[str, ...] = IMAGES) -> dict:
             "a2gnn": a2gnn, "graph_labels": labels}
 
 
+def printed(results: dict) -> str:
+    """What ``python -m bench.propagation`` and ``make bench`` print of :func:`bench_propagation`'s results."""
+    return "\n".join([table(results["rows"]), *dense_product_lines(results["gcn_dense_product"])])
+
+
 def table(rows: list[dict]) -> str:
     """The rows as a Markdown table (the README's form)."""
     lines = ["| method | image | ours s/image | dense s/image | speed-up | ours peak MiB | dense peak MiB | "
@@ -114,7 +119,7 @@ def main() -> None:
     out = REPO / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "propagation.json").write_text(json.dumps(results, indent=1))
-    print(table(results["rows"]))
+    print(printed(results))
 
 
 if __name__ == "__main__":
