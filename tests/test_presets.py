@@ -35,11 +35,12 @@ DEMO_VALUES: dict[str, dict[str, object]] = {
     "TrainAffinity": {"affinity_method": "irnet", "backbone": "resnet_mini", "init_from_cam": True,
                       "num_epochs": "auto:11.7", "crop_size": "auto:0.78"},
     # auto: fitted to the demo's images when Propagate runs, 16 and 2 as before (tests/test_auto_knobs.py); IRN's
-    # walk a fixed 8, measured at two image sizes (configs/demo.cfg)
-    "Propagate": {"propagation": "rw_irn", "beta": 10.0, "steps": 8, "radius": 5, "bg_threshold": 0.25,
+    # walk a fixed 8, measured at two image sizes (configs/demo.cfg). The main chain propagates with WSGCN's GCN
+    # and its CRF (IRN's walk and A2GNN's CRF until DeepLab's share of the ceiling was measured on `double`).
+    "Propagate": {"propagation": "gcn", "beta": 10.0, "steps": 8, "radius": 5, "bg_threshold": 0.25,
                   "gcn_walk_steps": "auto", "a2gnn_rw_logt": "auto"},
     "EvalPseudoLabels": {"pred_ignore": "background"},
-    "RefineCRF": {"preset": "a2gnn_final"},
+    "RefineCRF": {"preset": "method"},
     "TrainSeedNet": {"backbone": "resnet_mini", "pretrained": "synthetic", "crop_size": "auto:0.78",
                      "iterations": "auto:5.5"},
     "TrainSegmentation": {"model": "deeplabv2", "backbone": "resnet_mini", "pretrained": "synthetic",

@@ -283,7 +283,19 @@ def test_every_method_has_a_voc_and_a_demo_recipe():
             assert values["PrepareDataset"]["kind"] == ("voc" if profile == "voc" else "synthetic"), family
 
 
-@pytest.mark.parametrize("preset, propagation", [("demo_psa.cfg", "rw_psa"), ("demo_wsgcn.cfg", "gcn"),
+def test_the_demo_chain_is_wsgcns_recipe_and_irns_walk_keeps_a_demo_recipe():
+    """configs/demo.cfg runs WSGCN on IRN's CAMs and IRNet (the same values as demo_wsgcn.cfg); IRN's own walk,
+    its main chain before, is demo_irn.cfg, the demo counterpart of voc.cfg."""
+    main, wsgcn, irn = values_of("demo.cfg"), values_of("demo_wsgcn.cfg"), values_of("demo_irn.cfg")
+    assert main == wsgcn
+    assert (main["Propagate"]["propagation"], main["RefineCRF"]["preset"]) == ("gcn", "method")
+    assert (irn["Propagate"]["propagation"], irn["RefineCRF"]["preset"]) == ("rw_irn", "a2gnn_final")
+    assert values_of("voc.cfg")["Propagate"]["propagation"] == irn["Propagate"]["propagation"]
+    assert {s: v for s, v in irn.items() if s not in ("Propagate", "RefineCRF")} == \
+        {s: v for s, v in main.items() if s not in ("Propagate", "RefineCRF")}
+
+
+@pytest.mark.parametrize("preset, propagation", [("demo_psa.cfg", "rw_psa"), ("demo_irn.cfg", "rw_irn"),
                                                  ("demo_a2gnn.cfg", "a2gnn"), ("demo_dgcn.cfg", "graphcut"),
                                                  ("demo_dsrg.cfg", "dsrg")])
 def test_a_recipe_entry_compares_the_method_with_its_own_recipe_from_the_main_chains_cams(preset, propagation):
@@ -292,6 +304,10 @@ def test_a_recipe_entry_compares_the_method_with_its_own_recipe_from_the_main_ch
     assert entry.overrides["Propagate"]["propagation"] == propagation
     # Only the stages after the CAMs: the comparison keeps the main chain's CAM net and CAMs.
     assert not {"PrepareDataset", "PretrainBackbone", "TrainCAM", "MakeCAM", "EvalCAM"} & set(entry.overrides)
+
+
+def test_the_main_chains_own_recipe_compares_as_the_main_chain():
+    assert comparison("demo_wsgcn.cfg").overrides == {}
 
 
 def test_a_method_on_the_main_chains_seeds_has_an_explicit_name():
