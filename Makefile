@@ -15,7 +15,7 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 
 install: $(BIN)/.installed
 
-# The whole chain on the embedded dataset (IRN family): CAM -> ... -> DeepLab -> report.
+# The whole chain on the embedded dataset (IRN CAMs and IRNet, WSGCN GCN): CAM -> ... -> DeepLab -> report.
 # Two workers: the GT ceiling trains beside the CAM chain, shards run in pairs. Each task takes its share of the
 # cores ([wsss] torch_threads = 0): a task running alone, such as PretrainBackbone, uses both.
 DEMO_FLAGS ?= --workers 2
