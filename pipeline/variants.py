@@ -2,7 +2,7 @@
 
 Two kinds of entry:
 
-* a **recipe**: a preset file (``demo_wsgcn.cfg``; a path, or a file of ``configs/``). The method runs as that
+* a **recipe**: a preset file (``demo_dgcn.cfg``; a path, or a file of ``configs/``). The method runs as that
   preset runs it from the seeds on: its seed rule, its affinity or seed-net recipe, its walk, its final CRF and its
   DeepLab, i.e. every knob of :data:`RECIPE_FAMILIES` takes the value the preset (with its bases) gives it. The
   CAMs and the evaluation protocol stay the main chain's, so the rows compare.
@@ -54,7 +54,7 @@ def comparison(spec: str) -> Comparison:
         return Comparison(spec, describe(path), recipe_overrides(path))
     if spec.endswith(MAIN_CHAIN):
         return Comparison(spec, "", variant_overrides(spec.removesuffix(MAIN_CHAIN)))
-    raise ValueError(f"Report.compare entry {spec!r}: name a recipe preset (e.g. demo_wsgcn.cfg: the method with "
+    raise ValueError(f"Report.compare entry {spec!r}: name a recipe preset (e.g. demo_dgcn.cfg: the method with "
                      f"its own seeds, training and CRF) or '{spec}{MAIN_CHAIN}' (the method on the main chain's seeds)")
 
 

@@ -487,7 +487,7 @@ class ReportConfig:
 
     gallery_images: int = 6                   # eval images shown side by side through every stage
     # Methods run beside the main chain from the same CAMs, compared side by side in the report (pipeline.variants):
-    # a recipe preset, the method as its paper runs it from the seeds on (e.g. ["demo_wsgcn.cfg", "demo_dgcn.cfg"]),
+    # a recipe preset, the method as its paper runs it from the seeds on (e.g. ["demo_irn.cfg", "demo_dgcn.cfg"]),
     # or "propagation[/supervision]@main", the method on the main chain's seeds (e.g. "gcn@main", "a2gnn/box@main")
     compare: tuple[str, ...] = ()
     compare_segmentation: bool = True         # also retrain DeepLab on each compared method's pseudo labels
